@@ -1,0 +1,76 @@
+"""Per-class quality gate: keep SAM's mask, keep the cleaned U-Net mask, or drop the class.
+
+For a class the teacher found (non-empty cleaned mask), with SAM's predicted IoU ``sam_iou`` and
+the Dice ``agreement`` between the cleaned U-Net mask and SAM's mask:
+
+* policy ``drop``  -> dropped (always ignored when training the student);
+* policy ``unet``  -> unet (SAM is not consulted);
+* policy ``sam``   -> sam if sam_iou >= min_sam_iou and agreement >= min_agreement else dropped;
+* policy ``auto``  -> sam if sam_iou >= min_sam_iou and agreement >= min_agreement;
+                      else unet if agreement >= min_agreement_unet; else dropped.
+
+The agreement test guards against SAM answering a different structure than the prompt meant, and
+a very low agreement means at least one of the two masks is wrong, so neither is trusted.
+A class the teacher did not find is ``empty`` (stored as background, trained as background).
+Defaults are conservative; ``plabel`` calibrates them per class from labelled validation images.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+POLICIES = ("auto", "sam", "unet", "drop")
+
+
+@dataclass
+class ClassGate:
+    policy: str = "auto"
+    min_sam_iou: float = 0.5
+    min_agreement: float = 0.6
+    min_agreement_unet: float = 0.3
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"gate policy {self.policy!r} is not one of {POLICIES}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GateConfig:
+    """default: the gate of every class; per_class: overrides by class name."""
+
+    default: ClassGate = field(default_factory=ClassGate)
+    per_class: dict[str, ClassGate] = field(default_factory=dict)
+
+    def for_class(self, cls: str) -> ClassGate:
+        return self.per_class.get(cls, self.default)
+
+    def to_dict(self) -> dict:
+        return {"default": self.default.to_dict(), "per_class": {k: v.to_dict() for k, v in self.per_class.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "GateConfig":
+        d = d or {}
+        return cls(
+            default=ClassGate(**d.get("default", {})),
+            per_class={k: ClassGate(**v) for k, v in (d.get("per_class") or {}).items()},
+        )
+
+
+def gate_decision(gate: ClassGate, unet_present: bool, sam_iou: float, agreement: float) -> str:
+    """One of 'sam', 'unet', 'dropped', 'empty' for one class of one image."""
+    if not unet_present:
+        return "empty"
+    if gate.policy == "drop":
+        return "dropped"
+    sam_ok = np.isfinite(sam_iou) and sam_iou >= gate.min_sam_iou and agreement >= gate.min_agreement
+    if gate.policy == "sam":
+        return "sam" if sam_ok else "dropped"
+    if gate.policy == "unet":
+        return "unet"
+    if sam_ok:
+        return "sam"
+    return "unet" if agreement >= gate.min_agreement_unet else "dropped"

@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engine.gate import ClassGate, GateConfig, gate_decision
+from schemas.masks import decode_mask, encode_mask
+from schemas.tables import class_column, decode_class_masks, pseudo_label_schema, table_classes
+
+
+@pytest.mark.parametrize(
+    "policy,present,iou,agree,expected",
+    [
+        ("auto", False, 0.9, 0.9, "empty"),
+        ("auto", True, 0.9, 0.9, "sam"),
+        ("auto", True, 0.4, 0.9, "unet"),  # SAM unsure
+        ("auto", True, 0.9, 0.5, "unet"),  # agreement below 0.6 but above 0.3
+        ("auto", True, 0.9, 0.2, "dropped"),
+        ("auto", True, float("nan"), 0.9, "unet"),
+        ("sam", True, 0.4, 0.9, "dropped"),
+        ("sam", True, 0.6, 0.7, "sam"),
+        ("unet", True, 0.99, 0.99, "unet"),
+        ("drop", True, 0.99, 0.99, "dropped"),
+    ],
+)
+def test_gate_decisions(policy, present, iou, agree, expected):
+    g = ClassGate(policy=policy, min_sam_iou=0.5, min_agreement=0.6, min_agreement_unet=0.3)
+    assert gate_decision(g, present, iou, agree) == expected
+
+
+def test_gate_config_round_trip_and_bad_policy():
+    cfg = GateConfig.from_dict({"default": {"min_sam_iou": 0.7}, "per_class": {"heart": {"policy": "unet"}}})
+    assert cfg.for_class("heart").policy == "unet" and cfg.for_class("lung").min_sam_iou == 0.7
+    assert GateConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="'maybe'"):
+        ClassGate(policy="maybe")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 9), (256, 256), (13, 1)])
+def test_mask_codec_round_trip_and_size(shape):
+    rng = np.random.default_rng(sum(shape))
+    m = rng.random(shape) > 0.5
+    data = encode_mask(m)
+    assert len(data) == (shape[0] * shape[1] + 7) // 8  # exactly 1 bit per pixel
+    np.testing.assert_array_equal(decode_mask(data, *shape), m)
+
+
+def test_mask_codec_rejects_wrong_length():
+    with pytest.raises(ValueError, match="3x5"):
+        decode_mask(b"\x00", 3, 5)
+
+
+def test_pseudo_label_schema_and_row_decoding():
+    classes = ["lung", "heart"]
+    schema = pseudo_label_schema(classes)
+    assert table_classes(schema) == classes
+    assert schema.field("heart.kept").type == pa.string()
+    assert json.loads(schema.metadata[b"plabel.classes"]) == classes
+    m = np.zeros((4, 6), bool)
+    m[1:3, 2:5] = True
+    row = {name: None for name in schema.names}
+    row.update(id="a", status="ok", height=4, width=6)
+    row[class_column("lung", "mask")] = encode_mask(m)
+    row[class_column("lung", "kept")] = "sam"
+    row[class_column("heart", "kept")] = "dropped"
+    table = pa.Table.from_pylist([row], schema=schema)
+    masks, weight = decode_class_masks(table.to_pylist()[0], table_classes(table.schema))
+    np.testing.assert_array_equal(masks[0], m)
+    assert not masks[1].any()
+    np.testing.assert_array_equal(weight, [1.0, 0.0])
+    with pytest.raises(ValueError, match="contain no '.'"):
+        pseudo_label_schema(["a.b"])
+    with pytest.raises(ValueError, match="not a plabel"):
+        table_classes(pa.schema([pa.field("x", pa.int8())]))

@@ -1,0 +1,142 @@
+"""Pseudo-labelling of a batch of images (steps 2-4 of the method), Ray-free.
+
+    teacher_probs      U-Net sigmoid probabilities, back on each image's own grid
+    clean_and_prompt   cleaned class masks, U-Net confidence inside them, SAM prompts
+    pseudo_label_rows  SAM refinement (all classes of an image per decoder call), quality gate,
+                       one pseudo-label table row per image
+
+engine.pipeline.label_job runs the first two on CPU actors and the last on SAM actors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from engine.cleaning import CleaningConfig, clean_masks
+from engine.gate import GateConfig, gate_decision
+from engine.metrics import dice
+from engine.preprocess import probs_to_image, to_unet_input
+from engine.prompts import RefinementPrompts, extract_prompts
+from schemas.masks import encode_mask
+from schemas.tables import CLASS_FIELD_TYPES, class_column
+
+
+@dataclass
+class ImageMeta:
+    """Where a row comes from: id, shard path, key in the shard, original size."""
+
+    id: str
+    shard: str | None
+    key: str | None
+    height: int
+    width: int
+
+
+def teacher_probs(model: torch.nn.Module, grays: Sequence[np.ndarray], image_size: int) -> list[np.ndarray]:
+    """U-Net probabilities of gray uint8 (H, W) images -> float32 (C, H, W) per image.
+
+    Non-finite model outputs raise ValueError (the caller turns it into an error row).
+    """
+    from engine.unet import predict_probs
+
+    if not grays:
+        return []
+    x = np.stack([to_unet_input(g, image_size) for g in grays])
+    probs = predict_probs(model, x)
+    out = []
+    for g, p in zip(grays, probs):
+        if not np.isfinite(p).all():
+            raise ValueError("U-Net produced NaN or inf probabilities")
+        out.append(probs_to_image(p, *g.shape))
+    return out
+
+
+def clean_and_prompt(probs: np.ndarray, cfg: CleaningConfig) -> tuple[np.ndarray, np.ndarray, RefinementPrompts]:
+    """float32 (C, H, W) -> cleaned bool (C, H, W), mean probability inside each cleaned mask
+    float32 (C,) (NaN where the class is absent), and the SAM prompts."""
+    cleaned = clean_masks(probs, cfg)
+    area = cleaned.reshape(len(cleaned), -1).sum(1)
+    inside = (probs * cleaned).reshape(len(cleaned), -1).sum(1)
+    unet_prob = np.where(area > 0, inside / np.maximum(area, 1), np.nan).astype(np.float32)
+    return cleaned, unet_prob, extract_prompts(cleaned)
+
+
+def empty_row(meta: ImageMeta, classes: Sequence[str], status: str, message: str | None, provenance: dict) -> dict:
+    """A table row with image-level fields only (status 'error' or per-class fields filled later)."""
+    row = {
+        "id": meta.id,
+        "shard": meta.shard,
+        "key": meta.key,
+        "height": meta.height,
+        "width": meta.width,
+        "status": status,
+        "message": message,
+        **provenance,
+    }
+    for c in classes:
+        for f in CLASS_FIELD_TYPES:
+            row[class_column(c, f)] = None
+    return row
+
+
+def class_fields(
+    kept: str, unet_mask: np.ndarray, sam_mask: np.ndarray | None, box, points, labels,
+    unet_prob: float, sam_iou: float, agreement: float,
+) -> dict:
+    """The per-class fields of one row (without the class prefix)."""
+    final = sam_mask if kept == "sam" else (unet_mask if kept == "unet" else np.zeros_like(unet_mask))
+    present = kept != "empty"
+    keep_pts = labels >= 0
+    return {
+        "mask": encode_mask(final),
+        "box": [float(v) for v in box] if present else None,
+        "points": [[float(x), float(y)] for x, y in points[keep_pts]] if present else None,
+        "point_labels": [int(v) for v in labels[keep_pts]] if present else None,
+        "area": int(final.sum()),
+        "unet_prob": None if not np.isfinite(unet_prob) else float(unet_prob),
+        "sam_iou": None if not np.isfinite(sam_iou) else float(sam_iou),
+        "agreement_dice": None if not np.isfinite(agreement) else float(agreement),
+        "kept": kept,
+    }
+
+
+def pseudo_label_rows(
+    refiner,
+    grays: Sequence[np.ndarray],
+    cleaned: Sequence[np.ndarray],
+    unet_prob: Sequence[np.ndarray],
+    prompts: Sequence[RefinementPrompts],
+    metas: Sequence[ImageMeta],
+    classes: Sequence[str],
+    gate: GateConfig,
+    provenance: dict,
+) -> list[dict]:
+    """Refine with SAM (one batched call per stage), gate each class, build the table rows.
+
+    grays: uint8 (H, W) per image; cleaned: bool (C, H, W); unet_prob: float32 (C,).
+    refiner: engine.sam.SamRefiner, or None to keep the cleaned U-Net masks (no SAM).
+    """
+    rgbs = [np.repeat(g[:, :, None], 3, axis=2) for g in grays]
+    results = refiner.refine_batch(rgbs, list(prompts)) if refiner is not None and rgbs else [None] * len(rgbs)
+    rows = []
+    for meta, m, up, pr, res in zip(metas, cleaned, unet_prob, prompts, results):
+        any_present = bool(pr.valid.any())
+        row = empty_row(meta, classes, "ok" if any_present else "empty", None, provenance)
+        for ci, c in enumerate(classes):
+            present = bool(pr.valid[ci])
+            sam_mask = res.masks[ci] if (res is not None and present) else None
+            sam_iou = float(res.iou_pred[ci]) if (res is not None and present) else float("nan")
+            agreement = dice(m[ci], sam_mask) if sam_mask is not None else float("nan")
+            if res is None and present:
+                kept = "unet"
+            else:
+                kept = gate_decision(gate.for_class(c), present, sam_iou, agreement if present else 0.0)
+            fields = class_fields(kept, m[ci], sam_mask, pr.boxes[ci], pr.points[ci], pr.point_labels[ci],
+                                  float(up[ci]), sam_iou, agreement)
+            for f, v in fields.items():
+                row[class_column(c, f)] = v
+        rows.append(row)
+    return rows

@@ -1,0 +1,56 @@
+"""Connecting to Ray: an existing cluster, or a local one that plabel starts on loopback."""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Initialise Ray once per process.
+
+    address None: start a local Ray bound to 127.0.0.1 with the dashboard off (unless asked) and
+    token auth off (a loopback-only, single-user cluster); logical CPUs default to max(4, cores)
+    so that read tasks and 1-CPU actor pools cannot starve each other on small machines.
+    address "auto" or "ray://...": join that cluster as it is configured.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    log.info("started a local Ray with %d logical CPUs on 127.0.0.1", cpus)
+
+
+def cluster_gpus() -> float:
+    """Number of GPUs the connected cluster advertises (0.0 when none)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def quiet_ray_data() -> None:
+    """Keep Ray Data's progress on the console readable (plabel prints its own summaries)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False

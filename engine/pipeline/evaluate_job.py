@@ -1,0 +1,73 @@
+"""`plabel evaluate`: Dice of a U-Net checkpoint on labelled shards, as a Ray Data job.
+
+Each image is predicted at the model's input size, the probabilities are resized back to the
+image's own grid, thresholded (optionally cleaned) and compared with the stored masks there.
+Only per-image Dice vectors (N x C floats) come back to the driver.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+class DiceStage:
+    """CPU actor: per-image, per-class Dice of one checkpoint."""
+
+    def __init__(self, checkpoint: str, num_classes: int, threshold: float = 0.5, clean: bool = False):
+        import torch
+
+        from engine.unet import load_checkpoint
+
+        torch.set_num_threads(1)
+        self.model, _, extra = load_checkpoint(checkpoint)
+        self.image_size = int(extra.get("image_size", 256))
+        self.C, self.threshold, self.clean = num_classes, threshold, clean
+
+    def __call__(self, batch: dict) -> dict:
+        from engine.cleaning import CleaningConfig, clean_masks
+        from engine.labelling import teacher_probs
+        from engine.metrics import dice_per_class
+        from engine.pipeline.train_job import _decode_gray
+        from engine.shards import decode_masks
+
+        ids, dices = [], []
+        grays, truths = [], []
+        for i in range(len(batch["__key__"])):
+            sample = {k: batch[k][i] for k in batch if batch[k][i] is not None}
+            where = f"{sample.get('__url__')}:{sample['__key__']}"
+            if "masks.npz" not in sample:
+                raise ValueError(f"{where}: sample has no masks.npz member; evaluate needs labelled shards")
+            grays.append(_decode_gray(sample, where))
+            truths.append(decode_masks(bytes(sample["masks.npz"])))
+            ids.append(str(sample["__key__"]))
+        for gray, truth, probs in zip(grays, truths, teacher_probs(self.model, grays, self.image_size)):
+            if self.clean:
+                pred = clean_masks(probs, CleaningConfig(threshold=self.threshold))
+            else:
+                pred = probs > self.threshold
+            dices.append(dice_per_class(pred, truth))
+        idarr = np.empty(len(ids), dtype=object)
+        idarr[:] = ids
+        return {"key": idarr, "dice": np.asarray(dices, np.float64).reshape(len(ids), self.C)}
+
+
+def evaluate_checkpoint(checkpoint: str, shards: Sequence[str], classes: Sequence[str], threshold: float = 0.5,
+                        clean: bool = False, actors: int = 1) -> dict:
+    """summarize_dice of the checkpoint on the shards, plus 'per_image': {key: [dice per class]}."""
+    import ray
+
+    from engine.metrics import summarize_dice
+    from engine.pipeline.cluster import quiet_ray_data
+
+    quiet_ray_data()
+    ds = ray.data.read_webdataset(list(shards), decoder=None, include_paths=True)
+    ds = ds.map_batches(DiceStage, fn_constructor_kwargs=dict(checkpoint=str(checkpoint), num_classes=len(classes),
+                                                               threshold=threshold, clean=clean),
+                        batch_format="numpy", batch_size=8, concurrency=actors, num_cpus=1)
+    rows = ds.take_all()
+    rows.sort(key=lambda r: r["key"])
+    per_image = np.array([r["dice"] for r in rows], dtype=np.float64).reshape(len(rows), len(classes))
+    summary = summarize_dice(per_image, list(classes))
+    summary["per_image"] = {r["key"]: [float(v) for v in r["dice"]] for r in rows}
+    return summary

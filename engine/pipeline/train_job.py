@@ -1,0 +1,241 @@
+"""`plabel train` with Ray Train: a TorchTrainer fits a U-Net (teacher or student).
+
+Data stream through Ray Data (ray.train.get_dataset_shard), never collected on the driver:
+  labelled_dataset        labelled shards -> image, masks, weight (all classes weighted 1)
+  pseudo_labelled_dataset pseudo-label table joined with the unlabelled shards on id -> the same
+                          columns, weight 0 for classes the quality gate dropped
+The per-step maths (augmentation, loss, optimiser) is engine.train_core's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+
+
+def _decode_gray(sample: dict, where: str) -> np.ndarray:
+    from engine.imageio import decode_image, to_gray_float
+    from engine.shards import image_member
+
+    name, data = image_member(sample)
+    return np.round(to_gray_float(decode_image(bytes(data), f"{where}.{name}")) * 255.0).astype(np.uint8)
+
+
+def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
+    """Raw WebDataset batch of labelled samples -> image float32 (N, S, S), masks uint8 (N, C, S, S),
+    weight float32 (N, C). A sample without masks or with the wrong class count is an error."""
+    from engine.preprocess import masks_to_grid, to_unet_input
+    from engine.shards import decode_masks
+
+    images, masks = [], []
+    for i in range(len(batch["__key__"])):
+        sample = {k: batch[k][i] for k in batch if batch[k][i] is not None}
+        where = f"{sample.get('__url__')}:{sample['__key__']}"
+        gray = _decode_gray(sample, where)
+        if "masks.npz" not in sample:
+            raise ValueError(f"{where}: labelled sample has no masks.npz member")
+        m = decode_masks(bytes(sample["masks.npz"]))
+        if m.shape[0] != num_classes or m.shape[1:] != gray.shape:
+            raise ValueError(f"{where}: masks of shape {m.shape} do not fit {num_classes} classes and image {gray.shape}")
+        images.append(to_unet_input(gray, image_size))
+        masks.append(masks_to_grid(m, image_size))
+    n = len(images)
+    return {
+        "image": np.stack(images) if n else np.zeros((0, image_size, image_size), np.float32),
+        "masks": np.stack(masks) if n else np.zeros((0, num_classes, image_size, image_size), np.uint8),
+        "weight": np.ones((n, num_classes), np.float32),
+    }
+
+
+def prepare_unlabelled_images(batch: dict, image_size: int) -> dict:
+    """Raw WebDataset batch -> id, image float32 (N, S, S) (undecodable samples are skipped here:
+    the pseudo-label table already records them as error rows)."""
+    from engine.preprocess import to_unet_input
+
+    ids, images = [], []
+    for i in range(len(batch["__key__"])):
+        sample = {k: batch[k][i] for k in batch if batch[k][i] is not None}
+        try:
+            sid = json.loads(bytes(sample["json"]))["id"] if "json" in sample else str(sample["__key__"])
+            gray = _decode_gray(sample, f"{sample.get('__url__')}:{sample['__key__']}")
+        except Exception:  # noqa: BLE001
+            continue
+        ids.append(sid)
+        images.append(to_unet_input(gray, image_size))
+    idarr = np.empty(len(ids), dtype=object)
+    idarr[:] = ids
+    return {"id": idarr, "image": np.stack(images) if images else np.zeros((0, image_size, image_size), np.float32)}
+
+
+def prepare_pseudo(batch: dict, classes: Sequence[str], image_size: int) -> dict:
+    """Joined rows (table columns + image) -> image, masks (kept pseudo labels), weight."""
+    from engine.preprocess import masks_to_grid
+    from schemas.tables import decode_class_masks
+
+    n = len(batch["id"])
+    masks = np.zeros((n, len(classes), image_size, image_size), np.uint8)
+    weight = np.zeros((n, len(classes)), np.float32)
+    for i in range(n):
+        row = {k: batch[k][i] for k in batch}
+        m, w = decode_class_masks(row, classes)
+        if m.shape[1] > 0:
+            masks[i] = masks_to_grid(m, image_size)
+        weight[i] = w
+    return {"image": np.asarray(batch["image"], np.float32), "masks": masks, "weight": weight}
+
+
+def labelled_dataset(shards: Sequence[str], num_classes: int, image_size: int):
+    import ray
+
+    ds = ray.data.read_webdataset(list(shards), decoder=None, include_paths=True)
+    return ds.map_batches(prepare_labelled, fn_kwargs=dict(image_size=image_size, num_classes=num_classes),
+                          batch_format="numpy", batch_size=16)
+
+
+def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], classes: Sequence[str], image_size: int):
+    """Pseudo-label rows (status ok/empty) joined with their images by id."""
+    import ray
+    from schemas.tables import class_column
+
+    cols = ["id", "status", "height", "width"] + [class_column(c, f) for c in classes for f in ("mask", "kept")]
+    table = ray.data.read_parquet(table_dir, columns=cols).filter(expr="status != 'error'")
+    images = ray.data.read_webdataset(list(unlabelled_shards), decoder=None, include_paths=True).map_batches(
+        prepare_unlabelled_images, fn_kwargs=dict(image_size=image_size), batch_format="numpy", batch_size=16)
+    joined = table.join(images, join_type="inner", num_partitions=max(1, min(8, len(unlabelled_shards))), on=("id",))
+    return joined.map_batches(prepare_pseudo, fn_kwargs=dict(classes=list(classes), image_size=image_size),
+                              batch_format="numpy", batch_size=16)
+
+
+def _train_loop(config: dict) -> None:
+    """Ray Train worker loop: epochs over this worker's shard, validation Dice, best checkpoint."""
+    import torch
+    import ray.train
+    from ray.train import Checkpoint
+
+    from engine.losses import positive_class_weights
+    from engine.train_core import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step
+    from engine.unet import UNet, load_checkpoint, save_checkpoint
+
+    cfg = TrainConfig.from_dict(config["train"])
+    classes = config["classes"]
+    torch.manual_seed(cfg.seed)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    model, ucfg = build_model(cfg, len(classes))
+    opt, sched = make_optimizer(model, cfg)
+    start_epoch, best, best_state, best_extra = 0, -1.0, None, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # resume after a failure or an interrupted run
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+            if os.path.exists(os.path.join(d, MODEL_FILE)):
+                best_model, _, best_extra = load_checkpoint(os.path.join(d, MODEL_FILE))
+                best_state = best_model.state_dict()
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+    model = ray.train.torch.prepare_model(model)
+    base = model.module if hasattr(model, "module") else model
+    device = next(model.parameters()).device
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+
+    # positive-class weights from (up to) the first 32 batches of this worker's shard
+    pos, tot = np.zeros(len(classes)), np.zeros(len(classes))
+    for j, b in enumerate(train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy")):
+        w = b["weight"][:, :, None, None]
+        pos += (b["masks"] * w).sum(axis=(0, 2, 3))
+        tot += (np.ones_like(b["masks"]) * w).sum(axis=(0, 2, 3))
+        if j >= 31:
+            break
+    pos_weight = positive_class_weights(np.clip(pos / np.maximum(tot, 1), 1e-4, 1.0), cfg.pos_weight_max)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        losses = []
+        for b in train_shard.iter_torch_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=64,
+                                                dtypes=torch.float32):
+            losses.append(train_step(model, opt, b["image"][:, None], b["masks"], b["weight"], pos_weight, cfg, gen))
+        sched.step()
+        dices = []
+        for b in val_shard.iter_torch_batches(batch_size=8, dtypes=torch.float32):
+            dices.append(evaluate_batch(base, b["image"][:, None].to(device), b["masks"]))
+        per_image = np.concatenate(dices) if dices else np.zeros((0, len(classes)))
+        val_dice = float(per_image.mean()) if len(per_image) else float("nan")
+        metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "val_dice": val_dice}
+        if best_state is None or (not np.isnan(val_dice) and val_dice > best):
+            # the best-validation weights so far travel in every checkpoint as model.pt
+            best = val_dice if not np.isnan(val_dice) else best
+            best_state = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
+            best_extra = {"classes": classes, "image_size": config["image_size"], "epoch": epoch,
+                          "val_dice": None if np.isnan(val_dice) else val_dice, "role": config["role"]}
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"model": base.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "epoch": epoch, "best": best}, os.path.join(d, "state.pt"))
+                best_model = UNet.from_config(ucfg)
+                best_model.load_state_dict(best_state)
+                save_checkpoint(os.path.join(d, MODEL_FILE), best_model, ucfg, best_extra)
+                checkpoint = Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str | Path, storage_dir: str | Path,
+               name: str, role: str = "teacher") -> dict:
+    """Fit a U-Net with a TorchTrainer; copies the best-validation model to out_path.
+
+    section: schemas.config.TrainSection. Returns {"best_val_dice", "epochs", "wall_s", "history"}.
+    Re-running with the same storage_dir and name resumes from the last checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from engine.train_core import TrainConfig
+
+    t0 = time.time()
+    train_cfg = TrainConfig(epochs=section.epochs, lr=section.lr, weight_decay=section.weight_decay,
+                            batch_size=section.batch_size, base_channels=section.base_channels, depth=section.depth,
+                            augment=section.augment, seed=section.seed)
+    storage_dir = Path(storage_dir).resolve()
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"train": train_cfg.to_dict(), "classes": list(classes), "image_size": section.image_size,
+                           "role": role},
+        scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
+                                     resources_per_worker={"CPU": 1}),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=__import__("ray.train", fromlist=["DataConfig"]).DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(name=name, storage_path=str(storage_dir),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=2)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {name} produced no checkpoint under {storage_dir / name}")
+    with result.checkpoint.as_directory() as d:
+        best_path = Path(d) / MODEL_FILE
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(f".{out_path.name}.tmp")
+        shutil.copyfile(best_path, tmp)
+        os.replace(tmp, out_path)
+    from engine.unet import load_checkpoint
+
+    _, _, extra = load_checkpoint(out_path)
+    return {"best_val_dice": extra.get("val_dice"), "best_epoch": extra.get("epoch"), "epochs": section.epochs,
+            "wall_s": round(time.time() - t0, 2)}

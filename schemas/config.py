@@ -1,0 +1,251 @@
+"""The run-config schema (`plabel run CONFIG.yaml`), validated with errors naming key and value.
+
+Every section is a dataclass; unknown keys, wrong types and out-of-range values raise
+:class:`ConfigError` with the dotted key path, e.g. ``label.sam.batch_size: expected int > 0, got 'x'``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SAM_BACKENDS = ("lite_medsam", "vit_h", "vit_l", "vit_b", "medsam", "mobile_sam")
+STAGE_PROMPTS = ("box", "points", "mask")
+AUTOCAST = ("none", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A config key has a bad value; the message names the key path and the value."""
+
+
+@dataclass
+class DataConfig:
+    source: str | None = None  # raw dataset dir: images/, masks/<class>/, classes.json
+    shards: str | None = None  # or an already ingested directory holding manifest.json
+    labelled: int = 10  # labelled training images (teacher)
+    val: int = 5  # labelled validation images (model selection, gate calibration)
+    test: int = 0  # held-out test images (final Dice table); the rest is unlabelled
+    seed: int = 0
+    shard_size: int = 64
+
+    def validate(self, path: str) -> None:
+        if (self.source is None) == (self.shards is None):
+            raise ConfigError(f"{path}: give exactly one of 'source' (raw dataset) or 'shards' (ingested dir)")
+        for k in ("labelled", "val", "test"):
+            _check(getattr(self, k) >= 0, f"{path}.{k}", getattr(self, k), "int >= 0")
+        _check(self.labelled > 0, f"{path}.labelled", self.labelled, "int > 0 (the teacher needs labels)")
+        _check(self.shard_size > 0, f"{path}.shard_size", self.shard_size, "int > 0")
+
+
+@dataclass
+class TrainSection:
+    image_size: int = 256  # images are resized to image_size x image_size for the U-Net
+    base_channels: int = 16
+    depth: int = 4
+    epochs: int = 40
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    augment: bool = True
+    seed: int = 0
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+    include_labelled: bool = True  # student only: train on pseudo labels plus the labelled images
+
+    def validate(self, path: str) -> None:
+        for k in ("image_size", "base_channels", "depth", "epochs", "batch_size", "num_workers"):
+            _check(getattr(self, k) > 0, f"{path}.{k}", getattr(self, k), "int > 0")
+        _check(self.image_size % (2**self.depth) == 0, f"{path}.image_size", self.image_size,
+               f"a multiple of 2**depth = {2 ** self.depth}")
+        _check(self.lr > 0, f"{path}.lr", self.lr, "float > 0")
+
+
+@dataclass
+class CleaningSection:
+    threshold: float = 0.5
+    opening_radius: int = 0
+    closing_radius: int = 0
+    fill_holes: bool = False
+
+    def validate(self, path: str) -> None:
+        _check(0.0 <= self.threshold < 1.0, f"{path}.threshold", self.threshold, "float in [0, 1)")
+        _check(self.opening_radius >= 0, f"{path}.opening_radius", self.opening_radius, "int >= 0")
+        _check(self.closing_radius >= 0, f"{path}.closing_radius", self.closing_radius, "int >= 0")
+
+
+@dataclass
+class SamSection:
+    backend: str = "lite_medsam"
+    checkpoint: str | None = None  # path or http(s) URL (not needed for lite_medsam)
+    sha256: str | None = None  # expected SHA-256 of a downloaded checkpoint
+    stages: list[list[str]] = field(default_factory=lambda: [["box"], ["points", "mask"]])
+    batch_size: int = 8  # images per image-encoder call
+    actors: int = 1  # SAM actor pool size
+    num_gpus: float = 1.0  # GPUs per SAM actor when the cluster has GPUs (fractions share a GPU)
+    autocast: str = "none"  # none | bf16 | fp16 (GPU only)
+
+    def validate(self, path: str) -> None:
+        _check(self.backend in SAM_BACKENDS, f"{path}.backend", self.backend, f"one of {SAM_BACKENDS}")
+        _check(len(self.stages) >= 1, f"{path}.stages", self.stages, "at least one stage")
+        for i, stage in enumerate(self.stages):
+            _check(len(stage) >= 1, f"{path}.stages[{i}]", stage, "a non-empty list of prompts")
+            for p in stage:
+                _check(p in STAGE_PROMPTS, f"{path}.stages[{i}]", p, f"prompts from {STAGE_PROMPTS}")
+            _check(i > 0 or "mask" not in stage, f"{path}.stages[0]", stage,
+                   "no 'mask' prompt (there is no earlier stage)")
+        _check(self.batch_size > 0, f"{path}.batch_size", self.batch_size, "int > 0")
+        _check(self.actors > 0, f"{path}.actors", self.actors, "int > 0")
+        _check(0 < self.num_gpus <= 8, f"{path}.num_gpus", self.num_gpus, "float in (0, 8]")
+        _check(self.autocast in AUTOCAST, f"{path}.autocast", self.autocast, f"one of {AUTOCAST}")
+
+
+@dataclass
+class GateSection:
+    policy: str = "auto"  # auto | sam | unet | drop
+    min_sam_iou: float = 0.5
+    min_agreement: float = 0.6
+    min_agreement_unet: float = 0.3
+    per_class: dict[str, dict] = field(default_factory=dict)  # class -> overrides of the keys above
+
+    def validate(self, path: str) -> None:
+        from engine.gate import POLICIES
+
+        _check(self.policy in POLICIES, f"{path}.policy", self.policy, f"one of {POLICIES}")
+        allowed = {"policy", "min_sam_iou", "min_agreement", "min_agreement_unet"}
+        for cls, over in self.per_class.items():
+            _check(isinstance(over, dict), f"{path}.per_class.{cls}", over, "a mapping")
+            for k, v in over.items():
+                _check(k in allowed, f"{path}.per_class.{cls}", k, f"keys from {sorted(allowed)}")
+                if k == "policy":
+                    _check(v in POLICIES, f"{path}.per_class.{cls}.policy", v, f"one of {POLICIES}")
+
+    def to_gate_dict(self) -> dict:
+        default = {k: getattr(self, k) for k in ("policy", "min_sam_iou", "min_agreement", "min_agreement_unet")}
+        return {"default": default, "per_class": {c: {**default, **o} for c, o in self.per_class.items()}}
+
+
+@dataclass
+class LabelSection:
+    cleaning: CleaningSection = field(default_factory=CleaningSection)
+    sam: SamSection = field(default_factory=SamSection)
+    gate: GateSection = field(default_factory=GateSection)
+    unet_actors: int = 1  # U-Net + cleaning actor pool size (CPU)
+    unet_batch_size: int = 8
+
+    def validate(self, path: str) -> None:
+        _check(self.unet_actors > 0, f"{path}.unet_actors", self.unet_actors, "int > 0")
+        _check(self.unet_batch_size > 0, f"{path}.unet_batch_size", self.unet_batch_size, "int > 0")
+
+
+@dataclass
+class RaySection:
+    address: str | None = None  # existing cluster ("auto", "ray://..."); None starts a local one
+    num_cpus: int | None = None  # logical CPUs of the local Ray (default: max(4, cores))
+    dashboard: bool = False
+
+    def validate(self, path: str) -> None:
+        if self.num_cpus is not None:
+            _check(self.num_cpus > 0, f"{path}.num_cpus", self.num_cpus, "int > 0")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs"  # the run writes <run_dir>/<name>/
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TrainSection = field(default_factory=TrainSection)
+    label: LabelSection = field(default_factory=LabelSection)
+    student: TrainSection = field(default_factory=TrainSection)
+    ray: RaySection = field(default_factory=RaySection)
+
+    def validate(self, path: str = "") -> None:
+        _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls: type, data: Any, path: str = ""):
+    """Instantiate dataclass ``cls`` from a mapping, validating keys, types and values."""
+    where = path or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{path + '.' if path else ''}{k}: unknown key; expected one of {names}")
+    kwargs = {k: _convert(hints[k], v, f"{path + '.' if path else ''}{k}") for k, v in data.items()}
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(path)
+    return obj
+
+
+def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read and validate a YAML run config; relative data paths resolve against the config's folder."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if overrides:
+        raw = {**raw, **overrides}
+    cfg = build(RunConfig, raw)
+    for attr in ("source", "shards"):
+        v = getattr(cfg.data, attr)
+        if v is not None and "://" not in v and not Path(v).is_absolute():
+            setattr(cfg.data, attr, str((path.parent / v).resolve()))
+    if "://" not in cfg.run_dir and not Path(cfg.run_dir).is_absolute():
+        cfg.run_dir = str((path.parent / cfg.run_dir).resolve())
+    return cfg

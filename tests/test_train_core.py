@@ -1,0 +1,89 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine.train_core import (TrainConfig, build_model, evaluate_batch, make_optimizer,
+                               train_step)
+
+
+def _two_square_image(h=32):
+    a = torch.zeros(h, h)
+    b = torch.zeros(h, h)
+    a[4:20, 4:20] = 1
+    b[12:28, 10:26] = 1                       # overlaps a
+    g = torch.Generator().manual_seed(0)
+    image = 0.1 + 0.3 * a + 0.5 * b + 0.02 * torch.randn((h, h), generator=g)
+    return image.clamp(0, 1)[None, None], torch.stack([a, b])[None]
+
+
+def test_config_round_trip():
+    cfg = TrainConfig(epochs=3, lr=2e-3, augment=False)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="lrr"):
+        TrainConfig.from_dict({"lrr": 1})
+
+
+def test_cosine_schedule_per_epoch():
+    cfg = TrainConfig(epochs=4, lr=1e-2, base_channels=4, depth=1)
+    model, _ = build_model(cfg, 2)
+    opt, sched = make_optimizer(model, cfg)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-2)
+    assert lrs[2] == pytest.approx(5e-3)      # half way through the cosine
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.fixture
+def one_thread():
+    # A tiny net gains nothing from intra-op threads, and spinning threads on a busy
+    # 2-core machine slow it down many times.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_overfits_two_overlapping_squares(one_thread):
+    torch.manual_seed(0)
+    image, masks = _two_square_image()
+    cfg = TrainConfig(base_channels=4, depth=2, lr=1e-2, weight_decay=0.0, augment=False)
+    model, _ = build_model(cfg, num_classes=2)
+    opt, _ = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(0)
+    start = time.process_time()             # CPU time: robust to a busy machine
+    for _ in range(250):
+        loss = train_step(model, opt, image, masks, None, None, cfg, gen)
+    assert time.process_time() - start < 20
+    d = evaluate_batch(model, image, masks)
+    assert d.shape == (1, 2) and d.dtype == np.float64
+    assert d.min() > 0.9, d
+    assert loss < 0.3
+
+
+def test_augmented_steps_are_seeded_and_weight_zero_blocks_class(one_thread):
+    image, masks = _two_square_image()
+    image, masks = image.repeat(2, 1, 1, 1), masks.repeat(2, 1, 1, 1)
+    cfg = TrainConfig(base_channels=4, depth=2, augment=True, seed=5)
+    losses = []
+    for _ in range(2):
+        model, _ = build_model(cfg, 2)
+        opt, _ = make_optimizer(model, cfg)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        losses.append([train_step(model, opt, image, masks, None, None, cfg, gen)
+                       for _ in range(3)])
+    assert losses[0] == losses[1]
+
+    model, _ = build_model(cfg, 2)
+    opt, _ = make_optimizer(model, cfg)
+    cw = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    train_step(model, opt, image, masks, cw, torch.tensor([2.0, 3.0]), cfg,
+               torch.Generator().manual_seed(0))
+    head = model.head
+    assert torch.all(head.weight.grad[1] == 0) and torch.all(head.bias.grad[1] == 0)
+    assert head.weight.grad[0].abs().sum() > 0

@@ -1,0 +1,237 @@
+"""plabel's command line: one command per stage, plus `run` and `demo`. Parsing only; the work is
+in engine/ (method) and engine/pipeline/ (Ray jobs)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    help="plabel: distributed batch pseudo-labelling for medical image segmentation "
+         "(U-Net teacher -> SAM-refined pseudo labels -> student).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_ADDRESS = typer.Option(None, "--address", help="Ray cluster to use ('auto' or ray://host:port). Default: start a local Ray on 127.0.0.1.")
+_NUM_CPUS = typer.Option(None, "--num-cpus", help="Logical CPUs of the local Ray (default max(4, cores)).")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _ray(address: Optional[str], num_cpus: Optional[int]) -> None:
+    from engine.pipeline.cluster import ensure_ray
+
+    ensure_ray(address, num_cpus)
+
+
+@app.command()
+def ingest(
+    src: Path = typer.Argument(..., help="Source folder: images/ (PNG, JPEG, TIFF) and, for labelled data, masks/<class>/<id>.png plus classes.json."),
+    out: Path = typer.Argument(..., help="Output folder for the WebDataset shards and manifest.json (missing or empty)."),
+    labelled: int = typer.Option(0, help="Images to put in the labelled (teacher training) split."),
+    val: int = typer.Option(0, help="Images to put in the labelled validation split."),
+    test: int = typer.Option(0, help="Images to put in the held-out test split. All remaining images are unlabelled."),
+    seed: int = typer.Option(0, help="Seed of the random split (same seed and input -> same split)."),
+    shard_size: int = typer.Option(64, help="Images per WebDataset tar shard."),
+):
+    """Validate a dataset folder and write WebDataset shards plus a manifest."""
+    from engine.ingest import IngestError, ingest as run_ingest
+
+    with typer.progressbar(length=1, label="ingest") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        try:
+            manifest = run_ingest(src, out, counts={"labelled": labelled, "val": val, "test": test}, seed=seed,
+                                  shard_size=shard_size, progress=progress)
+        except IngestError as e:
+            _fail(str(e))
+    for name, split in manifest["splits"].items():
+        typer.echo(f"{name:>10}: {split['n_samples']:6d} images in {len(split['shards'])} shard(s)")
+    typer.echo(f"manifest: {Path(out) / 'manifest.json'}")
+
+
+@app.command()
+def train(
+    shards: Path = typer.Option(..., help="Ingested folder (holding manifest.json)."),
+    out: Path = typer.Option(..., help="Where to write the best-validation checkpoint (.pt)."),
+    role: str = typer.Option("teacher", help="teacher (labelled split) or student (pseudo labels, needs --pseudo-labels)."),
+    pseudo_labels: Optional[Path] = typer.Option(None, help="Pseudo-label table folder (student)."),
+    include_labelled: bool = typer.Option(True, help="Student: also train on the labelled split."),
+    epochs: int = typer.Option(40, help="Training epochs."),
+    image_size: int = typer.Option(256, help="U-Net input side in pixels (images are resized)."),
+    base_channels: int = typer.Option(16, help="U-Net channels at full resolution."),
+    depth: int = typer.Option(4, help="U-Net down-sampling steps."),
+    batch_size: int = typer.Option(4, help="Images per optimisation step and worker."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate (cosine schedule)."),
+    workers: int = typer.Option(1, help="Ray Train workers."),
+    gpu: bool = typer.Option(False, help="Give each Ray Train worker a GPU."),
+    storage: Optional[Path] = typer.Option(None, help="Ray Train storage for checkpoints and resume (default: next to --out)."),
+    address: Optional[str] = _ADDRESS,
+    num_cpus: Optional[int] = _NUM_CPUS,
+):
+    """Train a U-Net teacher (labelled shards) or student (pseudo labels) with Ray Train."""
+    from engine.ingest import load_manifest, shard_paths
+    from engine.pipeline.train_job import labelled_dataset, pseudo_labelled_dataset, train_unet
+    from schemas.config import ConfigError, TrainSection, build
+
+    if role not in ("teacher", "student"):
+        _fail(f"--role must be teacher or student, got {role!r}")
+    if role == "student" and pseudo_labels is None:
+        _fail("--role student needs --pseudo-labels")
+    try:
+        section = build(TrainSection, dict(epochs=epochs, image_size=image_size, base_channels=base_channels, depth=depth,
+                                           batch_size=batch_size, lr=lr, num_workers=workers, use_gpu=gpu,
+                                           include_labelled=include_labelled), "train")
+    except ConfigError as e:
+        _fail(str(e))
+    manifest = load_manifest(shards)
+    classes = manifest["classes"]
+    _ray(address, num_cpus)
+    C, S = len(classes), section.image_size
+    val_split = "val" if manifest["splits"].get("val", {}).get("n_samples", 0) else "labelled"
+    if role == "teacher":
+        train_ds = labelled_dataset(shard_paths(shards, "labelled"), C, S)
+    else:
+        train_ds = pseudo_labelled_dataset(str(pseudo_labels), shard_paths(shards, "unlabelled"), classes, S)
+        if include_labelled:
+            train_ds = train_ds.union(labelled_dataset(shard_paths(shards, "labelled"), C, S))
+    storage = storage or Path(out).resolve().parent / "ray_train"
+    result = train_unet(train_ds, labelled_dataset(shard_paths(shards, val_split), C, S), classes, section, out,
+                        storage, Path(out).stem, role=role)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def label(
+    shards: Path = typer.Option(..., help="Ingested folder (holding manifest.json); its unlabelled split is labelled."),
+    teacher: Path = typer.Option(..., help="Teacher U-Net checkpoint (.pt from `plabel train`)."),
+    out: Path = typer.Option(..., help="Output folder of the Parquet pseudo-label table (must not exist)."),
+    split: str = typer.Option("unlabelled", help="Which split of the manifest to label."),
+    sam_backend: str = typer.Option("lite_medsam", help="SAM backend: lite_medsam (bundled), vit_h, vit_l, vit_b, medsam, mobile_sam."),
+    sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint path or URL (not needed for lite_medsam)."),
+    sam_sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of a downloaded SAM checkpoint."),
+    stages: str = typer.Option("box;points,mask", help="Prompts per refinement stage: stages split by ';', prompts (box, points, mask) by ','."),
+    sam_batch_size: int = typer.Option(8, help="Images per SAM image-encoder call."),
+    sam_actors: int = typer.Option(1, help="SAM actor pool size."),
+    sam_gpus: float = typer.Option(1.0, help="GPUs per SAM actor when the cluster has GPUs (fractions share a GPU)."),
+    autocast: str = typer.Option("none", help="SAM precision on GPU: none, bf16 or fp16."),
+    unet_actors: int = typer.Option(1, help="U-Net + cleaning actor pool size (CPU)."),
+    threshold: float = typer.Option(0.5, help="Cleaning: probability threshold."),
+    opening: int = typer.Option(0, help="Cleaning: opening radius in pixels (0 = off)."),
+    closing: int = typer.Option(0, help="Cleaning: closing radius in pixels (0 = off)."),
+    fill_holes: bool = typer.Option(False, help="Cleaning: fill enclosed holes."),
+    gate_policy: str = typer.Option("auto", help="Quality gate for every class: auto, sam, unet or drop."),
+    min_sam_iou: float = typer.Option(0.5, help="Gate: SAM's predicted IoU needed to keep SAM's mask."),
+    min_agreement: float = typer.Option(0.6, help="Gate: Dice between U-Net and SAM masks needed to keep SAM's mask."),
+    address: Optional[str] = _ADDRESS,
+    num_cpus: Optional[int] = _NUM_CPUS,
+):
+    """Pseudo-label a split: U-Net -> cleaning -> prompts -> SAM -> gate -> Parquet, as one Ray Data job."""
+    from engine.ingest import load_manifest, shard_paths
+    from engine.pipeline.label_job import run_label_job
+    from schemas.config import ConfigError, LabelSection, build
+
+    stage_list = [[p.strip() for p in s.split(",") if p.strip()] for s in stages.split(";") if s.strip()]
+    try:
+        section = build(LabelSection, {
+            "cleaning": {"threshold": threshold, "opening_radius": opening, "closing_radius": closing, "fill_holes": fill_holes},
+            "sam": {"backend": sam_backend, "checkpoint": sam_checkpoint, "sha256": sam_sha256, "stages": stage_list,
+                    "batch_size": sam_batch_size, "actors": sam_actors, "num_gpus": sam_gpus, "autocast": autocast},
+            "gate": {"policy": gate_policy, "min_sam_iou": min_sam_iou, "min_agreement": min_agreement},
+            "unet_actors": unet_actors,
+        }, "label")
+    except ConfigError as e:
+        _fail(str(e))
+    manifest = load_manifest(shards)
+    _ray(address, num_cpus)
+    summary = run_label_job(shard_paths(shards, split), out, manifest["classes"], str(teacher), section)
+    summary["images_in"] = manifest["splits"][split]["n_samples"]
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., help="U-Net checkpoint to evaluate."),
+    data: Path = typer.Option(..., help="Ingested folder (manifest.json) or a single .tar shard with masks."),
+    split: str = typer.Option("test", help="Split of the manifest to evaluate on (ignored for a .tar)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the Dice summary here as JSON."),
+    threshold: float = typer.Option(0.5, help="Probability threshold of the predicted masks."),
+    clean: bool = typer.Option(False, help="Clean predictions (largest-confidence component) before scoring."),
+    address: Optional[str] = _ADDRESS,
+    num_cpus: Optional[int] = _NUM_CPUS,
+):
+    """Dice per class and mean ± std over images (classes absent in both count as 1)."""
+    from engine.ingest import load_manifest, shard_paths
+    from engine.metrics import format_dice_table
+    from engine.pipeline.evaluate_job import evaluate_checkpoint
+    from engine.unet import load_checkpoint
+
+    _, _, extra = load_checkpoint(model)
+    if data.suffix == ".tar":
+        paths, classes = [str(data)], extra.get("classes")
+    else:
+        manifest = load_manifest(data)
+        paths, classes = shard_paths(data, split), manifest["classes"]
+    if not paths:
+        _fail(f"{data}: split {split!r} has no shards")
+    _ray(address, num_cpus)
+    summary = evaluate_checkpoint(str(model), paths, classes, threshold=threshold, clean=clean)
+    typer.echo(format_dice_table({model.stem: summary}, classes))
+    if json_out:
+        json_out.write_text(json.dumps(summary, indent=2))
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Run config (YAML); see docs/config.md."),
+    address: Optional[str] = _ADDRESS,
+):
+    """Every stage from one config: ingest, teacher, label, student, evaluate."""
+    from engine.pipeline.runner import run_pipeline
+    from schemas.config import ConfigError, load_run_config
+
+    try:
+        cfg = load_run_config(config)
+    except ConfigError as e:
+        _fail(str(e))
+    if address:
+        cfg.ray.address = address
+    run_pipeline(cfg, echo=typer.echo)
+
+
+@app.command()
+def demo(
+    directory: Path = typer.Argument(Path("plabel-demo"), help="Folder for the synthetic data and the run."),
+    images: int = typer.Option(60, help="Synthetic images to generate."),
+    size: int = typer.Option(128, help="Side of the synthetic images in pixels."),
+):
+    """Smoke demo: a small synthetic dataset, then every stage with the bundled LiteMedSAM on a local Ray."""
+    from engine.demo import demo_config
+    from engine.pipeline.runner import run_pipeline
+    from engine.synthetic import make_synthetic_dataset
+
+    typer.echo("plabel demo: a SMOKE TEST on synthetic radiograph-like images, not a quality benchmark.\n"
+               "For real data see README.md ('Running on your data').")
+    src = make_synthetic_dataset(directory / "data", n_images=images, size=size, seed=0)
+    cfg = demo_config(src, directory, n_images=images, size=size)
+    run_pipeline(cfg, echo=typer.echo)
+
+
+def main() -> None:  # pragma: no cover
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,38 @@
+"""SAM backends and batched multi-stage refinement."""
+from engine.sam.backends import (
+    BACKENDS,
+    ChecksumError,
+    SamModel,
+    build_architecture,
+    build_random_sam,
+    checkpoint_sha256,
+    download_checkpoint,
+    load_sam,
+    load_state_dict,
+)
+from engine.sam.refine import (
+    DEFAULT_STAGES,
+    STAGE_PROMPTS,
+    RefinementResult,
+    SamRefiner,
+    refine_reference,
+    validate_stages,
+)
+
+__all__ = [
+    "BACKENDS",
+    "ChecksumError",
+    "DEFAULT_STAGES",
+    "STAGE_PROMPTS",
+    "RefinementResult",
+    "SamModel",
+    "SamRefiner",
+    "build_architecture",
+    "build_random_sam",
+    "checkpoint_sha256",
+    "download_checkpoint",
+    "load_sam",
+    "load_state_dict",
+    "refine_reference",
+    "validate_stages",
+]

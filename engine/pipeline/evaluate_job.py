@@ -64,7 +64,7 @@ def evaluate_checkpoint(checkpoint: str, shards: Sequence[str], classes: Sequenc
     ds = ray.data.read_webdataset(list(shards), decoder=None, include_paths=True)
     ds = ds.map_batches(DiceStage, fn_constructor_kwargs=dict(checkpoint=str(checkpoint), num_classes=len(classes),
                                                                threshold=threshold, clean=clean),
-                        batch_format="numpy", batch_size=8, concurrency=actors, num_cpus=1)
+                        batch_format="numpy", batch_size=8, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
     rows = ds.take_all()
     rows.sort(key=lambda r: r["key"])
     per_image = np.array([r["dice"] for r in rows], dtype=np.float64).reshape(len(rows), len(classes))

@@ -235,13 +235,13 @@ def run_label_job(
         TeacherStage,
         fn_constructor_kwargs=dict(checkpoint=str(teacher_checkpoint), cleaning=label_cfg.cleaning.__dict__,
                                    num_classes=len(classes)),
-        batch_format="numpy", batch_size=label_cfg.unet_batch_size, concurrency=label_cfg.unet_actors, num_cpus=1,
+        batch_format="numpy", batch_size=label_cfg.unet_batch_size, compute=ray.data.ActorPoolStrategy(size=label_cfg.unet_actors), num_cpus=1,
     )
     ds = ds.map_batches(
         RefineStage,
         fn_constructor_kwargs=dict(sam=sam.__dict__, gate=label_cfg.gate.to_gate_dict(), classes=list(classes),
                                    unet_sha256=checkpoint_sha256(teacher_checkpoint), cache_dir=cache_dir),
-        batch_format="numpy", batch_size=sam.batch_size, concurrency=sam.actors, **sam_resources,
+        batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=sam.actors), **sam_resources,
     )
     ds.write_parquet(str(tmp))
     os.replace(tmp, out_dir)

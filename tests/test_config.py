@@ -1,0 +1,43 @@
+import pytest
+
+from schemas.config import ConfigError, RunConfig, build, load_run_config
+
+
+def test_defaults_follow_the_paper():
+    cfg = build(RunConfig, {"data": {"source": "x"}})
+    assert cfg.label.sam.stages == [["box"], ["points", "mask"]]
+    assert cfg.label.sam.backend == "lite_medsam"
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"data": {"source": "x", "labeled": 3}}, "data.labeled: unknown key"),
+        ({"data": {"source": "x"}, "label": {"sam": {"batch_size": "8"}}}, "label.sam.batch_size: expected an integer, got '8'"),
+        ({"data": {"source": "x"}, "label": {"sam": {"backend": "vit_x"}}}, "label.sam.backend: expected one of"),
+        ({"data": {"source": "x"}, "label": {"sam": {"stages": [["mask"]]}}}, "label.sam.stages[0]"),
+        ({"data": {"source": "x"}, "label": {"sam": {"stages": [["box"], ["dots"]]}}}, "'dots'"),
+        ({"data": {"source": "x"}, "label": {"gate": {"per_class": {"heart": {"policy": "maybe"}}}}},
+         "label.gate.per_class.heart.policy"),
+        ({"data": {"source": "x"}, "teacher": {"image_size": 100}}, "teacher.image_size: expected a multiple of 2**depth = 16"),
+        ({"data": {"source": "x"}, "teacher": {"augment": "yes"}}, "teacher.augment: expected true or false"),
+        ({"data": {"source": "x", "shards": "y"}}, "exactly one of"),
+        ({"data": {"source": "x", "labelled": 0}}, "data.labelled"),
+        ([1, 2], "expected a mapping"),
+    ],
+)
+def test_errors_name_key_and_value(raw, message):
+    with pytest.raises(ConfigError) as e:
+        build(RunConfig, raw)
+    assert message in str(e.value)
+
+
+def test_load_resolves_relative_paths(tmp_path):
+    p = tmp_path / "sub" / "c.yaml"
+    p.parent.mkdir()
+    p.write_text("name: a\ndata: {source: ../data, labelled: 2}\n")
+    cfg = load_run_config(p)
+    assert cfg.data.source == str((tmp_path / "data").resolve())
+    assert cfg.run_dir == str((tmp_path / "sub" / "runs").resolve())
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config(tmp_path / "missing.yaml")

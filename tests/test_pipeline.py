@@ -1,0 +1,144 @@
+"""End to end: `plabel run` on a tiny synthetic config through Ray Data and Ray Train."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from engine.synthetic import make_synthetic_dataset
+
+CONFIG = """
+name: tiny
+run_dir: runs
+data: {source: data, labelled: 6, val: 2, test: 4, shard_size: 5}
+teacher: {epochs: 25, image_size: 64, base_channels: 8, depth: 3, lr: 0.005, batch_size: 3}
+student: {epochs: 1, image_size: 64, base_channels: 8, depth: 3}
+label:
+  cleaning: {threshold: 0.3}
+  sam: {batch_size: 4}
+  unet_batch_size: 4
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("run")
+    make_synthetic_dataset(root / "data", n_images=26, size=64, seed=1)
+    (root / "cfg.yaml").write_text(CONFIG)
+    result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return root / "runs" / "tiny", result.output
+
+
+def test_run_writes_every_stage(tiny_run):
+    run, output = tiny_run
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["stages"]) == {"ingest", "teacher", "label", "student", "evaluate"}
+    assert results["stages"]["ingest"]["counts"] == {"labelled": 6, "val": 2, "test": 4, "unlabelled": 14}
+    for name in ("config.yaml", "environment.json", "teacher.pt", "student.pt", "dice_table.txt"):
+        assert (run / name).exists(), name
+    env = json.loads((run / "environment.json").read_text())
+    assert env["packages"]["ray"] and env["packages"]["torch"]
+    ev = results["stages"]["evaluate"]
+    for model in ("teacher", "student"):
+        assert ev[model]["n_images"] == 4
+        per_image = np.array(list(ev[model]["per_image"].values()))
+        assert per_image.shape == (4, 4)
+        assert ev[model]["mean_dice"] == pytest.approx(per_image.mean(axis=1).mean())
+    assert "teacher" in output and "student" in output and "mean ± std" in output
+
+
+def test_pseudo_label_table_schema_and_rows(tiny_run):
+    from engine.ingest import load_manifest
+    from engine.unet import checkpoint_sha256
+    from schemas.tables import pseudo_label_schema, table_classes
+
+    run, _ = tiny_run
+    table = pads.dataset(str(run / "pseudo_labels"), format="parquet").to_table()
+    manifest = load_manifest(run / "shards")
+    classes = manifest["classes"]
+    expected = pseudo_label_schema(classes)
+    assert table.schema.names == expected.names
+    for f in expected:
+        assert table.schema.field(f.name).type == f.type, f.name
+    assert table_classes(table.schema) == classes
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(manifest["splits"]["unlabelled"]["ids"])  # every image exactly once
+    status = table.column("status").to_pylist()
+    assert status.count("ok") + status.count("empty") + status.count("error") == 14
+    assert status.count("error") == 0
+    assert status.count("ok") >= 10, status  # the teacher finds structures on most images
+    assert set(table.column("sam_backend").to_pylist()) == {"lite_medsam"}
+    assert set(table.column("unet_checkpoint_sha256").to_pylist()) == {checkpoint_sha256(run / "teacher.pt")}
+    kept = [k for c in classes for k in table.column(f"{c}.kept").to_pylist()]
+    assert set(kept) <= {"sam", "unet", "dropped", "empty"} and "sam" in kept
+
+
+def test_ray_job_rows_equal_in_process_method(tiny_run):
+    """The Ray Data job gives the same pseudo labels as calling the method functions directly."""
+    import webdataset as wds
+
+    from engine.cleaning import CleaningConfig
+    from engine.gate import GateConfig
+    from engine.imageio import decode_image, to_gray_float
+    from engine.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
+    from engine.ingest import load_manifest, shard_paths
+    from engine.sam import SamRefiner, load_sam
+    from engine.shards import image_member
+    from engine.unet import load_checkpoint
+    from schemas.config import GateSection
+    from schemas.masks import decode_mask
+
+    run, _ = tiny_run
+    table = pads.dataset(str(run / "pseudo_labels"), format="parquet").to_table()
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    classes = load_manifest(run / "shards")["classes"]
+    model, _, extra = load_checkpoint(run / "teacher.pt")
+    refiner = SamRefiner(load_sam("lite_medsam"))
+    gate = GateConfig.from_dict(GateSection().to_gate_dict())
+    shard = shard_paths(run / "shards", "unlabelled")[0]
+    samples = list(wds.WebDataset(shard, shardshuffle=False))[:3]
+    grays, metas = [], []
+    for s in samples:
+        name, data = image_member(s)
+        gray = np.round(to_gray_float(decode_image(data, name)) * 255).astype(np.uint8)
+        grays.append(gray)
+        metas.append(ImageMeta(json.loads(s["json"])["id"], shard, s["__key__"], *gray.shape))
+    probs = teacher_probs(model, grays, extra["image_size"])
+    cleaned = [clean_and_prompt(p, CleaningConfig(threshold=0.3)) for p in probs]
+    rows = pseudo_label_rows(refiner, grays, [c[0] for c in cleaned], [c[1] for c in cleaned],
+                             [c[2] for c in cleaned], metas, classes, gate, {})
+    for row in rows:
+        got = by_id[row["id"]]
+        assert got["status"] == row["status"]
+        for c in classes:
+            assert got[f"{c}.kept"] == row[f"{c}.kept"]
+            a = decode_mask(got[f"{c}.mask"], got["height"], got["width"])
+            b = decode_mask(row[f"{c}.mask"], row["height"], row["width"])
+            inter, total = (a & b).sum(), a.sum() + b.sum()
+            assert total == 0 or 2 * inter / total >= 0.99
+            if row[f"{c}.sam_iou"] is not None:
+                assert got[f"{c}.sam_iou"] == pytest.approx(row[f"{c}.sam_iou"], abs=1e-3)
+
+
+def test_evaluate_command_writes_json(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out = tmp_path / "ev.json"
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(run / "teacher.pt"), "--data", str(run / "shards"),
+                                      "--split", "test", "--json", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    ev = json.loads(out.read_text())
+    assert ev["n_images"] == 4 and set(ev["per_class"]) == {"right_field", "left_field", "heart", "clavicle"}
+    results = json.loads((run / "results.json").read_text())
+    assert ev["mean_dice"] == pytest.approx(results["stages"]["evaluate"]["teacher"]["mean_dice"])
+
+
+def test_bad_config_names_key(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("data: {source: x, labeled: 3}\n")
+    result = CliRunner().invoke(app, ["run", str(cfg)])
+    assert result.exit_code == 2
+    assert "data.labeled" in result.output

@@ -82,7 +82,7 @@ def train(
 ):
     """Train a U-Net teacher (labelled shards) or student (pseudo labels) with Ray Train."""
     from engine.ingest import load_manifest, shard_paths
-    from engine.pipeline.train_job import labelled_dataset, pseudo_labelled_dataset, train_unet
+    from engine.pipeline.train_job import labelled_dataset, maybe_materialize, pseudo_labelled_dataset, train_unet
     from schemas.config import ConfigError, TrainSection, build
 
     if role not in ("teacher", "student"):
@@ -99,15 +99,19 @@ def train(
     classes = manifest["classes"]
     _ray(address, num_cpus)
     C, S = len(classes), section.image_size
-    val_split = "val" if manifest["splits"].get("val", {}).get("n_samples", 0) else "labelled"
+    n = {k: v["n_samples"] for k, v in manifest["splits"].items()}
+    val_split = "val" if n.get("val", 0) else "labelled"
     if role == "teacher":
-        train_ds = labelled_dataset(shard_paths(shards, "labelled"), C, S)
+        train_ds, n_train = labelled_dataset(shard_paths(shards, "labelled"), C, S), n.get("labelled", 0)
     else:
         train_ds = pseudo_labelled_dataset(str(pseudo_labels), shard_paths(shards, "unlabelled"), classes, S)
+        n_train = n.get("unlabelled", 0)
         if include_labelled:
             train_ds = train_ds.union(labelled_dataset(shard_paths(shards, "labelled"), C, S))
+            n_train += n.get("labelled", 0)
+    val_ds = maybe_materialize(labelled_dataset(shard_paths(shards, val_split), C, S), n.get(val_split, 0), C, S)
     storage = storage or Path(out).resolve().parent / "ray_train"
-    result = train_unet(train_ds, labelled_dataset(shard_paths(shards, val_split), C, S), classes, section, out,
+    result = train_unet(maybe_materialize(train_ds, n_train, C, S), val_ds, classes, section, out,
                         storage, Path(out).stem, role=role)
     typer.echo(json.dumps(result, indent=2))
 
@@ -125,6 +129,7 @@ def label(
     sam_batch_size: int = typer.Option(8, help="Images per SAM image-encoder call."),
     sam_actors: int = typer.Option(1, help="SAM actor pool size."),
     sam_gpus: float = typer.Option(1.0, help="GPUs per SAM actor when the cluster has GPUs (fractions share a GPU)."),
+    sam_cpus: float = typer.Option(2.0, help="CPUs (torch threads) per SAM actor when the cluster has no GPU."),
     autocast: str = typer.Option("none", help="SAM precision on GPU: none, bf16 or fp16."),
     unet_actors: int = typer.Option(1, help="U-Net + cleaning actor pool size (CPU)."),
     threshold: float = typer.Option(0.5, help="Cleaning: probability threshold."),
@@ -147,7 +152,8 @@ def label(
         section = build(LabelSection, {
             "cleaning": {"threshold": threshold, "opening_radius": opening, "closing_radius": closing, "fill_holes": fill_holes},
             "sam": {"backend": sam_backend, "checkpoint": sam_checkpoint, "sha256": sam_sha256, "stages": stage_list,
-                    "batch_size": sam_batch_size, "actors": sam_actors, "num_gpus": sam_gpus, "autocast": autocast},
+                    "batch_size": sam_batch_size, "actors": sam_actors, "num_gpus": sam_gpus, "cpus": sam_cpus,
+                    "autocast": autocast},
             "gate": {"policy": gate_policy, "min_sam_iou": min_sam_iou, "min_agreement": min_agreement},
             "unet_actors": unet_actors,
         }, "label")
@@ -213,7 +219,7 @@ def run(
 @app.command()
 def demo(
     directory: Path = typer.Argument(Path("plabel-demo"), help="Folder for the synthetic data and the run."),
-    images: int = typer.Option(60, help="Synthetic images to generate."),
+    images: int = typer.Option(48, help="Synthetic images to generate."),
     size: int = typer.Option(128, help="Side of the synthetic images in pixels."),
 ):
     """Smoke demo: a small synthetic dataset, then every stage with the bundled LiteMedSAM on a local Ray."""

@@ -86,6 +86,7 @@ class SamSection:
     batch_size: int = 8  # images per image-encoder call
     actors: int = 1  # SAM actor pool size
     num_gpus: float = 1.0  # GPUs per SAM actor when the cluster has GPUs (fractions share a GPU)
+    cpus: float = 2.0  # CPUs per SAM actor when the cluster has no GPU (its torch threads)
     autocast: str = "none"  # none | bf16 | fp16 (GPU only)
 
     def validate(self, path: str) -> None:
@@ -100,6 +101,7 @@ class SamSection:
         _check(self.batch_size > 0, f"{path}.batch_size", self.batch_size, "int > 0")
         _check(self.actors > 0, f"{path}.actors", self.actors, "int > 0")
         _check(0 < self.num_gpus <= 8, f"{path}.num_gpus", self.num_gpus, "float in (0, 8]")
+        _check(self.cpus > 0, f"{path}.cpus", self.cpus, "float > 0")
         _check(self.autocast in AUTOCAST, f"{path}.autocast", self.autocast, f"one of {AUTOCAST}")
 
 

@@ -145,6 +145,9 @@ class RefineStage:
     def __init__(self, sam: dict, gate: dict, classes: Sequence[str], unet_sha256: str, cache_dir: str | None = None):
         import torch
 
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(sam.get("cpus", 1))))
+
         from engine.gate import GateConfig
         from engine.sam import SamRefiner, load_sam
 
@@ -228,7 +231,7 @@ def run_label_job(
     t0 = time.time()
     sam = label_cfg.sam
     gpus = cluster_gpus()
-    sam_resources = {"num_gpus": sam.num_gpus} if gpus > 0 else {"num_cpus": 1}
+    sam_resources = {"num_gpus": sam.num_gpus} if gpus > 0 else {"num_cpus": sam.cpus}
     ds = ray.data.read_webdataset(list(shards), decoder=None, include_paths=True)
     ds = ds.map_batches(decode_images, batch_format="numpy", batch_size=16, num_cpus=0.5)
     ds = ds.map_batches(

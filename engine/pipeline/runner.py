@@ -58,7 +58,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     from engine.pipeline.cluster import ensure_ray
     from engine.pipeline.evaluate_job import evaluate_checkpoint
     from engine.pipeline.label_job import run_label_job
-    from engine.pipeline.train_job import labelled_dataset, pseudo_labelled_dataset, train_unet
+    from engine.pipeline.train_job import labelled_dataset, maybe_materialize, pseudo_labelled_dataset, train_unet
     from engine.unet import checkpoint_sha256
 
     run = Path(cfg.run_dir) / cfg.name
@@ -96,6 +96,9 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     def paths(split: str) -> list[str]:
         return shard_paths(shards_dir, split) if split in splits and splits[split]["n_samples"] > 0 else []
 
+    def n(split: str) -> int:
+        return int(splits[split]["n_samples"]) if split in splits else 0
+
     if not paths("labelled"):
         raise ValueError(f"{shards_dir}: the manifest has no labelled images to train the teacher")
     if not paths("unlabelled"):
@@ -107,8 +110,9 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     # 2. teacher
     def teacher():
         size, C = cfg.teacher.image_size, len(classes)
-        out = train_unet(labelled_dataset(paths("labelled"), C, size), labelled_dataset(paths(val_split), C, size),
-                         classes, cfg.teacher, run / "teacher.pt", run / "ray_train", "teacher", role="teacher")
+        train = maybe_materialize(labelled_dataset(paths("labelled"), C, size), n("labelled"), C, size)
+        val = maybe_materialize(labelled_dataset(paths(val_split), C, size), n(val_split), C, size)
+        out = train_unet(train, val, classes, cfg.teacher, run / "teacher.pt", run / "ray_train", "teacher", role="teacher")
         out["sha256"] = checkpoint_sha256(run / "teacher.pt")
         return out
 
@@ -122,9 +126,13 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     def student():
         size, C = cfg.student.image_size, len(classes)
         train = pseudo_labelled_dataset(str(run / "pseudo_labels"), paths("unlabelled"), classes, size)
+        n_train = n("unlabelled")
         if cfg.student.include_labelled:
             train = train.union(labelled_dataset(paths("labelled"), C, size))
-        out = train_unet(train, labelled_dataset(paths(val_split), C, size), classes, cfg.student,
+            n_train += n("labelled")
+        train = maybe_materialize(train, n_train, C, size)
+        val = maybe_materialize(labelled_dataset(paths(val_split), C, size), n(val_split), C, size)
+        out = train_unet(train, val, classes, cfg.student,
                          run / "student.pt", run / "ray_train", "student", role="student")
         out["sha256"] = checkpoint_sha256(run / "student.pt")
         return out

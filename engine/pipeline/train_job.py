@@ -117,6 +117,20 @@ def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], cl
                               batch_format="numpy", batch_size=16)
 
 
+MATERIALIZE_LIMIT_BYTES = 2 * 1024**3
+
+
+def maybe_materialize(ds, n_images: int, num_classes: int, image_size: int, limit: int = MATERIALIZE_LIMIT_BYTES):
+    """Materialize a prepared training dataset in the Ray object store when it is small.
+
+    Each epoch otherwise re-runs the whole read / decode (/ join) pipeline; a small dataset
+    (n_images x bytes per prepared image below ``limit``) is computed once and then read from the
+    distributed object store. Larger datasets keep streaming. Nothing is collected on the driver.
+    """
+    per_image = image_size * image_size * (4 + num_classes) + 4 * num_classes
+    return ds.materialize() if n_images * per_image <= limit else ds
+
+
 def _train_loop(config: dict) -> None:
     """Ray Train worker loop: epochs over this worker's shard, validation Dice, best checkpoint."""
     import torch

@@ -129,7 +129,7 @@ def label(
     sam_batch_size: int = typer.Option(8, help="Images per SAM image-encoder call."),
     sam_actors: int = typer.Option(1, help="SAM actor pool size."),
     sam_gpus: float = typer.Option(1.0, help="GPUs per SAM actor when the cluster has GPUs (fractions share a GPU)."),
-    sam_cpus: float = typer.Option(2.0, help="CPUs (torch threads) per SAM actor when the cluster has no GPU."),
+    sam_cpus: float = typer.Option(1.0, help="CPUs (torch threads) per SAM actor when the cluster has no GPU."),
     autocast: str = typer.Option("none", help="SAM precision on GPU: none, bf16 or fp16."),
     unet_actors: int = typer.Option(1, help="U-Net + cleaning actor pool size (CPU)."),
     threshold: float = typer.Option(0.5, help="Cleaning: probability threshold."),
@@ -219,7 +219,7 @@ def run(
 @app.command()
 def demo(
     directory: Path = typer.Argument(Path("plabel-demo"), help="Folder for the synthetic data and the run."),
-    images: int = typer.Option(48, help="Synthetic images to generate."),
+    images: int = typer.Option(40, help="Synthetic images to generate."),
     size: int = typer.Option(128, help="Side of the synthetic images in pixels."),
 ):
     """Smoke demo: a small synthetic dataset, then every stage with the bundled LiteMedSAM on a local Ray."""

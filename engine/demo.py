@@ -6,7 +6,7 @@ from pathlib import Path
 from schemas.config import RunConfig, build
 
 
-def demo_config(source: Path, directory: Path, n_images: int = 48, size: int = 128) -> RunConfig:
+def demo_config(source: Path, directory: Path, n_images: int = 40, size: int = 128) -> RunConfig:
     """Splits ~15% labelled, 10% validation, 25% test, the rest unlabelled; small U-Nets."""
     labelled = max(2, round(0.15 * n_images))
     val = max(1, round(0.10 * n_images))

@@ -86,7 +86,7 @@ class SamSection:
     batch_size: int = 8  # images per image-encoder call
     actors: int = 1  # SAM actor pool size
     num_gpus: float = 1.0  # GPUs per SAM actor when the cluster has GPUs (fractions share a GPU)
-    cpus: float = 2.0  # CPUs per SAM actor when the cluster has no GPU (its torch threads)
+    cpus: float = 1.0  # CPUs per SAM actor when the cluster has no GPU (its torch threads)
     autocast: str = "none"  # none | bf16 | fp16 (GPU only)
 
     def validate(self, path: str) -> None:

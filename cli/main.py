@@ -125,7 +125,7 @@ def label(
     sam_backend: str = typer.Option("lite_medsam", help="SAM backend: lite_medsam (bundled), vit_h, vit_l, vit_b, medsam, mobile_sam."),
     sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint path or URL (not needed for lite_medsam)."),
     sam_sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of a downloaded SAM checkpoint."),
-    stages: str = typer.Option("box;points,mask", help="Prompts per refinement stage: stages split by ';', prompts (box, points, mask) by ','."),
+    stages: Optional[str] = typer.Option(None, help="Prompts per refinement stage: stages split by ';', prompts (box, points, mask) by ','. Default: the paper's 'box;points,mask', or 'box;box,mask' for lite_medsam."),
     sam_batch_size: int = typer.Option(8, help="Images per SAM image-encoder call."),
     sam_actors: int = typer.Option(1, help="SAM actor pool size."),
     sam_gpus: float = typer.Option(1.0, help="GPUs per SAM actor when the cluster has GPUs (fractions share a GPU)."),
@@ -147,7 +147,8 @@ def label(
     from engine.pipeline.label_job import run_label_job
     from schemas.config import ConfigError, LabelSection, build
 
-    stage_list = [[p.strip() for p in s.split(",") if p.strip()] for s in stages.split(";") if s.strip()]
+    stage_list = None if stages is None else [
+        [p.strip() for p in s.split(",") if p.strip()] for s in stages.split(";") if s.strip()]
     try:
         section = build(LabelSection, {
             "cleaning": {"threshold": threshold, "opening_radius": opening, "closing_radius": closing, "fill_holes": fill_holes},

@@ -3,10 +3,14 @@ import pytest
 from schemas.config import ConfigError, RunConfig, build, load_run_config
 
 
-def test_defaults_follow_the_paper():
+def test_default_stages_per_backend():
     cfg = build(RunConfig, {"data": {"source": "x"}})
-    assert cfg.label.sam.stages == [["box"], ["points", "mask"]]
     assert cfg.label.sam.backend == "lite_medsam"
+    assert cfg.label.sam.stages == [["box"], ["box", "mask"]]
+    cfg = build(RunConfig, {"data": {"source": "x"}, "label": {"sam": {"backend": "vit_h", "checkpoint": "x.pth"}}})
+    assert cfg.label.sam.stages == [["box"], ["points", "mask"]]  # the paper
+    cfg = build(RunConfig, {"data": {"source": "x"}, "label": {"sam": {"stages": [["box"]]}}})
+    assert cfg.label.sam.stages == [["box"]]
 
 
 @pytest.mark.parametrize(

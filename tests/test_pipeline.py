@@ -142,3 +142,35 @@ def test_bad_config_names_key(tmp_path):
     result = CliRunner().invoke(app, ["run", str(cfg)])
     assert result.exit_code == 2
     assert "data.labeled" in result.output
+
+
+def test_bad_samples_become_error_rows_naming_the_input(tiny_run, tmp_path):
+    """A corrupt image and a sample without an image give error rows; good samples still get labels."""
+    import cv2
+    import webdataset as wds
+
+    from engine.ingest import load_manifest
+    from engine.pipeline.label_job import run_label_job
+    from schemas.config import LabelSection
+
+    run, _ = tiny_run
+    classes = load_manifest(run / "shards")["classes"]
+    img = np.zeros((48, 40), np.uint8)
+    img[10:30, 8:30] = 200
+    png = cv2.imencode(".png", img)[1].tobytes()
+    shard = tmp_path / "bad-000000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        w.write({"__key__": "good", "png": png, "json": b'{"id": "good"}'})
+        w.write({"__key__": "corrupt", "png": png[:40], "json": b'{"id": "corrupt"}'})
+        w.write({"__key__": "noimage", "json": b'{"id": "noimage"}'})
+        w.write({"__key__": "zero", "png": b"", "json": b'{"id": "zero"}'})
+    summary = run_label_job([str(shard)], tmp_path / "table", classes, str(run / "teacher.pt"), LabelSection())
+    assert summary["rows"] == 4 and summary["error"] == 3 and summary["ok"] + summary["empty"] == 1
+    rows = {r["id"]: r for r in pads.dataset(str(tmp_path / "table"), format="parquet").to_table().to_pylist()}
+    assert set(rows) == {"good", "corrupt", "noimage", "zero"}
+    assert rows["good"]["status"] in ("ok", "empty") and (rows["good"]["height"], rows["good"]["width"]) == (48, 40)
+    for key in ("corrupt", "noimage", "zero"):
+        assert rows[key]["status"] == "error"
+        assert str(shard) in rows[key]["message"] and key in rows[key]["message"]
+    with pytest.raises(FileExistsError, match="exists already"):
+        run_label_job([str(shard)], tmp_path / "table", classes, str(run / "teacher.pt"), LabelSection())

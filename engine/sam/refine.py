@@ -106,6 +106,8 @@ class SamRefiner:
                     Outputs are float32 either way.
     """
 
+    PENDING_BYTES = 256 << 20  # device memory of full-size masks held before copying to host
+
     def __init__(self, model: SamModel, stages: Stages = DEFAULT_STAGES,
                  autocast_dtype: torch.dtype | None = None):
         self.model = model
@@ -151,17 +153,28 @@ class SamRefiner:
                      prompts: Sequence[RefinementPrompts]) -> list[RefinementResult]:
         """Refine every image's classes. Returns one RefinementResult per image, in order.
 
-        Images without any valid class are not encoded and get all-False masks.
+        Images without any valid class are not encoded and get all-False masks. Decoded outputs
+        stay on the device and are copied to host memory in groups (up to PENDING_BYTES), so the
+        host does not wait for the device after every image.
         """
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompt sets")
         todo = [i for i, p in enumerate(prompts) if np.asarray(p.valid).any()]
-        features = self.encode([images[i] for i in todo]) if todo else None
-        sizes = [tuple(np.asarray(im).shape[:2]) for im in images]
-        results = [_empty_result(p, s, len(self.stages), self.low_res_size)
-                   for p, s in zip(prompts, sizes)]
+        sizes = [tuple(int(n) for n in np.asarray(im).shape[:2]) for im in images]
+        results = [self._to_result(None, p, s) for p, s in zip(prompts, sizes)]
+        if not todo:
+            return results
+        features = self.encode([images[i] for i in todo])
+        dense_pe = self.sam.prompt_encoder.get_dense_pe()
+        pending: dict[int, dict] = {}
+        pending_bytes = 0
         for row, i in enumerate(todo):
-            results[i] = self.refine_features(features[row:row + 1], sizes[i], prompts[i])
+            pending[i] = self._decode(features[row:row + 1], sizes[i], prompts[i], dense_pe)
+            pending_bytes += len(pending[i]["valid"]) * sizes[i][0] * sizes[i][1] * len(self.stages)
+            if pending_bytes > self.PENDING_BYTES or row == len(todo) - 1:
+                for j, dec in pending.items():
+                    results[j] = self._to_result(dec, prompts[j], sizes[j])
+                pending, pending_bytes = {}, 0
         return results
 
     @torch.no_grad()
@@ -172,23 +185,33 @@ class SamRefiner:
         features: float (1, E, g, g) from encode(); original_size: (H, W) of the image.
         One prompt_encoder + mask_decoder call per stage covering all valid classes.
         """
-        H, W = int(original_size[0]), int(original_size[1])
-        result = _empty_result(prompts, (H, W), len(self.stages), self.low_res_size)
+        size = (int(original_size[0]), int(original_size[1]))
+        decoded = None
+        if np.asarray(prompts.valid).any():
+            decoded = self._decode(features, size, prompts, self.sam.prompt_encoder.get_dense_pe())
+        return self._to_result(decoded, prompts, size)
+
+    def _decode(self, features: torch.Tensor, size: tuple[int, int], prompts: RefinementPrompts,
+                dense_pe: torch.Tensor) -> dict:
+        """Run all stages for the valid classes of one image; outputs stay on the device.
+
+        Returns {"valid": int array (n,), "masks": [bool (n, H, W)] per stage,
+        "iou": [float32 (n,)] per stage, "logits": float32 (n, h, w) of the last stage}.
+        """
+        H, W = size
         valid = np.flatnonzero(np.asarray(prompts.valid, dtype=bool))
-        if valid.size == 0:
-            return result
         dev = self.device
-        boxes = torch.as_tensor(self.transform.apply_boxes(prompts.boxes[valid], (H, W)),
+        boxes = torch.as_tensor(self.transform.apply_boxes(np.asarray(prompts.boxes)[valid], size),
                                 dtype=torch.float, device=dev)
-        labels = np.asarray(prompts.point_labels[valid])
+        labels = np.asarray(prompts.point_labels)[valid]
         keep = (labels != -1).any(axis=0)  # drop columns that are padding for every class
         points = None
         if keep.any():
-            coords = self.transform.apply_coords(np.asarray(prompts.points[valid])[:, keep], (H, W))
+            coords = self.transform.apply_coords(np.asarray(prompts.points)[valid][:, keep], size)
             points = (torch.as_tensor(coords, dtype=torch.float, device=dev),
                       torch.as_tensor(labels[:, keep], dtype=torch.int, device=dev))
-        dense_pe = self.sam.prompt_encoder.get_dense_pe()
-        input_size = self.input_size((H, W))
+        input_size = self.input_size(size)
+        out = {"valid": valid, "masks": [], "iou": []}
         prev_logits = None
         for k, stage in enumerate(self.stages):
             point_arg = points if "points" in stage else None
@@ -203,10 +226,23 @@ class SamRefiner:
                     dense_prompt_embeddings=dense, multimask_output=False)
             low_res, iou = low_res.float(), iou.float()  # (n, 1, h, w), (n, 1)
             full = self.sam.postprocess_masks(low_res, input_size, (H, W)) > self.sam.mask_threshold
-            result.stage_masks[k][valid] = full[:, 0].cpu().numpy()
-            result.stage_iou[k][valid] = iou[:, 0].cpu().numpy()
+            out["masks"].append(full[:, 0])
+            out["iou"].append(iou[:, 0])
             prev_logits = low_res
-        result.low_res_logits[valid] = prev_logits[:, 0].cpu().numpy()
+        out["logits"] = prev_logits[:, 0]
+        return out
+
+    def _to_result(self, decoded: dict | None, prompts: RefinementPrompts,
+                   size: tuple[int, int]) -> RefinementResult:
+        """Host-side RefinementResult from _decode's device tensors (None: no valid class)."""
+        result = _empty_result(prompts, size, len(self.stages), self.low_res_size)
+        if decoded is None:
+            return result
+        valid = decoded["valid"]
+        for k in range(len(self.stages)):
+            result.stage_masks[k][valid] = decoded["masks"][k].cpu().numpy()
+            result.stage_iou[k][valid] = decoded["iou"][k].cpu().numpy()
+        result.low_res_logits[valid] = decoded["logits"].cpu().numpy()
         return result
 
 

@@ -89,7 +89,7 @@ def test_ray_job_rows_equal_in_process_method(tiny_run):
     from engine.sam import SamRefiner, load_sam
     from engine.shards import image_member
     from engine.unet import load_checkpoint
-    from schemas.config import GateSection
+    from schemas.config import GateSection, SamSection
     from schemas.masks import decode_mask
 
     run, _ = tiny_run
@@ -97,7 +97,7 @@ def test_ray_job_rows_equal_in_process_method(tiny_run):
     by_id = {r["id"]: r for r in table.to_pylist()}
     classes = load_manifest(run / "shards")["classes"]
     model, _, extra = load_checkpoint(run / "teacher.pt")
-    refiner = SamRefiner(load_sam("lite_medsam"))
+    refiner = SamRefiner(load_sam("lite_medsam"), stages=tuple(tuple(s) for s in SamSection().stages))
     gate = GateConfig.from_dict(GateSection().to_gate_dict())
     shard = shard_paths(run / "shards", "unlabelled")[0]
     samples = list(wds.WebDataset(shard, shardshuffle=False))[:3]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if not sys.stderr.isatty():  # progress bars on a terminal, plain logs in files and CI
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     ray.init(
@@ -48,9 +50,9 @@ def cluster_gpus() -> float:
 
 
 def quiet_ray_data() -> None:
-    """Keep Ray Data's progress on the console readable (plabel prints its own summaries)."""
+    """Ray Data progress bars on a terminal only; no execution-plan dump at each start."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False

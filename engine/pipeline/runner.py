@@ -150,4 +150,10 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         echo(table)
     results["run_dir"] = str(run)
     _write_json(results_path, results)
+    echo("stage wall times (s): " + ", ".join(f"{k} {v['wall_s']:.1f}" for k, v in results["stages"].items()))
+    if "label" in results["stages"]:
+        lab = results["stages"]["label"]
+        echo(f"pseudo labels: {lab['rows']} rows (ok {lab['ok']}, empty {lab['empty']}, error {lab['error']}) "
+             f"in {run / 'pseudo_labels'}")
+    echo(f"run directory: {run}")
     return results

@@ -12,7 +12,6 @@ Checkpoints are plain ``torch.save`` dicts that load with ``torch.load(weights_o
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import tempfile
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.files import sha256_file
 
 CHECKPOINT_FORMAT = "plabel-unet-v1"
 _NORMS = ("batch", "group")
@@ -219,12 +220,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of the file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex SHA-256 of the checkpoint file's bytes."""
+    return sha256_file(path)
 
 
 # ----------------------------------------------------------------------------- prediction

@@ -109,7 +109,9 @@ def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], cl
     from schemas.tables import class_column
 
     cols = ["id", "status", "height", "width"] + [class_column(c, f) for c in classes for f in ("mask", "kept")]
-    table = ray.data.read_parquet(table_dir, columns=cols).filter(expr="status != 'error'")
+    from ray.data.expressions import col
+
+    table = ray.data.read_parquet(table_dir).select_columns(cols).filter(expr=col("status") != "error")
     images = ray.data.read_webdataset(list(unlabelled_shards), decoder=None, include_paths=True).map_batches(
         prepare_unlabelled_images, fn_kwargs=dict(image_size=image_size), batch_format="numpy", batch_size=16)
     joined = table.join(images, join_type="inner", num_partitions=max(1, min(8, len(unlabelled_shards))), on=("id",))

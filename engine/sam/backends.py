@@ -36,6 +36,8 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
+from engine.files import sha256_file
+
 BACKENDS = ("lite_medsam", "vit_h", "vit_l", "vit_b", "medsam", "mobile_sam")
 DEFAULT_CACHE_DIR = Path("~/.cache/plabel/checkpoints")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -69,12 +71,8 @@ class ChecksumError(ValueError):
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex SHA-256 of a checkpoint file."""
+    return sha256_file(path)
 
 
 def is_url(checkpoint: str | os.PathLike) -> bool:

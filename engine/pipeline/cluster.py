@@ -16,6 +16,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
     so that read tasks and 1-CPU actor pools cannot starve each other on small machines.
     address "auto" or "ray://...": join that cluster as it is configured.
     """
+    if address is None:
+        # Must be set before Ray reads its constants: the node address becomes 127.0.0.1 and
+        # every Ray server of the local cluster listens on loopback only.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+        if not sys.stderr.isatty():  # progress bars on a terminal, plain logs in files and CI
+            os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
     if ray.is_initialized():
@@ -23,12 +32,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not sys.stderr.isatty():  # progress bars on a terminal, plain logs in files and CI
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    from ray._private import ray_constants
+
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        ray_constants.ENABLE_RAY_CLUSTER = False  # ray was imported before the variable was set
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     ray.init(
         num_cpus=cpus,

@@ -5,7 +5,7 @@ optimisation step, the optimiser / schedule and batch evaluation.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 from engine.augment import random_affine, random_intensity
 from engine.losses import segmentation_loss
 from engine.metrics import dice_per_class
-from engine.unet import UNet, UNetConfig
+from engine.unet import UNet, UNetConfig, strict_from_dict
 
 
 @dataclass
@@ -49,11 +49,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
     def unet_config(self, num_classes: int, in_channels: int = 1) -> UNetConfig:
         """The architecture this training config describes."""

@@ -173,17 +173,18 @@ def _build_vit(arch: str) -> Sam:
     return sam_model_registry[arch](checkpoint=None)
 
 
-def _sam_heads(img_size: int, embed: int = 256) -> tuple[PromptEncoder, MaskDecoder]:
-    """SAM's standard prompt encoder and mask decoder for a 1/16 embedding grid at ``img_size``."""
-    grid = 64  # both TinyViT variants produce a 64x64 embedding
+def _sam_heads(img_size: int, embed: int = 256, grid: int = 64, mlp_dim: int = 2048, num_heads: int = 8,
+               mask_in_chans: int = 16, iou_hidden: int = 256) -> tuple[PromptEncoder, MaskDecoder]:
+    """SAM's prompt encoder and mask decoder; the defaults are SAM's own sizes (a 64x64
+    embedding grid, which both TinyViT variants produce too)."""
     prompt_encoder = PromptEncoder(
         embed_dim=embed, image_embedding_size=(grid, grid),
-        input_image_size=(img_size, img_size), mask_in_chans=16,
+        input_image_size=(img_size, img_size), mask_in_chans=mask_in_chans,
     )
     mask_decoder = MaskDecoder(
         num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=embed, mlp_dim=2048, num_heads=8),
-        transformer_dim=embed, iou_head_depth=3, iou_head_hidden_dim=256,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=embed, mlp_dim=mlp_dim, num_heads=num_heads),
+        transformer_dim=embed, iou_head_depth=3, iou_head_hidden_dim=iou_hidden,
     )
     return prompt_encoder, mask_decoder
 
@@ -314,14 +315,7 @@ def _build_tiny_sam(img_size: int = 128, patch: int = 2, dim: int = 32) -> Sam:
     )
     with torch.no_grad():  # make position matter: SAM initialises these to zero
         encoder.pos_embed.normal_(0.0, 0.5)
-    prompt_encoder = PromptEncoder(
-        embed_dim=dim, image_embedding_size=(grid, grid),
-        input_image_size=(img_size, img_size), mask_in_chans=8,
-    )
-    mask_decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
-        transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=32,
-    )
+    prompt_encoder, mask_decoder = _sam_heads(img_size, embed=dim, grid=grid, mlp_dim=64, num_heads=2,
+                                              mask_in_chans=8, iou_hidden=32)
     return Sam(encoder, prompt_encoder, mask_decoder,
                pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD))

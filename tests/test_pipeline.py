@@ -164,10 +164,14 @@ def test_bad_samples_become_error_rows_naming_the_input(tiny_run, tmp_path):
         w.write({"__key__": "corrupt", "png": png[:40], "json": b'{"id": "corrupt"}'})
         w.write({"__key__": "noimage", "json": b'{"id": "noimage"}'})
         w.write({"__key__": "zero", "png": b"", "json": b'{"id": "zero"}'})
+    stale = tmp_path / ".table.tmp-deadbeef"  # what an interrupted run leaves behind
+    stale.mkdir()
+    (stale / "part.parquet").write_bytes(b"partial")
     summary = run_label_job([str(shard)], tmp_path / "table", classes, str(run / "teacher.pt"), LabelSection())
     assert summary["rows"] == 4 and summary["error"] == 3 and summary["ok"] + summary["empty"] == 1
     rows = {r["id"]: r for r in pads.dataset(str(tmp_path / "table"), format="parquet").to_table().to_pylist()}
     assert set(rows) == {"good", "corrupt", "noimage", "zero"}
+    assert not stale.exists()
     assert rows["good"]["status"] in ("ok", "empty") and (rows["good"]["height"], rows["good"]["width"]) == (48, 40)
     for key in ("corrupt", "noimage", "zero"):
         assert rows[key]["status"] == "error"

@@ -227,6 +227,8 @@ def run_label_job(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: the pseudo-label table exists already; remove it or choose another output")
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     t0 = time.time()
     sam = label_cfg.sam

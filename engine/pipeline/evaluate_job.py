@@ -28,17 +28,15 @@ class DiceStage:
         from engine.cleaning import CleaningConfig, clean_masks
         from engine.labelling import teacher_probs
         from engine.metrics import dice_per_class
-        from engine.pipeline.train_job import _decode_gray
+        from engine.pipeline.samples import batch_samples, decode_gray, object_array, sample_where
         from engine.shards import decode_masks
 
         ids, dices = [], []
         grays, truths = [], []
-        for i in range(len(batch["__key__"])):
-            sample = {k: batch[k][i] for k in batch if batch[k][i] is not None}
-            where = f"{sample.get('__url__')}:{sample['__key__']}"
+        for sample in batch_samples(batch):
             if "masks.npz" not in sample:
-                raise ValueError(f"{where}: sample has no masks.npz member; evaluate needs labelled shards")
-            grays.append(_decode_gray(sample, where))
+                raise ValueError(f"{sample_where(sample)}: sample has no masks.npz member; evaluate needs labelled shards")
+            grays.append(decode_gray(sample))
             truths.append(decode_masks(bytes(sample["masks.npz"])))
             ids.append(str(sample["__key__"]))
         for gray, truth, probs in zip(grays, truths, teacher_probs(self.model, grays, self.image_size)):
@@ -47,9 +45,7 @@ class DiceStage:
             else:
                 pred = probs > self.threshold
             dices.append(dice_per_class(pred, truth))
-        idarr = np.empty(len(ids), dtype=object)
-        idarr[:] = ids
-        return {"key": idarr, "dice": np.asarray(dices, np.float64).reshape(len(ids), self.C)}
+        return {"key": object_array(ids), "dice": np.asarray(dices, np.float64).reshape(len(ids), self.C)}
 
 
 def evaluate_checkpoint(checkpoint: str, shards: Sequence[str], classes: Sequence[str], threshold: float = 0.5,

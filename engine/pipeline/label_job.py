@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.labelling import ImageMeta, clean_and_prompt, empty_row, pseudo_label_rows, teacher_probs
+from engine.pipeline.samples import batch_samples, decode_gray, object_array
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +42,15 @@ def _meta(batch: dict, i: int) -> ImageMeta:
 def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
     """WebDataset samples (numpy batch of raw members) -> id, shard, key, size, status, message and
     'image' (gray uint8 (H, W); a 1x1 placeholder on error rows)."""
-    from engine.imageio import decode_image, to_gray_float
-    from engine.shards import image_member
-
-    n = len(batch["__key__"])
     out = {k: [] for k in _META_COLUMNS + ("image",)}
-    urls = batch.get("__url__", batch.get("path"))
-    for i in range(n):
-        key = str(batch["__key__"][i])
-        shard = str(urls[i]) if urls is not None else None
+    for sample in batch_samples(batch):
+        key = str(sample["__key__"])
+        shard = str(sample["__url__"]) if "__url__" in sample else None
         sample_id, status, message, image = key, "ok", None, np.zeros((1, 1), np.uint8)
         try:
-            sample = {k: batch[k][i] for k in batch if batch[k][i] is not None}
-            if sample.get("json") is not None:
+            if "json" in sample:
                 sample_id = str(json.loads(bytes(sample["json"]))["id"])
-            name, data = image_member(sample)
-            decoded = decode_image(bytes(data), f"{shard}:{key}.{name}", max_pixels=max_pixels)
-            image = np.round(to_gray_float(decoded) * 255.0).astype(np.uint8)
+            image = decode_gray(sample, max_pixels=max_pixels)
         except Exception as e:  # noqa: BLE001 - every failure becomes an error row naming the input
             status, message = "error", f"{shard}:{key}: {type(e).__name__}: {e}"
         out["id"].append(sample_id)
@@ -68,19 +61,7 @@ def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
         out["status"].append(status)
         out["message"].append(message)
         out["image"].append(image)
-    return _to_numpy(out)
-
-
-def _to_numpy(cols: dict) -> dict:
-    res = {}
-    for k, v in cols.items():
-        if k in ("height", "width"):
-            res[k] = np.asarray(v, dtype=np.int32)
-        else:
-            arr = np.empty(len(v), dtype=object)
-            arr[:] = v
-            res[k] = arr
-    return res
+    return {k: np.asarray(v, dtype=np.int32) if k in ("height", "width") else object_array(v) for k, v in out.items()}
 
 
 class TeacherStage:
@@ -116,7 +97,7 @@ class TeacherStage:
                 except Exception as e:  # noqa: BLE001
                     batch["status"][i] = "error"
                     batch["message"][i] = f"{batch['shard'][i]}:{batch['key'][i]}: teacher: {type(e).__name__}: {e}"
-        cleaned = np.empty(n, dtype=object)
+        cleaned = [None] * n
         unet_prob = np.full((n, C), np.nan, np.float32)
         boxes = np.zeros((n, C, 4), np.float32)
         points = np.zeros((n, C, C, 2), np.float32)
@@ -134,7 +115,7 @@ class TeacherStage:
                 valid[i] = pr.valid
             else:
                 cleaned[i] = np.zeros((C, 1, 1), np.uint8)
-        batch.update(cleaned=cleaned, unet_prob=unet_prob, boxes=boxes, points=points,
+        batch.update(cleaned=object_array(cleaned), unet_prob=unet_prob, boxes=boxes, points=points,
                      point_labels=labels, valid=valid)
         return batch
 

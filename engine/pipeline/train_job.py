@@ -24,25 +24,17 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 
 
-def _decode_gray(sample: dict, where: str) -> np.ndarray:
-    from engine.imageio import decode_image, to_gray_float
-    from engine.shards import image_member
-
-    name, data = image_member(sample)
-    return np.round(to_gray_float(decode_image(bytes(data), f"{where}.{name}")) * 255.0).astype(np.uint8)
-
-
 def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
     """Raw WebDataset batch of labelled samples -> image float32 (N, S, S), masks uint8 (N, C, S, S),
     weight float32 (N, C). A sample without masks or with the wrong class count is an error."""
+    from engine.pipeline.samples import batch_samples, decode_gray, sample_where
     from engine.preprocess import masks_to_grid, to_unet_input
     from engine.shards import decode_masks
 
     images, masks = [], []
-    for i in range(len(batch["__key__"])):
-        sample = {k: batch[k][i] for k in batch if batch[k][i] is not None}
-        where = f"{sample.get('__url__')}:{sample['__key__']}"
-        gray = _decode_gray(sample, where)
+    for sample in batch_samples(batch):
+        where = sample_where(sample)
+        gray = decode_gray(sample)
         if "masks.npz" not in sample:
             raise ValueError(f"{where}: labelled sample has no masks.npz member")
         m = decode_masks(bytes(sample["masks.npz"]))
@@ -61,21 +53,19 @@ def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
 def prepare_unlabelled_images(batch: dict, image_size: int) -> dict:
     """Raw WebDataset batch -> id, image float32 (N, S, S) (undecodable samples are skipped here:
     the pseudo-label table already records them as error rows)."""
+    from engine.pipeline.samples import batch_samples, decode_gray, object_array
     from engine.preprocess import to_unet_input
 
     ids, images = [], []
-    for i in range(len(batch["__key__"])):
-        sample = {k: batch[k][i] for k in batch if batch[k][i] is not None}
+    for sample in batch_samples(batch):
         try:
             sid = json.loads(bytes(sample["json"]))["id"] if "json" in sample else str(sample["__key__"])
-            gray = _decode_gray(sample, f"{sample.get('__url__')}:{sample['__key__']}")
+            gray = decode_gray(sample)
         except Exception:  # noqa: BLE001
             continue
         ids.append(sid)
         images.append(to_unet_input(gray, image_size))
-    idarr = np.empty(len(ids), dtype=object)
-    idarr[:] = ids
-    return {"id": idarr, "image": np.stack(images) if images else np.zeros((0, image_size, image_size), np.float32)}
+    return {"id": object_array(ids), "image": np.stack(images) if images else np.zeros((0, image_size, image_size), np.float32)}
 
 
 def prepare_pseudo(batch: dict, classes: Sequence[str], image_size: int) -> dict:

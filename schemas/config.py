@@ -95,6 +95,8 @@ class SamSection:
     num_gpus: float = 1.0  # GPUs per SAM actor when the cluster has GPUs (fractions share a GPU)
     cpus: float = 1.0  # CPUs per SAM actor when the cluster has no GPU (its torch threads)
     autocast: str = "none"  # none | bf16 | fp16 (GPU only)
+    # extra Ray resources per SAM actor, e.g. {"sam_node": 1} to pin SAM to a node group
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.stages is None:
@@ -114,6 +116,10 @@ class SamSection:
         _check(0 < self.num_gpus <= 8, f"{path}.num_gpus", self.num_gpus, "float in (0, 8]")
         _check(self.cpus > 0, f"{path}.cpus", self.cpus, "float > 0")
         _check(self.autocast in AUTOCAST, f"{path}.autocast", self.autocast, f"one of {AUTOCAST}")
+        for k, v in self.resources.items():
+            _check(k not in ("CPU", "GPU", "memory"), f"{path}.resources", k,
+                   "custom resource names (CPU and GPU come from cpus / num_gpus)")
+            _check(isinstance(v, (int, float)) and v > 0, f"{path}.resources.{k}", v, "a number > 0")
 
 
 @dataclass

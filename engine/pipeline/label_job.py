@@ -202,6 +202,7 @@ def run_label_job(
     import ray
 
     from engine.pipeline.cluster import cluster_gpus, quiet_ray_data
+    from engine.pipeline.resources import label_requests, ray_remote_args
     from engine.unet import checkpoint_sha256
 
     quiet_ray_data()
@@ -214,20 +215,23 @@ def run_label_job(
     t0 = time.time()
     sam = label_cfg.sam
     gpus = cluster_gpus()
-    sam_resources = {"num_gpus": sam.num_gpus} if gpus > 0 else {"num_cpus": sam.cpus}
+    requests = {r.stage: r for r in label_requests(label_cfg, cluster_has_gpu=gpus > 0)}
     ds = ray.data.read_webdataset(list(shards), decoder=None, include_paths=True)
-    ds = ds.map_batches(decode_images, batch_format="numpy", batch_size=16, num_cpus=0.5)
+    ds = ds.map_batches(decode_images, batch_format="numpy", batch_size=16,
+                        **ray_remote_args(requests["decode"].resources))
     ds = ds.map_batches(
         TeacherStage,
         fn_constructor_kwargs=dict(checkpoint=str(teacher_checkpoint), cleaning=label_cfg.cleaning.__dict__,
                                    num_classes=len(classes)),
-        batch_format="numpy", batch_size=label_cfg.unet_batch_size, compute=ray.data.ActorPoolStrategy(size=label_cfg.unet_actors), num_cpus=1,
+        batch_format="numpy", batch_size=label_cfg.unet_batch_size, compute=ray.data.ActorPoolStrategy(size=requests["teacher"].count),
+        **ray_remote_args(requests["teacher"].resources),
     )
     ds = ds.map_batches(
         RefineStage,
         fn_constructor_kwargs=dict(sam=sam.__dict__, gate=label_cfg.gate.to_gate_dict(), classes=list(classes),
                                    unet_sha256=checkpoint_sha256(teacher_checkpoint), cache_dir=cache_dir),
-        batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=sam.actors), **sam_resources,
+        batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=requests["refine"].count),
+        **ray_remote_args(requests["refine"].resources),
     )
     ds.write_parquet(str(tmp))
     os.replace(tmp, out_dir)

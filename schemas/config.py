@@ -15,6 +15,7 @@ import yaml
 
 SAM_BACKENDS = ("lite_medsam", "vit_h", "vit_l", "vit_b", "medsam", "mobile_sam")
 STAGE_PROMPTS = ("box", "points", "mask")
+SAM_DEVICES = ("auto", "gpu", "cpu")
 AUTOCAST = ("none", "bf16", "fp16")
 # The paper: stage 1 box; stage 2 positive/negative points plus stage 1's low-res logits.
 PAPER_STAGES = (("box",), ("points", "mask"))
@@ -92,7 +93,10 @@ class SamSection:
     stages: list[list[str]] | None = None
     batch_size: int = 8  # images per image-encoder call
     actors: int = 1  # SAM actor pool size
-    num_gpus: float = 1.0  # GPUs per SAM actor when the cluster has GPUs (fractions share a GPU)
+    # where SAM actors run: auto = on GPUs when the cluster has any when labelling starts;
+    # gpu = always ask for GPUs (an autoscaler scaling a GPU group from zero starts nodes); cpu = never
+    device: str = "auto"
+    num_gpus: float = 1.0  # GPUs per SAM actor when they run on GPUs (fractions share a GPU)
     cpus: float = 1.0  # CPUs per SAM actor when the cluster has no GPU (its torch threads)
     autocast: str = "none"  # none | bf16 | fp16 (GPU only)
     # extra Ray resources per SAM actor, e.g. {"sam_node": 1} to pin SAM to a node group
@@ -116,6 +120,7 @@ class SamSection:
         _check(0 < self.num_gpus <= 8, f"{path}.num_gpus", self.num_gpus, "float in (0, 8]")
         _check(self.cpus > 0, f"{path}.cpus", self.cpus, "float > 0")
         _check(self.autocast in AUTOCAST, f"{path}.autocast", self.autocast, f"one of {AUTOCAST}")
+        _check(self.device in SAM_DEVICES, f"{path}.device", self.device, f"one of {SAM_DEVICES}")
         for k, v in self.resources.items():
             _check(k not in ("CPU", "GPU", "memory"), f"{path}.resources", k,
                    "custom resource names (CPU and GPU come from cpus / num_gpus)")

@@ -20,9 +20,14 @@ class Request:
     resources: dict[str, float]
 
 
+def sam_on_gpu(sam, cluster_has_gpu: bool) -> bool:
+    """sam.device gpu: always; cpu: never; auto: when the cluster has GPUs as labelling starts."""
+    return sam.device == "gpu" or (sam.device == "auto" and cluster_has_gpu)
+
+
 def refine_resources(sam, cluster_has_gpu: bool) -> dict[str, float]:
-    """One SAM actor: sam.num_gpus GPUs on a GPU cluster, else sam.cpus CPUs; plus sam.resources."""
-    base = {"GPU": float(sam.num_gpus)} if cluster_has_gpu else {"CPU": float(sam.cpus)}
+    """One SAM actor: sam.num_gpus GPUs when on GPU, else sam.cpus CPUs; plus sam.resources."""
+    base = {"GPU": float(sam.num_gpus)} if sam_on_gpu(sam, cluster_has_gpu) else {"CPU": float(sam.cpus)}
     return {**base, **{k: float(v) for k, v in sam.resources.items()}}
 
 

@@ -35,8 +35,8 @@ def _ray(address: Optional[str], num_cpus: Optional[int]) -> None:
 
 @app.command()
 def ingest(
-    src: Path = typer.Argument(..., help="Source folder: images/ (PNG, JPEG, TIFF) and, for labelled data, masks/<class>/<id>.png plus classes.json."),
-    out: Path = typer.Argument(..., help="Output folder for the WebDataset shards and manifest.json (missing or empty)."),
+    src: Path = typer.Argument(..., help="Source folder (local only): images/ (PNG, JPEG, TIFF) and, for labelled data, masks/<class>/<id>.png plus classes.json."),
+    out: str = typer.Argument(..., help="Output folder for the WebDataset shards and manifest.json (missing or empty); a local path or an s3:// / gs:// URI."),
     labelled: int = typer.Option(0, help="Images to put in the labelled (teacher training) split."),
     val: int = typer.Option(0, help="Images to put in the labelled validation split."),
     test: int = typer.Option(0, help="Images to put in the held-out test split. All remaining images are unlabelled."),
@@ -58,15 +58,17 @@ def ingest(
             _fail(str(e))
     for name, split in manifest["splits"].items():
         typer.echo(f"{name:>10}: {split['n_samples']:6d} images in {len(split['shards'])} shard(s)")
-    typer.echo(f"manifest: {Path(out) / 'manifest.json'}")
+    from engine.storage import is_uri, join, redact
+
+    typer.echo(f"manifest: {join(redact(out), 'manifest.json') if is_uri(out) else Path(out) / 'manifest.json'}")
 
 
 @app.command()
 def train(
-    shards: Path = typer.Option(..., help="Ingested folder (holding manifest.json)."),
-    out: Path = typer.Option(..., help="Where to write the best-validation checkpoint (.pt)."),
+    shards: str = typer.Option(..., help="Ingested folder (holding manifest.json). Local path or URI (s3://, gs://)."),
+    out: str = typer.Option(..., help="Where to write the best-validation checkpoint (.pt). Local path or URI (s3://, gs://)."),
     role: str = typer.Option("teacher", help="teacher (labelled split) or student (pseudo labels, needs --pseudo-labels)."),
-    pseudo_labels: Optional[Path] = typer.Option(None, help="Pseudo-label table folder (student)."),
+    pseudo_labels: Optional[str] = typer.Option(None, help="Pseudo-label table folder (student). Local path or URI (s3://, gs://)."),
     include_labelled: bool = typer.Option(True, help="Student: also train on the labelled split."),
     epochs: int = typer.Option(40, help="Training epochs."),
     image_size: int = typer.Option(256, help="U-Net input side in pixels (images are resized)."),
@@ -76,7 +78,7 @@ def train(
     lr: float = typer.Option(1e-3, help="AdamW learning rate (cosine schedule)."),
     workers: int = typer.Option(1, help="Ray Train workers."),
     gpu: bool = typer.Option(False, help="Give each Ray Train worker a GPU."),
-    storage: Optional[Path] = typer.Option(None, help="Ray Train storage for checkpoints and resume (default: next to --out)."),
+    storage: Optional[str] = typer.Option(None, help="Ray Train storage for checkpoints and resume (default: next to --out). Local path or URI (s3://, gs://)."),
     address: Optional[str] = _ADDRESS,
     num_cpus: Optional[int] = _NUM_CPUS,
 ):
@@ -110,17 +112,19 @@ def train(
             train_ds = train_ds.union(labelled_dataset(shard_paths(shards, "labelled"), C, S))
             n_train += n.get("labelled", 0)
     val_ds = maybe_materialize(labelled_dataset(shard_paths(shards, val_split), C, S), n.get(val_split, 0), C, S)
-    storage = storage or Path(out).resolve().parent / "ray_train"
+    from engine.storage import dirname, is_uri, join, redact
+
+    storage = storage or (join(dirname(out), "ray_train") if is_uri(out) else Path(out).resolve().parent / "ray_train")
     result = train_unet(maybe_materialize(train_ds, n_train, C, S), val_ds, classes, section, out,
-                        storage, Path(out).stem, role=role)
+                        storage, Path(redact(out)).stem, role=role)
     typer.echo(json.dumps(result, indent=2))
 
 
 @app.command()
 def label(
-    shards: Path = typer.Option(..., help="Ingested folder (holding manifest.json); its unlabelled split is labelled."),
-    teacher: Path = typer.Option(..., help="Teacher U-Net checkpoint (.pt from `plabel train`)."),
-    out: Path = typer.Option(..., help="Output folder of the Parquet pseudo-label table (must not exist)."),
+    shards: str = typer.Option(..., help="Ingested folder (holding manifest.json); its unlabelled split is labelled. Local path or URI (s3://, gs://)."),
+    teacher: str = typer.Option(..., help="Teacher U-Net checkpoint (.pt from `plabel train`). Local path or URI (s3://, gs://)."),
+    out: str = typer.Option(..., help="Output folder of the Parquet pseudo-label table (must not exist). Local path or URI (s3://, gs://)."),
     split: str = typer.Option("unlabelled", help="Which split of the manifest to label."),
     sam_backend: str = typer.Option("lite_medsam", help="SAM backend: lite_medsam (bundled), vit_h, vit_l, vit_b, medsam, mobile_sam."),
     sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint path or URL (not needed for lite_medsam)."),
@@ -128,7 +132,8 @@ def label(
     stages: Optional[str] = typer.Option(None, help="Prompts per refinement stage: stages split by ';', prompts (box, points, mask) by ','. Default: the paper's 'box;points,mask', or 'box;box,mask' for lite_medsam."),
     sam_batch_size: int = typer.Option(8, help="Images per SAM image-encoder call."),
     sam_actors: int = typer.Option(1, help="SAM actor pool size."),
-    sam_gpus: float = typer.Option(1.0, help="GPUs per SAM actor when the cluster has GPUs (fractions share a GPU)."),
+    sam_device: str = typer.Option("auto", help="Where SAM actors run: auto (GPUs when the cluster has any), gpu (always request GPUs, for autoscaled GPU groups) or cpu."),
+    sam_gpus: float = typer.Option(1.0, help="GPUs per SAM actor when SAM runs on GPUs (fractions share a GPU)."),
     sam_cpus: float = typer.Option(1.0, help="CPUs (torch threads) per SAM actor when the cluster has no GPU."),
     autocast: str = typer.Option("none", help="SAM precision on GPU: none, bf16 or fp16."),
     unet_actors: int = typer.Option(1, help="U-Net + cleaning actor pool size (CPU)."),
@@ -153,7 +158,7 @@ def label(
         section = build(LabelSection, {
             "cleaning": {"threshold": threshold, "opening_radius": opening, "closing_radius": closing, "fill_holes": fill_holes},
             "sam": {"backend": sam_backend, "checkpoint": sam_checkpoint, "sha256": sam_sha256, "stages": stage_list,
-                    "batch_size": sam_batch_size, "actors": sam_actors, "num_gpus": sam_gpus, "cpus": sam_cpus,
+                    "batch_size": sam_batch_size, "actors": sam_actors, "num_gpus": sam_gpus, "device": sam_device, "cpus": sam_cpus,
                     "autocast": autocast},
             "gate": {"policy": gate_policy, "min_sam_iou": min_sam_iou, "min_agreement": min_agreement},
             "unet_actors": unet_actors,
@@ -169,10 +174,10 @@ def label(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Option(..., help="U-Net checkpoint to evaluate."),
-    data: Path = typer.Option(..., help="Ingested folder (manifest.json) or a single .tar shard with masks."),
+    model: str = typer.Option(..., help="U-Net checkpoint to evaluate. Local path or URI (s3://, gs://)."),
+    data: str = typer.Option(..., help="Ingested folder (manifest.json) or a single .tar shard with masks. Local path or URI (s3://, gs://)."),
     split: str = typer.Option("test", help="Split of the manifest to evaluate on (ignored for a .tar)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the Dice summary here as JSON."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the Dice summary here as JSON. Local path or URI (s3://, gs://)."),
     threshold: float = typer.Option(0.5, help="Probability threshold of the predicted masks."),
     clean: bool = typer.Option(False, help="Clean predictions (largest-confidence component) before scoring."),
     address: Optional[str] = _ADDRESS,
@@ -182,21 +187,22 @@ def evaluate(
     from engine.ingest import load_manifest, shard_paths
     from engine.metrics import format_dice_table
     from engine.pipeline.evaluate_job import evaluate_checkpoint
+    from engine.storage import redact, write_text
     from engine.unet import load_checkpoint
 
     _, _, extra = load_checkpoint(model)
-    if data.suffix == ".tar":
+    if redact(data).endswith(".tar"):
         paths, classes = [str(data)], extra.get("classes")
     else:
         manifest = load_manifest(data)
         paths, classes = shard_paths(data, split), manifest["classes"]
     if not paths:
-        _fail(f"{data}: split {split!r} has no shards")
+        _fail(f"{redact(data)}: split {split!r} has no shards")
     _ray(address, num_cpus)
     summary = evaluate_checkpoint(str(model), paths, classes, threshold=threshold, clean=clean)
-    typer.echo(format_dice_table({model.stem: summary}, classes))
+    typer.echo(format_dice_table({Path(redact(model)).stem: summary}, classes))
     if json_out:
-        json_out.write_text(json.dumps(summary, indent=2))
+        write_text(json_out, json.dumps(summary, indent=2))
 
 
 @app.command()
@@ -215,6 +221,36 @@ def run(
     if address:
         cfg.ray.address = address
     run_pipeline(cfg, echo=typer.echo)
+
+
+@app.command()
+def submit(
+    config: Path = typer.Argument(..., help="Run config (YAML); its data and run_dir must be reachable from the cluster (shared volume, s3:// or gs://)."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS",
+                                          help="Ray Jobs API of the cluster's head node, e.g. http://127.0.0.1:8265 (after kubectl port-forward svc/plabel-head-svc 8265)."),
+    job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id (default plabel-<name>-<random>); must be new on the cluster."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Stream the job's logs until it ends and exit with its outcome; --no-wait returns after submitting."),
+):
+    """Run every stage on an existing Ray cluster: submits `plabel run` through the Ray Jobs API."""
+    from engine.pipeline.submit import submit_run
+    from schemas.config import ConfigError
+
+    try:
+        sub = submit_run(config, address, job_id=job_id, wait=wait, echo=typer.echo)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    except (ConnectionError, OSError) as e:
+        _fail(f"cannot reach the Ray Jobs API at {address}: {e}")
+    except RuntimeError as e:  # the Jobs API answered with an error
+        _fail(f"job submission to {address} failed: {e}")
+    if not wait:
+        typer.echo(f"follow it with: ray job logs --follow {sub.job_id} --address {sub.address}")
+        return
+    if sub.status == "DETACHED":
+        raise typer.Exit(130)
+    typer.echo(f"job {sub.job_id}: {sub.status}")
+    if sub.status != "SUCCEEDED":
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -21,18 +21,26 @@ Everything is validated before the output appears: all images are decoded, all s
 decoded and size-checked; shards are written to a staging folder inside OUT and moved into
 place, the manifest last. Output is deterministic: the same SRC, counts, seed and shard_size
 give byte-identical tars.
+
+OUT may be an object-store URI (``s3://bucket/prefix``, ``gs://...``; see engine.storage): the
+shards are then staged in a local temporary folder, uploaded, and ``manifest.json`` is uploaded
+last, so a manifest only exists once every shard it names is there; shards left without a
+manifest by an interrupted upload are replaced by the next ingest. SRC is always local.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from . import storage
 from .imageio import ImageDecodeError, decode_image, decode_mask
 from .shards import IMAGE_EXTS, ShardError, make_sample, sample_key, write_shards
 
@@ -275,20 +283,26 @@ def make_splits(ids: list[str], counts: dict[str, int], seed: int) -> dict[str, 
 # manifest
 
 
-def _manifest_file(path_or_dir) -> Path:
-    p = Path(path_or_dir)
+def _manifest_file(path_or_dir):
+    """The manifest's location: a Path on local disk, a URI in an object store."""
+    if storage.is_remote(path_or_dir):
+        loc = str(path_or_dir)
+        return storage.join(loc, MANIFEST_NAME) if storage.is_dir(loc) else loc
+    p = Path(storage.local_path(path_or_dir))
     return p / MANIFEST_NAME if p.is_dir() else p
 
 
 def load_manifest(path_or_dir) -> dict:
-    """Read and validate ``manifest.json`` (a file, or a folder holding it).
+    """Read and validate ``manifest.json`` (a file, or a folder holding it; local or a URI).
 
     Raises IngestError naming the file when it is missing, not JSON, of another format or
     version, or lacks the required keys.
     """
-    path = _manifest_file(path_or_dir)
+    loc = _manifest_file(path_or_dir)
+    path = storage.redact(loc)  # how messages name it
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        text = loc.read_text(encoding="utf-8") if isinstance(loc, Path) else storage.read_text(loc)
+        manifest = json.loads(text)
     except FileNotFoundError as exc:
         raise IngestError(f"manifest not found: {path}") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -315,13 +329,18 @@ def load_manifest(path_or_dir) -> dict:
 
 
 def shard_paths(manifest_dir, split: str) -> list[str]:
-    """Absolute paths of the shards of ``split``, in manifest order (may be empty)."""
+    """Absolute paths of the shards of ``split``, in manifest order (may be empty); URIs when the
+    manifest is in an object store."""
     path = _manifest_file(manifest_dir)
     manifest = load_manifest(path)
     if split not in manifest["splits"]:
-        raise IngestError(f"manifest {path}: no split {split!r} (has {sorted(manifest['splits'])})")
+        raise IngestError(f"manifest {storage.redact(path)}: no split {split!r} (has {sorted(manifest['splits'])})")
+    rels = [s["path"] for s in manifest["splits"][split]["shards"]]
+    if not isinstance(path, Path):
+        root = storage.dirname(path)
+        return [storage.join(root, *rel.split("/")) for rel in rels]
     root = path.parent.resolve()
-    return [str(root / s["path"]) for s in manifest["splits"][split]["shards"]]
+    return [str(root / rel) for rel in rels]
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -359,6 +378,34 @@ def _check_output(out: Path, request: dict) -> dict | None:
     if diffs:
         raise IngestError(
             f"output {out} already holds a different ingest ({manifest_path} differs in {diffs}); "
+            "use an empty folder"
+        )
+    return old
+
+
+_SHARD_NAME = re.compile(r"^(labelled|val|test|unlabelled)/\1-\d{6}\.tar$")
+
+
+def _check_remote_output(out: str, request: dict) -> dict | None:
+    """:func:`_check_output` for an object-store prefix. Shards without a manifest (an upload that
+    was interrupted before its manifest) are deleted; anything else without a manifest is refused."""
+    files = storage.list_files(out)
+    if not files:
+        return None
+    manifest_path = storage.join(out, MANIFEST_NAME)
+    name = storage.redact(out)
+    if not storage.exists(manifest_path):
+        rel = [storage.redact(f)[len(name.rstrip("/")) + 1:] for f in files]
+        if not all(_SHARD_NAME.match(r) for r in rel):
+            raise IngestError(f"output {name} is not empty and has no {MANIFEST_NAME}; refusing to write into it")
+        for split in SPLITS:  # an interrupted upload: nothing refers to these shards
+            storage.delete_dir(storage.join(out, split))
+        return None
+    old = load_manifest(manifest_path)
+    diffs = [k for k, v in request.items() if old.get(k) != v]
+    if diffs:
+        raise IngestError(
+            f"output {name} already holds a different ingest ({storage.redact(manifest_path)} differs in {diffs}); "
             "use an empty folder"
         )
     return old
@@ -434,7 +481,11 @@ def ingest(
     shard_size = int(shard_size)
     seed = int(seed)
     norm = _normalise_counts(counts)
-    src_path, out_path = Path(src), Path(out)
+    if storage.is_remote(src):
+        raise IngestError(f"source {storage.redact(src)}: the source folder must be local (only OUT may be a URI)")
+    remote = storage.is_remote(out)
+    src_path = Path(storage.local_path(src))
+    out_path = None if remote else Path(storage.local_path(out))
     index = scan_source(src_path)
 
     # incomplete annotations are always an error
@@ -472,13 +523,18 @@ def ingest(
         "shard_size": shard_size,
         "counts": norm,
     }
-    old = _check_output(out_path, request)
-
-    created = not out_path.exists()
-    out_path.mkdir(parents=True, exist_ok=True)
-    staging = out_path / f"{_STAGING_PREFIX}{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
+    if remote:
+        old = _check_remote_output(str(out), request)
+        created = False
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX))
+    else:
+        old = _check_output(out_path, request)
+        created = not out_path.exists()
+        out_path.mkdir(parents=True, exist_ok=True)
+        staging = out_path / f"{_STAGING_PREFIX}{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+    out_name = storage.redact(out) if remote else str(out_path)
     errors: list[str] = []
     sizes: dict[str, tuple[int, int]] = {}
     total = len(index.ids)
@@ -510,9 +566,15 @@ def ingest(
         manifest["splits"] = split_entries
         if old is not None and old != manifest:
             raise IngestError(
-                f"output {out_path} already holds a different ingest ({out_path / MANIFEST_NAME}); "
+                f"output {out_name} already holds a different ingest ({storage.join(out_name, MANIFEST_NAME)}); "
                 "use an empty folder"
             )
+        if remote:  # upload the shards, then the manifest: a manifest names only uploaded shards
+            for name in SPLITS:
+                for shard_file in sorted((staging / name).iterdir()):
+                    storage.copy_file(str(shard_file), storage.join(str(out), name, shard_file.name))
+            storage.write_text(storage.join(str(out), MANIFEST_NAME), json.dumps(manifest, indent=2) + "\n")
+            return manifest
         for name in SPLITS:
             target = out_path / name
             target.mkdir(exist_ok=True)

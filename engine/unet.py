@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import storage
 from engine.files import sha256_file
 
 CHECKPOINT_FORMAT = "plabel-unet-v1"
@@ -206,16 +207,18 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
 
     Returns (model in eval mode on ``device``, config, extra). A file that needs full
-    unpickling is refused with ValueError (it could run arbitrary code).
+    unpickling is refused with ValueError (it could run arbitrary code). ``path`` may be a URI
+    (``s3://``, ``gs://``): the file is loaded from a local cached copy (engine.storage.local_copy).
     """
-    path = os.fspath(path)
+    name = storage.redact(os.fspath(path))
+    path = os.fspath(storage.local_copy(os.fspath(path)))
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ValueError(f"checkpoint {path} needs pickle (weights_only=False) to load; "
+        raise ValueError(f"checkpoint {name} needs pickle (weights_only=False) to load; "
                          f"refusing to unpickle it: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        raise ValueError(f"{name} is not a {CHECKPOINT_FORMAT} checkpoint")
     config = UNetConfig.from_dict(payload["config"])
     model = UNet.from_config(config)
     model.load_state_dict(payload["state_dict"])
@@ -224,8 +227,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of the checkpoint file's bytes."""
-    return sha256_file(path)
+    """Hex SHA-256 of the checkpoint file's bytes (a URI is hashed from its local cached copy)."""
+    return sha256_file(storage.local_copy(os.fspath(path)))
 
 
 # ----------------------------------------------------------------------------- prediction

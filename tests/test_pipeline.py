@@ -1,6 +1,5 @@
 """End to end: `plabel run` on a tiny synthetic config through Ray Data and Ray Train."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads

@@ -50,14 +50,18 @@ class DiceStage:
 
 def evaluate_checkpoint(checkpoint: str, shards: Sequence[str], classes: Sequence[str], threshold: float = 0.5,
                         clean: bool = False, actors: int = 1) -> dict:
-    """summarize_dice of the checkpoint on the shards, plus 'per_image': {key: [dice per class]}."""
+    """summarize_dice of the checkpoint on the shards, plus 'per_image': {key: [dice per class]}.
+
+    checkpoint and shards may be local paths or URIs (engine.storage)."""
     import ray
 
     from engine.metrics import summarize_dice
     from engine.pipeline.cluster import quiet_ray_data
 
+    from engine.pipeline.shard_reader import read_shards
+
     quiet_ray_data()
-    ds = ray.data.read_webdataset(list(shards), decoder=None, include_paths=True)
+    ds = read_shards(shards)
     ds = ds.map_batches(DiceStage, fn_constructor_kwargs=dict(checkpoint=str(checkpoint), num_classes=len(classes),
                                                                threshold=threshold, clean=clean),
                         batch_format="numpy", batch_size=8, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)

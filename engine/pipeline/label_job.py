@@ -10,6 +10,19 @@
 The method itself lives in engine.labelling; this module only schedules it. Rows are never
 dropped: an image that fails to decode or to process becomes a row with status 'error' and a
 message naming the input, so images in = ok + empty + error rows.
+
+The table is committed all at once (shards, table and teacher may be local paths or URIs, see
+engine.storage). Every table ends with a completion marker, ``_plabel_complete.json`` (format,
+row counts, the teacher's SHA-256, the Parquet file names); readers take exactly the files it
+lists.
+
+* local disk: the job writes into ``.<name>.tmp-<id>/`` next to the output, adds the marker and
+  renames the folder into place (``os.replace``): the table appears whole or not at all.
+* object stores have no atomic folder rename: the job writes into the prefix
+  ``.<name>.tmp-<id>/``, copies the files to the output prefix, and writes the marker LAST (one
+  PUT, atomic). A prefix holding files but no marker is an interrupted commit: readers refuse it
+  (:class:`IncompleteTableError`, naming the marker) and the next label job overwrites it.
+  Local tables written before the marker existed (a folder without one) are still read.
 """
 from __future__ import annotations
 
@@ -24,12 +37,20 @@ from typing import Sequence
 
 import numpy as np
 
+from engine import storage
 from engine.labelling import ImageMeta, clean_and_prompt, empty_row, pseudo_label_rows, teacher_probs
 from engine.pipeline.samples import batch_samples, decode_gray, object_array
 
 log = logging.getLogger(__name__)
 
 _META_COLUMNS = ("id", "shard", "key", "height", "width", "status", "message")
+
+MARKER_NAME = "_plabel_complete.json"  # '_' prefix: pyarrow and Ray Data skip it when reading the folder
+MARKER_FORMAT = "plabel-pseudo-labels"
+
+
+class IncompleteTableError(RuntimeError):
+    """A pseudo-label table in object storage without its completion marker (interrupted commit)."""
 
 
 def _meta(batch: dict, i: int) -> ImageMeta:
@@ -188,6 +209,84 @@ class RefineStage:
         return pa.Table.from_pylist(out, schema=self.schema)
 
 
+def table_marker(table_dir) -> dict | None:
+    """The table's completion marker (a dict), or None when there is none."""
+    marker = storage.join(str(table_dir), MARKER_NAME)
+    try:
+        return json.loads(storage.read_text(marker))
+    except FileNotFoundError:
+        return None
+
+
+def table_files(table_dir) -> tuple:
+    """``(pyarrow filesystem or None for local paths, Parquet file paths)`` of a finished table.
+
+    The files are those the marker lists. Raises FileNotFoundError when there is no table and
+    IncompleteTableError for files in object storage without a marker.
+    """
+    table_dir = str(table_dir)
+    marker = table_marker(table_dir)
+    name = storage.redact(table_dir)
+    if marker is None:
+        if storage.is_remote(table_dir):
+            if storage.list_files(table_dir):
+                raise IncompleteTableError(
+                    f"{name}: the pseudo-label table is incomplete: it has no "
+                    f"{storage.join(name, MARKER_NAME)} (an interrupted write?); run the label job again")
+            raise FileNotFoundError(f"{name}: no pseudo-label table there")
+        if not Path(storage.local_path(table_dir)).is_dir():
+            raise FileNotFoundError(f"{name}: no pseudo-label table there")
+        files = storage.list_files(storage.local_path(table_dir), ".parquet")
+    else:
+        if marker.get("format") != MARKER_FORMAT or not isinstance(marker.get("files"), list):
+            raise IncompleteTableError(f"{storage.join(name, MARKER_NAME)}: not a plabel completion marker")
+        files = [storage.join(table_dir, *f.split("/")) for f in marker["files"]]
+    return storage.resolve_all(files)
+
+
+def _clear_output(out: str) -> None:
+    """Refuse a finished table at ``out``; delete stale temp folders and an interrupted commit."""
+    name = storage.redact(out)
+    if storage.is_remote(out):
+        if "/" not in name.split("://", 1)[1].strip("/"):
+            raise ValueError(f"{name}: give the table a prefix inside the bucket, not the bucket itself")
+        if table_marker(out) is not None:
+            raise FileExistsError(f"{name}: the pseudo-label table exists already; remove it or choose another output")
+        leftover = storage.list_files(out)
+        if any(not f.split("?")[0].endswith(".parquet") for f in leftover):
+            raise FileExistsError(f"{name} holds files that are not a plabel table; choose another output")
+        if leftover:
+            log.warning("%s: Parquet files without %s (an interrupted commit); overwriting them", name, MARKER_NAME)
+            storage.delete_dir(out)
+        prefix = f".{out.rstrip('/').split('?')[0].rsplit('/', 1)[-1]}.tmp-"
+        for entry in storage.list_dir(storage.dirname(out)):
+            if storage.redact(entry).rstrip("/").rsplit("/", 1)[-1].startswith(prefix):
+                storage.delete_dir(entry)
+        return
+    out_dir = Path(out)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: the pseudo-label table exists already; remove it or choose another output")
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _commit_table(tmp: str, out: str, counts: dict) -> None:
+    """Move the table written to ``tmp`` to ``out``, marker included (see the module docstring)."""
+    files = storage.list_files(tmp, ".parquet")
+    rel = [storage.redact(f)[len(storage.redact(tmp)):].lstrip("/") if storage.is_uri(f) else os.path.relpath(f, tmp)
+           for f in files]
+    marker = {"format": MARKER_FORMAT, "version": 1, **counts, "files": [r.replace(os.sep, "/") for r in rel]}
+    text = json.dumps(marker, indent=2, sort_keys=True) + "\n"
+    if not storage.is_remote(out):
+        storage.write_text(storage.join(tmp, MARKER_NAME), text)
+        os.replace(tmp, out)
+        return
+    for f, r in zip(files, marker["files"]):
+        storage.copy_file(f, storage.join(out, *r.split("/")))
+    storage.write_text(storage.join(out, MARKER_NAME), text)  # last: the commit point
+    storage.delete_dir(tmp)
+
+
 def run_label_job(
     shards: Sequence[str],
     out_dir: str | Path,
@@ -196,27 +295,28 @@ def run_label_job(
     label_cfg,
     cache_dir: str | None = None,
 ) -> dict:
-    """Run the labelling job; writes the Parquet table to out_dir atomically (a temp dir renamed
-    into place when the job finished). Returns counts {rows, ok, empty, error} and wall time."""
+    """Run the labelling job; commits the Parquet table to out_dir (a local folder or a URI) at once
+    when the job finished (see the module docstring). Returns counts {rows, ok, empty, error} and
+    wall time."""
     import pyarrow.dataset as pads
     import ray
 
     from engine.pipeline.cluster import cluster_gpus, quiet_ray_data
     from engine.pipeline.resources import label_requests, ray_remote_args
+    from engine.pipeline.shard_reader import read_shards
     from engine.unet import checkpoint_sha256
 
     quiet_ray_data()
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir}: the pseudo-label table exists already; remove it or choose another output")
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    out = str(out_dir).rstrip("/") if storage.is_remote(out_dir) else str(Path(storage.local_path(out_dir)))
+    _clear_output(out)
+    tmp_name = f".{storage.redact(out).rstrip('/').rsplit('/', 1)[-1]}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = storage.join(storage.dirname(out), tmp_name)
     t0 = time.time()
+    unet_sha256 = checkpoint_sha256(teacher_checkpoint)
     sam = label_cfg.sam
     gpus = cluster_gpus()
     requests = {r.stage: r for r in label_requests(label_cfg, cluster_has_gpu=gpus > 0)}
-    ds = ray.data.read_webdataset(list(shards), decoder=None, include_paths=True)
+    ds = read_shards(shards)
     ds = ds.map_batches(decode_images, batch_format="numpy", batch_size=16,
                         **ray_remote_args(requests["decode"].resources))
     ds = ds.map_batches(
@@ -229,20 +329,32 @@ def run_label_job(
     ds = ds.map_batches(
         RefineStage,
         fn_constructor_kwargs=dict(sam=sam.__dict__, gate=label_cfg.gate.to_gate_dict(), classes=list(classes),
-                                   unet_sha256=checkpoint_sha256(teacher_checkpoint), cache_dir=cache_dir),
+                                   unet_sha256=unet_sha256, cache_dir=cache_dir),
         batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=requests["refine"].count),
         **ray_remote_args(requests["refine"].resources),
     )
-    ds.write_parquet(str(tmp))
-    os.replace(tmp, out_dir)
-    table = pads.dataset(str(out_dir), format="parquet").to_table(columns=["status"])
-    status = table.column("status").to_pylist()
-    counts = {s: status.count(s) for s in ("ok", "empty", "error")}
-    return {"rows": len(status), **counts, "wall_s": round(time.time() - t0, 2), "sam_on_gpu": gpus > 0}
+    fs, (tmp_path,) = storage.resolve_all([tmp])
+    try:
+        if fs is None:
+            ds.write_parquet(tmp_path)
+        else:
+            ds.write_parquet(tmp_path, filesystem=fs)
+        files_fs, files = storage.resolve_all(storage.list_files(tmp, ".parquet"))
+        table = pads.dataset(files, filesystem=files_fs, format="parquet").to_table(columns=["status"])
+        status = table.column("status").to_pylist()
+        counts = {"rows": len(status), **{s: status.count(s) for s in ("ok", "empty", "error")}}
+        _commit_table(tmp, out, {**counts, "unet_checkpoint_sha256": unet_sha256})
+    except BaseException:
+        storage.delete_dir(tmp)
+        raise
+    return {**counts, "wall_s": round(time.time() - t0, 2), "sam_on_gpu": "GPU" in requests["refine"].resources}
 
 
 def read_pseudo_labels(table_dir: str | Path):
-    """The whole pseudo-label table as a pyarrow.Table with plabel's schema metadata."""
+    """The whole pseudo-label table as a pyarrow.Table with plabel's schema metadata.
+
+    Raises IncompleteTableError for a table without its completion marker in object storage."""
     import pyarrow.dataset as pads
 
-    return pads.dataset(str(table_dir), format="parquet").to_table()
+    fs, files = table_files(table_dir)
+    return pads.dataset(files, filesystem=fs, format="parquet").to_table()

@@ -86,23 +86,29 @@ def prepare_pseudo(batch: dict, classes: Sequence[str], image_size: int) -> dict
 
 
 def labelled_dataset(shards: Sequence[str], num_classes: int, image_size: int):
-    import ray
+    from engine.pipeline.shard_reader import read_shards
 
-    ds = ray.data.read_webdataset(list(shards), decoder=None, include_paths=True)
+    ds = read_shards(shards)
     return ds.map_batches(prepare_labelled, fn_kwargs=dict(image_size=image_size, num_classes=num_classes),
                           batch_format="numpy", batch_size=16)
 
 
 def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], classes: Sequence[str], image_size: int):
-    """Pseudo-label rows (status ok/empty) joined with their images by id."""
+    """Pseudo-label rows (status ok/empty) joined with their images by id.
+
+    table_dir (local or a URI) must hold a finished table: one without its completion marker in
+    object storage raises label_job.IncompleteTableError."""
     import ray
+    from engine.pipeline.label_job import table_files
+    from engine.pipeline.shard_reader import read_shards
     from schemas.tables import class_column
 
     cols = ["id", "status", "height", "width"] + [class_column(c, f) for c in classes for f in ("mask", "kept")]
     from ray.data.expressions import col
 
-    table = ray.data.read_parquet(table_dir).select_columns(cols).filter(expr=col("status") != "error")
-    images = ray.data.read_webdataset(list(unlabelled_shards), decoder=None, include_paths=True).map_batches(
+    fs, files = table_files(table_dir)
+    table = ray.data.read_parquet(files, filesystem=fs).select_columns(cols).filter(expr=col("status") != "error")
+    images = read_shards(unlabelled_shards).map_batches(
         prepare_unlabelled_images, fn_kwargs=dict(image_size=image_size), batch_format="numpy", batch_size=16)
     joined = table.join(images, join_type="inner", num_partitions=max(1, min(8, len(unlabelled_shards))), on=("id",))
     return joined.map_batches(prepare_pseudo, fn_kwargs=dict(classes=list(classes), image_size=image_size),
@@ -204,18 +210,24 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     """Fit a U-Net with a TorchTrainer; copies the best-validation model to out_path.
 
     section: schemas.config.TrainSection. Returns {"best_val_dice", "epochs", "wall_s", "history"}.
-    Re-running with the same storage_dir and name resumes from the last checkpoint.
+    Re-running with the same storage_dir and name resumes from the last checkpoint. out_path and
+    storage_dir may be URIs (engine.storage); Ray Train then keeps its checkpoints there.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from engine import storage
     from engine.train_core import TrainConfig
 
     t0 = time.time()
     train_cfg = TrainConfig(epochs=section.epochs, lr=section.lr, weight_decay=section.weight_decay,
                             batch_size=section.batch_size, base_channels=section.base_channels, depth=section.depth,
                             augment=section.augment, seed=section.seed)
-    storage_dir = Path(storage_dir).resolve()
+    if storage.is_uri(storage_dir):  # the resolved filesystem: Ray never sees a URI's credentials
+        storage_fs, (storage_path,) = storage.resolve_all([str(storage_dir)])
+    else:
+        storage_fs, storage_path = None, str(Path(storage_dir).resolve())
+    storage_name = storage.join(storage.redact(str(storage_path if storage_fs is None else storage_dir)), name)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": train_cfg.to_dict(), "classes": list(classes), "image_size": section.image_size,
@@ -224,7 +236,7 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
                                      resources_per_worker={"CPU": 1}),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=__import__("ray.train", fromlist=["DataConfig"]).DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=name, storage_path=str(storage_dir),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=2)),
     )
@@ -232,16 +244,19 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     if result.error:
         raise result.error
     if result.checkpoint is None:
-        raise RuntimeError(f"training {name} produced no checkpoint under {storage_dir / name}")
-    with result.checkpoint.as_directory() as d:
-        best_path = Path(d) / MODEL_FILE
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(f".{out_path.name}.tmp")
-        shutil.copyfile(best_path, tmp)
-        os.replace(tmp, out_path)
+        raise RuntimeError(f"training {name} produced no checkpoint under {storage_name}")
     from engine.unet import load_checkpoint
 
-    _, _, extra = load_checkpoint(out_path)
+    with result.checkpoint.as_directory() as d:
+        best_path = Path(d) / MODEL_FILE
+        if storage.is_uri(out_path):
+            storage.copy_file(str(best_path), str(out_path))  # one upload: atomic in object stores
+        else:
+            out_path = Path(out_path)
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out_path.with_name(f".{out_path.name}.tmp")
+            shutil.copyfile(best_path, tmp)
+            os.replace(tmp, out_path)
+        _, _, extra = load_checkpoint(best_path)
     return {"best_val_dice": extra.get("val_dice"), "best_epoch": extra.get("epoch"), "epochs": section.epochs,
             "wall_s": round(time.time() - t0, 2)}

@@ -124,9 +124,9 @@ def train(
 def label(
     shards: str = typer.Option(..., help="Ingested folder (holding manifest.json); its unlabelled split is labelled. Local path or URI (s3://, gs://)."),
     teacher: str = typer.Option(..., help="Teacher U-Net checkpoint (.pt from `plabel train`). Local path or URI (s3://, gs://)."),
-    out: str = typer.Option(..., help="Output folder of the Parquet pseudo-label table (must not exist). Local path or URI (s3://, gs://)."),
+    out: str = typer.Option(..., help="Output folder of the Parquet pseudo-label table (must not hold a finished table; an interrupted run of the same job is resumed). Local path or URI (s3://, gs://)."),
     split: str = typer.Option("unlabelled", help="Which split of the manifest to label."),
-    sam_backend: str = typer.Option("lite_medsam", help="SAM backend: lite_medsam (bundled), vit_h, vit_l, vit_b, medsam, mobile_sam."),
+    sam_backend: str = typer.Option("lite_medsam", help="SAM backend: lite_medsam (bundled), vit_h, vit_l, vit_b, medsam, mobile_sam; random_tiny (random weights, for tests and soak runs; not for pseudo labels)."),
     sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint path or URL (not needed for lite_medsam)."),
     sam_sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of a downloaded SAM checkpoint."),
     stages: Optional[str] = typer.Option(None, help="Prompts per refinement stage: stages split by ';', prompts (box, points, mask) by ','. Default: the paper's 'box;points,mask', or 'box;box,mask' for lite_medsam."),
@@ -137,6 +137,8 @@ def label(
     sam_cpus: float = typer.Option(1.0, help="CPUs (torch threads) per SAM actor when the cluster has no GPU."),
     autocast: str = typer.Option("none", help="SAM precision on GPU: none, bf16 or fp16."),
     unet_actors: int = typer.Option(1, help="U-Net + cleaning actor pool size (CPU)."),
+    unet_batch_size: int = typer.Option(8, help="Images per U-Net call."),
+    max_image_pixels: int = typer.Option(64_000_000, help="Images with more pixels become error rows (checked from the header, before decoding)."),
     threshold: float = typer.Option(0.5, help="Cleaning: probability threshold."),
     opening: int = typer.Option(0, help="Cleaning: opening radius in pixels (0 = off)."),
     closing: int = typer.Option(0, help="Cleaning: closing radius in pixels (0 = off)."),
@@ -161,7 +163,7 @@ def label(
                     "batch_size": sam_batch_size, "actors": sam_actors, "num_gpus": sam_gpus, "device": sam_device, "cpus": sam_cpus,
                     "autocast": autocast},
             "gate": {"policy": gate_policy, "min_sam_iou": min_sam_iou, "min_agreement": min_agreement},
-            "unet_actors": unet_actors,
+            "unet_actors": unet_actors, "unet_batch_size": unet_batch_size, "max_image_pixels": max_image_pixels,
         }, "label")
     except ConfigError as e:
         _fail(str(e))
@@ -169,6 +171,9 @@ def label(
     _ray(address, num_cpus)
     summary = run_label_job(shard_paths(shards, split), out, manifest["classes"], str(teacher), section)
     summary["images_in"] = manifest["splits"][split]["n_samples"]
+    if summary.get("shards_skipped"):
+        typer.echo(f"resumed: skipped {summary['shards_skipped']} of {summary['shards']} shard(s) "
+                   "committed by an earlier run of this job")
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -26,30 +26,44 @@ from schemas.tables import CLASS_FIELD_TYPES, class_column
 
 @dataclass
 class ImageMeta:
-    """Where a row comes from: id, shard path, key in the shard, original size."""
+    """Where a row comes from: id, shard path, key in the shard, original size; ``note``: a
+    warning about an image that is still labelled (goes to the row's message)."""
 
     id: str
     shard: str | None
     key: str | None
     height: int
     width: int
+    note: str | None = None
 
 
-def teacher_probs(model: torch.nn.Module, grays: Sequence[np.ndarray], image_size: int) -> list[np.ndarray]:
+NONFINITE_TEACHER = "teacher produced non-finite probabilities (NaN or inf)"
+
+
+def teacher_probs(model: torch.nn.Module, grays: Sequence[np.ndarray], image_size: int,
+                  names: Sequence[str] | None = None, nonfinite: str = "raise") -> list[np.ndarray | None]:
     """U-Net probabilities of gray uint8 (H, W) images -> float32 (C, H, W) per image.
 
-    Non-finite model outputs raise ValueError (the caller turns it into an error row).
+    An image whose probabilities hold NaN or inf: ``nonfinite="raise"`` raises ValueError naming it
+    (``names[i]``, else its index), ``nonfinite="none"`` gives None in its place (the label job
+    turns it into an error row; the other images of the batch are unaffected).
     """
     from engine.unet import predict_probs
 
+    if nonfinite not in ("raise", "none"):
+        raise ValueError(f"nonfinite must be 'raise' or 'none', got {nonfinite!r}")
     if not grays:
         return []
     x = np.stack([to_unet_input(g, image_size) for g in grays])
     probs = predict_probs(model, x)
-    out = []
-    for g, p in zip(grays, probs):
+    out: list[np.ndarray | None] = []
+    for i, (g, p) in enumerate(zip(grays, probs)):
         if not np.isfinite(p).all():
-            raise ValueError("U-Net produced NaN or inf probabilities")
+            if nonfinite == "none":
+                out.append(None)
+                continue
+            name = names[i] if names is not None else f"image {i} of the batch"
+            raise ValueError(f"{name}: {NONFINITE_TEACHER}")
         out.append(probs_to_image(p, *g.shape))
     return out
 
@@ -118,25 +132,55 @@ def pseudo_label_rows(
 
     grays: uint8 (H, W) per image; cleaned: bool (C, H, W); unet_prob: float32 (C,).
     refiner: engine.sam.SamRefiner, or None to keep the cleaned U-Net masks (no SAM).
+
+    A class whose SAM output (IoU of any stage, final logits) is NaN or inf is not gated: it keeps
+    the cleaned U-Net mask (policies auto / unet) or is dropped (sam / drop), its ``sam_iou`` and
+    ``agreement_dice`` are null, and the row's ``message`` says so (the row stays ok). ``meta.note``
+    also goes to the message.
     """
     rgbs = [np.repeat(g[:, :, None], 3, axis=2) for g in grays]
     results = refiner.refine_batch(rgbs, list(prompts)) if refiner is not None and rgbs else [None] * len(rgbs)
     rows = []
     for meta, m, up, pr, res in zip(metas, cleaned, unet_prob, prompts, results):
         any_present = bool(pr.valid.any())
+        notes = [meta.note] if isinstance(meta.note, str) and meta.note else []
         row = empty_row(meta, classes, "ok" if any_present else "empty", None, provenance)
         for ci, c in enumerate(classes):
             present = bool(pr.valid[ci])
             sam_mask = res.masks[ci] if (res is not None and present) else None
             sam_iou = float(res.iou_pred[ci]) if (res is not None and present) else float("nan")
-            agreement = dice(m[ci], sam_mask) if sam_mask is not None else float("nan")
-            if res is None and present:
-                kept = "unet"
+            if sam_mask is not None and not sam_output_finite(res, ci):
+                kept = sam_fallback(gate.for_class(c).policy)
+                notes.append(f"class {c}: SAM produced non-finite logits or IoU; "
+                             + ("kept the cleaned U-Net mask" if kept == "unet" else "class dropped"))
+                sam_mask, sam_iou, agreement = None, float("nan"), float("nan")
             else:
-                kept = gate_decision(gate.for_class(c), present, sam_iou, agreement if present else 0.0)
+                agreement = dice(m[ci], sam_mask) if sam_mask is not None else float("nan")
+                if res is None and present:
+                    kept = "unet"
+                else:
+                    kept = gate_decision(gate.for_class(c), present, sam_iou, agreement if present else 0.0)
             fields = class_fields(kept, m[ci], sam_mask, pr.boxes[ci], pr.points[ci], pr.point_labels[ci],
                                   float(up[ci]), sam_iou, agreement)
             for f, v in fields.items():
                 row[class_column(c, f)] = v
+        row["message"] = "; ".join(notes) if notes else None
         rows.append(row)
     return rows
+
+
+def sam_output_finite(result, ci: int) -> bool:
+    """True when SAM's IoU predictions (every stage) and final low-res logits for class ``ci`` of a
+    RefinementResult are all finite."""
+    if not all(np.isfinite(np.asarray(s)[ci]) for s in result.stage_iou):
+        return False
+    if not np.isfinite(np.asarray(result.iou_pred)[ci]):
+        return False
+    logits = getattr(result, "low_res_logits", None)
+    return logits is None or bool(np.isfinite(np.asarray(logits)[ci]).all())
+
+
+def sam_fallback(policy: str) -> str:
+    """What a present class keeps when SAM's output for it is not finite: the cleaned U-Net mask
+    ('unet') under the policies that may keep it (auto, unet), else 'dropped' (sam, drop)."""
+    return "unet" if policy in ("auto", "unet") else "dropped"

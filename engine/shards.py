@@ -10,8 +10,9 @@ One sample per image. With ``key`` the sample key (the image id with every ``.``
   ``np.packbits(masks, axis=-1)`` (uint8 ``(C, H, ceil(W / 8))``) and ``shape`` = int64
   ``[C, H, W]``; class order is the manifest's.
 
-As read back by ``webdataset.WebDataset`` / ``ray.data.read_webdataset`` (without decoding), a
-sample is a dict ``{"__key__": key, "<ext>": bytes, "json": bytes, "masks.npz": bytes}``.
+As read back by ``webdataset.WebDataset`` (without decoding) or plabel's own reader
+(engine.pipeline.shard_reader, which the jobs use), a sample is a dict
+``{"__key__": key, "<ext>": bytes, "json": bytes, "masks.npz": bytes}``.
 
 Tars are written deterministically (sorted members, mtime 0, uid/gid 0, no user names), each
 to a temporary name that is renamed into place once complete.
@@ -38,6 +39,7 @@ __all__ = [
     "encode_masks",
     "image_member",
     "make_sample",
+    "masks_shape",
     "sample_key",
     "write_shards",
 ]
@@ -126,6 +128,19 @@ def decode_masks(data: bytes) -> np.ndarray:
     if bits.dtype != np.uint8 or bits.shape != (c, h, (w + 7) // 8):
         raise ShardError(f"masks bits of shape {bits.shape} do not match shape {shape}")
     return np.unpackbits(bits, axis=-1, count=w).astype(bool)
+
+
+def masks_shape(data: bytes) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a ``masks.npz`` payload without unpacking the bits (cheap); ShardError on
+    bad payloads."""
+    try:
+        with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as npz:
+            shape = tuple(int(v) for v in npz["shape"])
+    except Exception as exc:
+        raise ShardError(f"invalid masks payload: {exc}") from exc
+    if len(shape) != 3 or min(shape) < 0:
+        raise ShardError(f"invalid masks shape {shape}")
+    return shape
 
 
 # ---------------------------------------------------------------------------------------------

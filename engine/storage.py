@@ -56,6 +56,22 @@ _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for a moment, for every thread)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # files written through a temporary file get open()'s usual mode
+
+
 class StorageError(ValueError):
     """A location that cannot be used (unknown scheme, malformed URI); the message names it."""
 
@@ -230,6 +246,7 @@ def write_bytes(location, data: bytes) -> None:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
         try:
+            os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 -> what open() would give
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
@@ -306,6 +323,7 @@ def copy_file(src, dst) -> None:
         os.close(fd)
         try:
             pafs.copy_files(spath, tmp, source_filesystem=sfs, destination_filesystem=dfs)
+            os.chmod(tmp, _FILE_MODE)
             os.replace(tmp, dpath)
         except BaseException:
             if os.path.exists(tmp):

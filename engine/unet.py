@@ -12,9 +12,9 @@ Checkpoints are plain ``torch.save`` dicts that load with ``torch.load(weights_o
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -171,7 +171,7 @@ def _check_plain(value: Any, where: str) -> None:
 
 def save_checkpoint(path: str | os.PathLike, model: UNet, config: UNetConfig,
                     extra: dict | None = None) -> None:
-    """Write ``model`` atomically (temp file in the same folder, then ``os.replace``).
+    """Write ``model`` atomically to a local path or an object-store URI (engine.storage.write_bytes).
 
     extra: plain-typed metadata (epoch, metrics, data hashes...); TypeError otherwise.
     Tensors are moved to CPU so the file loads anywhere.
@@ -186,20 +186,9 @@ def save_checkpoint(path: str | os.PathLike, model: UNet, config: UNetConfig,
         "config": config.to_dict(),
         "extra": extra,
     }
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    storage.write_bytes(os.fspath(path), buffer.getvalue())  # atomic: temp file + rename, or one PUT
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"

@@ -13,10 +13,13 @@ from typing import Any
 
 import yaml
 
-SAM_BACKENDS = ("lite_medsam", "vit_h", "vit_l", "vit_b", "medsam", "mobile_sam")
+SAM_BACKENDS = ("lite_medsam", "vit_h", "vit_l", "vit_b", "medsam", "mobile_sam", "random_tiny")
+# random weights: for plumbing tests and soak runs, never for pseudo labels (engine.sam.backends)
+RANDOM_SAM_BACKENDS = ("random_tiny",)
 STAGE_PROMPTS = ("box", "points", "mask")
 SAM_DEVICES = ("auto", "gpu", "cpu")
 AUTOCAST = ("none", "bf16", "fp16")
+MIN_IMAGE_PIXELS = 64  # engine.imageio.MIN_SIDE ** 2 (schemas stays free of engine imports)
 # The paper: stage 1 box; stage 2 positive/negative points plus stage 1's low-res logits.
 PAPER_STAGES = (("box",), ("points", "mask"))
 # LiteMedSAM was trained with box prompts: measured on JSRT images, adding points in stage 2 drops
@@ -108,6 +111,8 @@ class SamSection:
 
     def validate(self, path: str) -> None:
         _check(self.backend in SAM_BACKENDS, f"{path}.backend", self.backend, f"one of {SAM_BACKENDS}")
+        _check(self.backend not in RANDOM_SAM_BACKENDS or self.checkpoint is None, f"{path}.checkpoint",
+               self.checkpoint, f"none for backend {self.backend!r} (random weights)")
         _check(len(self.stages) >= 1, f"{path}.stages", self.stages, "at least one stage")
         for i, stage in enumerate(self.stages):
             _check(len(stage) >= 1, f"{path}.stages[{i}]", stage, "a non-empty list of prompts")
@@ -159,10 +164,14 @@ class LabelSection:
     gate: GateSection = field(default_factory=GateSection)
     unet_actors: int = 1  # U-Net + cleaning actor pool size (CPU)
     unet_batch_size: int = 8
+    # images with more pixels (H * W) become error rows before they are decoded (header check)
+    max_image_pixels: int = 64_000_000
 
     def validate(self, path: str) -> None:
         _check(self.unet_actors > 0, f"{path}.unet_actors", self.unet_actors, "int > 0")
         _check(self.unet_batch_size > 0, f"{path}.unet_batch_size", self.unet_batch_size, "int > 0")
+        _check(self.max_image_pixels >= MIN_IMAGE_PIXELS, f"{path}.max_image_pixels", self.max_image_pixels,
+               f"int >= {MIN_IMAGE_PIXELS} (the smallest image plabel accepts is 8x8)")
 
 
 @dataclass

@@ -28,18 +28,19 @@ class DiceStage:
         from engine.cleaning import CleaningConfig, clean_masks
         from engine.labelling import teacher_probs
         from engine.metrics import dice_per_class
-        from engine.pipeline.samples import batch_samples, decode_gray, object_array, sample_where
-        from engine.shards import decode_masks
+        from engine.pipeline.samples import batch_samples, decode_gray, object_array, sample_masks, sample_where
 
         ids, dices = [], []
-        grays, truths = [], []
+        grays, truths, names = [], [], []
         for sample in batch_samples(batch):
             if "masks.npz" not in sample:
                 raise ValueError(f"{sample_where(sample)}: sample has no masks.npz member; evaluate needs labelled shards")
-            grays.append(decode_gray(sample))
-            truths.append(decode_masks(bytes(sample["masks.npz"])))
+            gray = decode_gray(sample)
+            grays.append(gray)
+            truths.append(sample_masks(sample, gray.shape, self.C))  # raises naming the sample on a size mismatch
             ids.append(str(sample["__key__"]))
-        for gray, truth, probs in zip(grays, truths, teacher_probs(self.model, grays, self.image_size)):
+            names.append(sample_where(sample))
+        for gray, truth, probs in zip(grays, truths, teacher_probs(self.model, grays, self.image_size, names=names)):
             if self.clean:
                 pred = clean_masks(probs, CleaningConfig(threshold=self.threshold))
             else:

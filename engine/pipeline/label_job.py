@@ -1,80 +1,123 @@
 """`plabel label` as ONE Ray Data job.
 
-    read_webdataset(unlabelled shards)
+    read_shards(unlabelled shards)   one streaming tar-parsing task per shard (shard_reader)
       -> decode_images               (CPU tasks)   bytes -> gray uint8, or an error row
       -> TeacherStage                (CPU actors)  U-Net, mask cleaning, prompt extraction
       -> RefineStage                 (GPU actors when the cluster has GPUs, else CPU actors)
                                                    SAM refinement, quality gate, table rows
-      -> write_parquet               the pseudo-label table (schemas.tables)
+      -> driver: ShardTableWriter    one Parquet part per shard, then the completion marker
+                                     (engine.pipeline.table_commit; schemas.tables)
 
 The method itself lives in engine.labelling; this module only schedules it. Rows are never
 dropped: an image that fails to decode or to process becomes a row with status 'error' and a
 message naming the input, so images in = ok + empty + error rows.
 
-The table is committed all at once (shards, table and teacher may be local paths or URIs, see
-engine.storage). Every table ends with a completion marker, ``_plabel_complete.json`` (format,
-row counts, the teacher's SHA-256, the Parquet file names); readers take exactly the files it
-lists.
+The table is written shard by shard (engine.pipeline.table_commit): the driver takes the rows
+as Ray Data produces them, groups them by input shard and writes each finished shard as one
+Parquet part, atomically, into the table's staging location; a job interrupted at any point and
+started again with the same settings reads only the shards without a part. When every shard has
+its part, the completion marker ``_plabel_complete.json`` (format, row counts, the teacher's
+SHA-256, the Parquet file names) is written last; readers take exactly the files it lists.
 
-* local disk: the job writes into ``.<name>.tmp-<id>/`` next to the output, adds the marker and
-  renames the folder into place (``os.replace``): the table appears whole or not at all.
-* object stores have no atomic folder rename: the job writes into the prefix
-  ``.<name>.tmp-<id>/``, copies the files to the output prefix, and writes the marker LAST (one
-  PUT, atomic). A prefix holding files but no marker is an interrupted commit: readers refuse it
-  (:class:`IncompleteTableError`, naming the marker) and the next label job overwrites it.
+* local disk: parts go to ``.<name>.inprogress/`` next to the output, which is renamed into place
+  (``os.replace``) once the marker is in it: the table appears whole or not at all.
+* object stores have no atomic folder rename: parts go straight under the output prefix (one PUT
+  each) and the marker is written LAST (one PUT, atomic). A prefix without the marker is an
+  unfinished table: readers refuse it (:class:`IncompleteTableError`, naming the marker) and the
+  next label job resumes it (same settings) or replaces it.
   Local tables written before the marker existed (a folder without one) are still read.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from engine import storage
-from engine.labelling import ImageMeta, clean_and_prompt, empty_row, pseudo_label_rows, teacher_probs
+from engine.labelling import (
+    NONFINITE_TEACHER,
+    ImageMeta,
+    clean_and_prompt,
+    empty_row,
+    pseudo_label_rows,
+    teacher_probs,
+)
 from engine.pipeline.samples import batch_samples, decode_gray, object_array
 
 log = logging.getLogger(__name__)
 
 _META_COLUMNS = ("id", "shard", "key", "height", "width", "status", "message")
 
-MARKER_NAME = "_plabel_complete.json"  # '_' prefix: pyarrow and Ray Data skip it when reading the folder
-MARKER_FORMAT = "plabel-pseudo-labels"
-
-
-class IncompleteTableError(RuntimeError):
-    """A pseudo-label table in object storage without its completion marker (interrupted commit)."""
+# the table's storage protocol (re-exported: callers import these names from here)
+from engine.pipeline.table_commit import (  # noqa: E402,F401
+    MARKER_FORMAT,
+    MARKER_NAME,
+    IncompleteTableError,
+    ShardTableWriter,
+    _clear_output,
+    _commit_table,
+    table_files,
+    table_marker,
+)
 
 
 def _meta(batch: dict, i: int) -> ImageMeta:
+    ok = batch["status"][i] == "ok"
     return ImageMeta(
         id=str(batch["id"][i]), shard=batch["shard"][i], key=batch["key"][i],
         height=int(batch["height"][i]), width=int(batch["width"][i]),
+        note=_text(batch["message"][i]) if ok else None,  # a warning on an image that is still labelled
     )
 
 
+def _text(value) -> str | None:
+    """A message cell as str or None (a column of only nulls may reach a stage as float NaN)."""
+    return value if isinstance(value, str) else None
+
+
+def _writable_status(batch: dict) -> None:
+    """Make 'status' and 'message' writable object arrays of str / None (Ray may hand the stage
+    read-only arrays, and an all-null message column as floats)."""
+    for name in ("status", "message"):
+        batch[name] = object_array([_text(v) for v in batch[name]])
+
+
 def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
-    """WebDataset samples (numpy batch of raw members) -> id, shard, key, size, status, message and
-    'image' (gray uint8 (H, W); a 1x1 placeholder on error rows)."""
+    """Samples (numpy batch of engine.pipeline.shard_reader rows) -> id, shard, key, size, status,
+    message and 'image' (gray uint8 (H, W); a 1x1 placeholder on error rows).
+
+    Error rows (message ``<shard>:<key>: <reason>``): samples the reader marked unusable
+    (truncated, duplicate key -> id ``<id>#<n>``, unsafe member name, ...), undecodable images
+    (zero-byte, corrupt, truncated, unsupported), images under imageio.MIN_SIDE on a side or above
+    ``max_pixels`` (``label.max_image_pixels``). Ground-truth ``masks.npz`` is not used here; one
+    whose size differs from its image only adds a warning to the message of the (still labelled)
+    row."""
+    from engine.pipeline.samples import sample_id
+
     out = {k: [] for k in _META_COLUMNS + ("image",)}
     for sample in batch_samples(batch):
         key = str(sample["__key__"])
         shard = str(sample["__url__"]) if "__url__" in sample else None
-        sample_id, status, message, image = key, "ok", None, np.zeros((1, 1), np.uint8)
+        row_id, status, message, image = key, "ok", None, np.zeros((1, 1), np.uint8)
         try:
-            if "json" in sample:
-                sample_id = str(json.loads(bytes(sample["json"]))["id"])
-            image = decode_gray(sample, max_pixels=max_pixels)
-        except Exception as e:  # noqa: BLE001 - every failure becomes an error row naming the input
-            status, message = "error", f"{shard}:{key}: {type(e).__name__}: {e}"
-        out["id"].append(sample_id)
+            row_id = sample_id(sample)
+        except Exception as e:  # noqa: BLE001 - unreadable JSON: the (unique) row key names the row
+            if sample.get("__error__") is None:
+                status, message = "error", f"{shard}:{key}: json: {type(e).__name__}: {e}"
+        if status == "ok":
+            try:
+                image = decode_gray(sample, max_pixels=max_pixels)
+            except Exception as e:  # noqa: BLE001 - every failure becomes an error row naming the input
+                status = "error"
+                reason = sample.get("__error__") or f"{type(e).__name__}: {e}"
+                message = f"{shard}:{key}: {reason}"
+        if status == "ok" and "masks.npz" in sample:
+            message = _ground_truth_note(sample, image.shape, f"{shard}:{key}")
+        out["id"].append(row_id)
         out["shard"].append(shard)
         out["key"].append(key)
         out["height"].append(image.shape[0] if status == "ok" else 0)
@@ -83,6 +126,24 @@ def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
         out["message"].append(message)
         out["image"].append(image)
     return {k: np.asarray(v, dtype=np.int32) if k in ("height", "width") else object_array(v) for k, v in out.items()}
+
+
+def _ground_truth_note(sample: dict, shape, where: str) -> str | None:
+    """None, or a warning when the sample's ground-truth masks do not fit its image (the label job
+    does not use them; the image is labelled all the same)."""
+    from engine.shards import masks_shape
+
+    try:
+        _, h, w = masks_shape(bytes(sample["masks.npz"]))
+    except Exception as e:  # noqa: BLE001
+        note = f"warning: {where}.masks.npz (ground truth) is unreadable and ignored: {e}"
+    else:
+        if (h, w) == tuple(shape):
+            return None
+        note = (f"warning: {where}.masks.npz (ground truth) is {h}x{w} (HxW) but the image is "
+                f"{shape[0]}x{shape[1]}; ignored")
+    log.warning("%s", note)
+    return note
 
 
 class TeacherStage:
@@ -101,10 +162,12 @@ class TeacherStage:
         self.C = num_classes
 
     def _process(self, images: list[np.ndarray]):
-        probs = teacher_probs(self.model, images, self.image_size)
-        return [clean_and_prompt(p, self.cleaning) for p in probs]
+        """Per image: (cleaned, unet_prob, prompts), or None when its probabilities are not finite."""
+        probs = teacher_probs(self.model, images, self.image_size, nonfinite="none")
+        return [None if p is None else clean_and_prompt(p, self.cleaning) for p in probs]
 
     def __call__(self, batch: dict) -> dict:
+        _writable_status(batch)
         n = len(batch["id"])
         C = self.C
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
@@ -118,6 +181,10 @@ class TeacherStage:
                 except Exception as e:  # noqa: BLE001
                     batch["status"][i] = "error"
                     batch["message"][i] = f"{batch['shard'][i]}:{batch['key'][i]}: teacher: {type(e).__name__}: {e}"
+        for i in ok:
+            if i in results and results[i] is None:
+                batch["status"][i] = "error"
+                batch["message"][i] = f"{batch['shard'][i]}:{batch['key'][i]}: {NONFINITE_TEACHER}"
         cleaned = [None] * n
         unet_prob = np.full((n, C), np.nan, np.float32)
         boxes = np.zeros((n, C, 4), np.float32)
@@ -188,6 +255,7 @@ class RefineStage:
     def __call__(self, batch: dict):
         import pyarrow as pa
 
+        _writable_status(batch)
         n = len(batch["id"])
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
         rows: dict[int, dict] = {}
@@ -209,82 +277,22 @@ class RefineStage:
         return pa.Table.from_pylist(out, schema=self.schema)
 
 
-def table_marker(table_dir) -> dict | None:
-    """The table's completion marker (a dict), or None when there is none."""
-    marker = storage.join(str(table_dir), MARKER_NAME)
-    try:
-        return json.loads(storage.read_text(marker))
-    except FileNotFoundError:
-        return None
+def _job_settings(classes, unet_sha256: str, label_cfg) -> dict:
+    """What the rows depend on: a staged table is resumed only by a job with the same settings."""
+    from schemas.tables import PSEUDO_LABEL_SCHEMA_VERSION
 
-
-def table_files(table_dir) -> tuple:
-    """``(pyarrow filesystem or None for local paths, Parquet file paths)`` of a finished table.
-
-    The files are those the marker lists. Raises FileNotFoundError when there is no table and
-    IncompleteTableError for files in object storage without a marker.
-    """
-    table_dir = str(table_dir)
-    marker = table_marker(table_dir)
-    name = storage.redact(table_dir)
-    if marker is None:
-        if storage.is_remote(table_dir):
-            if storage.list_files(table_dir):
-                raise IncompleteTableError(
-                    f"{name}: the pseudo-label table is incomplete: it has no "
-                    f"{storage.join(name, MARKER_NAME)} (an interrupted write?); run the label job again")
-            raise FileNotFoundError(f"{name}: no pseudo-label table there")
-        if not Path(storage.local_path(table_dir)).is_dir():
-            raise FileNotFoundError(f"{name}: no pseudo-label table there")
-        files = storage.list_files(storage.local_path(table_dir), ".parquet")
-    else:
-        if marker.get("format") != MARKER_FORMAT or not isinstance(marker.get("files"), list):
-            raise IncompleteTableError(f"{storage.join(name, MARKER_NAME)}: not a plabel completion marker")
-        files = [storage.join(table_dir, *f.split("/")) for f in marker["files"]]
-    return storage.resolve_all(files)
-
-
-def _clear_output(out: str) -> None:
-    """Refuse a finished table at ``out``; delete stale temp folders and an interrupted commit."""
-    name = storage.redact(out)
-    if storage.is_remote(out):
-        if "/" not in name.split("://", 1)[1].strip("/"):
-            raise ValueError(f"{name}: give the table a prefix inside the bucket, not the bucket itself")
-        if table_marker(out) is not None:
-            raise FileExistsError(f"{name}: the pseudo-label table exists already; remove it or choose another output")
-        leftover = storage.list_files(out)
-        if any(not f.split("?")[0].endswith(".parquet") for f in leftover):
-            raise FileExistsError(f"{name} holds files that are not a plabel table; choose another output")
-        if leftover:
-            log.warning("%s: Parquet files without %s (an interrupted commit); overwriting them", name, MARKER_NAME)
-            storage.delete_dir(out)
-        prefix = f".{out.rstrip('/').split('?')[0].rsplit('/', 1)[-1]}.tmp-"
-        for entry in storage.list_dir(storage.dirname(out)):
-            if storage.redact(entry).rstrip("/").rsplit("/", 1)[-1].startswith(prefix):
-                storage.delete_dir(entry)
-        return
-    out_dir = Path(out)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir}: the pseudo-label table exists already; remove it or choose another output")
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _commit_table(tmp: str, out: str, counts: dict) -> None:
-    """Move the table written to ``tmp`` to ``out``, marker included (see the module docstring)."""
-    files = storage.list_files(tmp, ".parquet")
-    rel = [storage.redact(f)[len(storage.redact(tmp)):].lstrip("/") if storage.is_uri(f) else os.path.relpath(f, tmp)
-           for f in files]
-    marker = {"format": MARKER_FORMAT, "version": 1, **counts, "files": [r.replace(os.sep, "/") for r in rel]}
-    text = json.dumps(marker, indent=2, sort_keys=True) + "\n"
-    if not storage.is_remote(out):
-        storage.write_text(storage.join(tmp, MARKER_NAME), text)
-        os.replace(tmp, out)
-        return
-    for f, r in zip(files, marker["files"]):
-        storage.copy_file(f, storage.join(out, *r.split("/")))
-    storage.write_text(storage.join(out, MARKER_NAME), text)  # last: the commit point
-    storage.delete_dir(tmp)
+    sam = label_cfg.sam
+    checkpoint = sam.checkpoint
+    return {
+        "schema_version": PSEUDO_LABEL_SCHEMA_VERSION,
+        "classes": list(classes),
+        "unet_checkpoint_sha256": unet_sha256,
+        "sam": {"backend": sam.backend, "sha256": sam.sha256, "stages": [list(x) for x in sam.stages],
+                "autocast": sam.autocast,
+                "checkpoint": None if checkpoint is None else storage.redact(str(checkpoint))},
+        "cleaning": dict(label_cfg.cleaning.__dict__),
+        "gate": label_cfg.gate.to_gate_dict(),
+    }
 
 
 def run_label_job(
@@ -295,59 +303,55 @@ def run_label_job(
     label_cfg,
     cache_dir: str | None = None,
 ) -> dict:
-    """Run the labelling job; commits the Parquet table to out_dir (a local folder or a URI) at once
-    when the job finished (see the module docstring). Returns counts {rows, ok, empty, error} and
-    wall time."""
-    import pyarrow.dataset as pads
+    """Run the labelling job into out_dir (a local folder or a URI), shard by shard (see the module
+    docstring); a job interrupted earlier with the same settings is resumed. Returns counts
+    {rows, ok, empty, error}, wall time, and shards / shards_skipped (committed by an earlier run)."""
     import ray
 
     from engine.pipeline.cluster import cluster_gpus, quiet_ray_data
     from engine.pipeline.resources import label_requests, ray_remote_args
     from engine.pipeline.shard_reader import read_shards
     from engine.unet import checkpoint_sha256
+    from schemas.tables import pseudo_label_schema
 
     quiet_ray_data()
-    out = str(out_dir).rstrip("/") if storage.is_remote(out_dir) else str(Path(storage.local_path(out_dir)))
-    _clear_output(out)
-    tmp_name = f".{storage.redact(out).rstrip('/').rsplit('/', 1)[-1]}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp = storage.join(storage.dirname(out), tmp_name)
+    out = str(out_dir).rstrip("/") if storage.is_remote(out_dir) else str(Path(storage.local_path(out_dir)).absolute())
     t0 = time.time()
     unet_sha256 = checkpoint_sha256(teacher_checkpoint)
+    writer = ShardTableWriter(out, shards, pseudo_label_schema(classes), _job_settings(classes, unet_sha256, label_cfg))
+    remaining = writer.prepare()
     sam = label_cfg.sam
     gpus = cluster_gpus()
     requests = {r.stage: r for r in label_requests(label_cfg, cluster_has_gpu=gpus > 0)}
-    ds = read_shards(shards)
-    ds = ds.map_batches(decode_images, batch_format="numpy", batch_size=16,
-                        **ray_remote_args(requests["decode"].resources))
-    ds = ds.map_batches(
-        TeacherStage,
-        fn_constructor_kwargs=dict(checkpoint=str(teacher_checkpoint), cleaning=label_cfg.cleaning.__dict__,
-                                   num_classes=len(classes)),
-        batch_format="numpy", batch_size=label_cfg.unet_batch_size, compute=ray.data.ActorPoolStrategy(size=requests["teacher"].count),
-        **ray_remote_args(requests["teacher"].resources),
-    )
-    ds = ds.map_batches(
-        RefineStage,
-        fn_constructor_kwargs=dict(sam=sam.__dict__, gate=label_cfg.gate.to_gate_dict(), classes=list(classes),
-                                   unet_sha256=unet_sha256, cache_dir=cache_dir),
-        batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=requests["refine"].count),
-        **ray_remote_args(requests["refine"].resources),
-    )
-    fs, (tmp_path,) = storage.resolve_all([tmp])
-    try:
-        if fs is None:
-            ds.write_parquet(tmp_path)
-        else:
-            ds.write_parquet(tmp_path, filesystem=fs)
-        files_fs, files = storage.resolve_all(storage.list_files(tmp, ".parquet"))
-        table = pads.dataset(files, filesystem=files_fs, format="parquet").to_table(columns=["status"])
-        status = table.column("status").to_pylist()
-        counts = {"rows": len(status), **{s: status.count(s) for s in ("ok", "empty", "error")}}
-        _commit_table(tmp, out, {**counts, "unet_checkpoint_sha256": unet_sha256})
-    except BaseException:
-        storage.delete_dir(tmp)
-        raise
-    return {**counts, "wall_s": round(time.time() - t0, 2), "sam_on_gpu": "GPU" in requests["refine"].resources}
+    if remaining:
+        # Fault tolerance is Ray Data's: read and decode tasks are retried (max_retries=-1), the
+        # map actors are restarted (max_restarts=-1) and re-run their lost tasks
+        # (max_task_retries=-1), and a lost block is rebuilt from its lineage; these are Ray
+        # Data's defaults for map_batches (tests/faults kills actors and nodes mid-job). Rows a
+        # retry delivers twice are dropped by the writer (same shard, same key).
+        ds = read_shards(remaining)
+        ds = ds.map_batches(decode_images, fn_kwargs={"max_pixels": label_cfg.max_image_pixels},
+                            batch_format="numpy", batch_size=16, **ray_remote_args(requests["decode"].resources))
+        ds = ds.map_batches(
+            TeacherStage,
+            fn_constructor_kwargs=dict(checkpoint=str(teacher_checkpoint), cleaning=label_cfg.cleaning.__dict__,
+                                       num_classes=len(classes)),
+            batch_format="numpy", batch_size=label_cfg.unet_batch_size, compute=ray.data.ActorPoolStrategy(size=requests["teacher"].count),
+            **ray_remote_args(requests["teacher"].resources),
+        )
+        ds = ds.map_batches(
+            RefineStage,
+            fn_constructor_kwargs=dict(sam=sam.__dict__, gate=label_cfg.gate.to_gate_dict(), classes=list(classes),
+                                       unet_sha256=unet_sha256, cache_dir=cache_dir),
+            batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=requests["refine"].count),
+            **ray_remote_args(requests["refine"].resources),
+        )
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            writer.add(block)  # writes each shard's part as soon as its last row arrived
+    counts = writer.finish({"unet_checkpoint_sha256": unet_sha256})
+    return {**counts, "wall_s": round(time.time() - t0, 2), "sam_on_gpu": "GPU" in requests["refine"].resources,
+            "shards": len(writer.shards), "shards_skipped": writer.skipped,
+            "duplicates_dropped": writer.duplicates_dropped, "missing_samples": writer.missing_samples}
 
 
 def read_pseudo_labels(table_dir: str | Path):

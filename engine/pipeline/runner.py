@@ -11,7 +11,9 @@
       dice_table.txt        teacher vs student test Dice (when a test split exists)
       ray_train/            Ray Train checkpoints (resume)
 
-A stage whose output already exists is skipped, so re-running the same command resumes.
+A stage whose output already exists is skipped, so re-running the same command resumes; inside a
+stage, training resumes from its last epoch checkpoint (ray_train/) and labelling from its last
+committed shard (engine.pipeline.table_commit).
 run_dir (and data.shards) may be object-store URIs (s3://, gs://; engine.storage): everything
 above then lives under that prefix. A pseudo-label table there counts only with its completion
 marker (engine.pipeline.label_job); a finished table of the same teacher is reused.
@@ -140,7 +142,11 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         if marker is not None and marker.get("unet_checkpoint_sha256") == checkpoint_sha256(at("teacher.pt")):
             echo("[label] the table of this teacher was committed by an earlier run, reused")
             return {k: marker[k] for k in ("rows", "ok", "empty", "error")}
-        return run_label_job(paths("unlabelled"), at("pseudo_labels"), classes, at("teacher.pt"), cfg.label)
+        out = run_label_job(paths("unlabelled"), at("pseudo_labels"), classes, at("teacher.pt"), cfg.label)
+        if out.get("shards_skipped"):
+            echo(f"[label] resumed: {out['shards_skipped']} of {out['shards']} shard(s) were committed by an "
+                 "earlier run, skipped")
+        return out
 
     stage("label", label)
 

@@ -1,10 +1,12 @@
-"""Rows of Ray Data's read_webdataset batches as WebDataset samples (no Ray needed).
+"""Rows of engine.pipeline.shard_reader batches as WebDataset samples (no Ray needed).
 
-Every job reads shards with ``decoder=None, include_paths=True``: a numpy batch of raw members
-(``__key__``, ``__url__``, ``png``, ``json``, ``masks.npz`` ...), one row per sample.
+Every job reads shards with ``shard_reader.read_shards``: a numpy batch of raw members
+(``__key__``, ``__url__``, ``png``, ``json``, ``masks.npz`` ...), one row per sample, plus
+``__error__`` (why the reader could not give a usable sample), ``__occurrence__`` and ``__id__``.
 """
 from __future__ import annotations
 
+import json
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -21,14 +23,59 @@ def sample_where(sample: dict) -> str:
     return f"{sample.get('__url__')}:{sample['__key__']}"
 
 
+def sample_id(sample: dict) -> str:
+    """The row id of a sample: ``__id__`` when the reader set one, else the JSON member's ``id``
+    (else the key), with ``#<n>`` appended for the n-th (n >= 2) sample of a repeated key.
+    Raises when the JSON member is not valid JSON with an ``id``."""
+    fixed = sample.get("__id__")
+    if fixed is not None:
+        return str(fixed)
+    base = str(sample["__key__"])
+    if "json" in sample:
+        base = str(json.loads(bytes(sample["json"]))["id"])
+    occurrence = int(sample.get("__occurrence__") or 1)
+    return base if occurrence <= 1 else f"{base}#{occurrence}"
+
+
+def check_sample(sample: dict) -> None:
+    """Raise ShardError naming the sample when the reader marked it unusable (``__error__``)."""
+    from engine.shards import ShardError
+
+    error = sample.get("__error__")
+    if error is not None:
+        raise ShardError(f"{sample_where(sample)}: {error}")
+
+
 def decode_gray(sample: dict, max_pixels: int = 64_000_000) -> np.ndarray:
-    """The sample's image as gray uint8 (H, W) (16-bit images min-max scaled); raises naming it."""
+    """The sample's image as gray uint8 (H, W) (16-bit images min-max scaled); raises naming it
+    (also for samples the reader marked unusable: truncated, duplicate key, unsafe member)."""
     from engine.imageio import decode_image, to_gray_float
     from engine.shards import image_member
 
+    check_sample(sample)
     name, data = image_member(sample)
     image = decode_image(bytes(data), f"{sample_where(sample)}.{name}", max_pixels=max_pixels)
     return np.round(to_gray_float(image) * 255.0).astype(np.uint8)
+
+
+def sample_masks(sample: dict, shape: tuple[int, int], num_classes: int | None = None) -> np.ndarray:
+    """The sample's ``masks.npz`` as bool (C, H, W), checked against the image's (H, W) and, when
+    given, the class count; raises ValueError naming the sample and both sizes."""
+    from engine.shards import ShardError, decode_masks
+
+    where = sample_where(sample)
+    if "masks.npz" not in sample:
+        raise ValueError(f"{where}: sample has no masks.npz member")
+    try:
+        masks = decode_masks(bytes(sample["masks.npz"]))
+    except ShardError as e:
+        raise ValueError(f"{where}.masks.npz: {e}") from None
+    if tuple(masks.shape[1:]) != tuple(shape):
+        raise ValueError(f"{where}: masks.npz is {masks.shape[1]}x{masks.shape[2]} (HxW) but the image is "
+                         f"{shape[0]}x{shape[1]}")
+    if num_classes is not None and masks.shape[0] != num_classes:
+        raise ValueError(f"{where}: masks.npz has {masks.shape[0]} classes, expected {num_classes}")
+    return masks
 
 
 def object_array(values: Sequence) -> np.ndarray:

@@ -158,6 +158,8 @@ def _train_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        if rank == 0:
+            print(f"[{config['role']}] resuming from the checkpoint of epoch {start_epoch}/{cfg.epochs}", flush=True)
     model = ray.train.torch.prepare_model(model)
     base = model.module if hasattr(model, "module") else model
     device = next(model.parameters()).device
@@ -186,7 +188,11 @@ def _train_loop(config: dict) -> None:
             dices.append(evaluate_batch(base, b["image"][:, None].to(device), b["masks"]))
         per_image = np.concatenate(dices) if dices else np.zeros((0, len(classes)))
         val_dice = float(per_image.mean()) if len(per_image) else float("nan")
-        metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "val_dice": val_dice}
+        metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "val_dice": val_dice,
+                   "start_epoch": start_epoch}
+        if rank == 0:
+            print(f"[{config['role']}] epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f}, "
+                  f"val dice {val_dice:.4f}", flush=True)
         if best_state is None or (not np.isnan(val_dice) and val_dice > best):
             # the best-validation weights so far travel in every checkpoint as model.pt
             best = val_dice if not np.isnan(val_dice) else best
@@ -209,8 +215,10 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
                name: str, role: str = "teacher") -> dict:
     """Fit a U-Net with a TorchTrainer; copies the best-validation model to out_path.
 
-    section: schemas.config.TrainSection. Returns {"best_val_dice", "epochs", "wall_s", "history"}.
-    Re-running with the same storage_dir and name resumes from the last checkpoint. out_path and
+    section: schemas.config.TrainSection. Returns {"best_val_dice", "best_epoch", "epochs",
+    "resumed_from_epoch", "wall_s"}. Every epoch ends with a checkpoint (the full training state
+    plus the best-validation model) in storage_dir/name; re-running with the same storage_dir and
+    name (after a crash, a kill, a lost node) resumes after the last one. out_path and
     storage_dir may be URIs (engine.storage); Ray Train then keeps its checkpoints there.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -240,7 +248,7 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=2)),
     )
-    result = trainer.fit()
+    result = trainer.fit()  # resumes from the run's latest checkpoint in storage_dir/name, if any
     if result.error:
         raise result.error
     if result.checkpoint is None:
@@ -258,5 +266,8 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
             shutil.copyfile(best_path, tmp)
             os.replace(tmp, out_path)
         _, _, extra = load_checkpoint(best_path)
+    metrics = result.metrics or {}
     return {"best_val_dice": extra.get("val_dice"), "best_epoch": extra.get("epoch"), "epochs": section.epochs,
+            # 0: trained from scratch; k: resumed after epoch k from a checkpoint of an earlier run
+            "resumed_from_epoch": int(metrics.get("start_epoch", 0)),
             "wall_s": round(time.time() - t0, 2)}

@@ -1,6 +1,7 @@
 """SAM backends and batched multi-stage refinement."""
 from engine.sam.backends import (
     BACKENDS,
+    RANDOM_BACKENDS,
     ChecksumError,
     SamModel,
     build_architecture,
@@ -21,6 +22,7 @@ from engine.sam.refine import (
 
 __all__ = [
     "BACKENDS",
+    "RANDOM_BACKENDS",
     "ChecksumError",
     "DEFAULT_STAGES",
     "STAGE_PROMPTS",

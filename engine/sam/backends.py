@@ -9,6 +9,9 @@ Backends
   vit_h/l/b    original SAM at 1024 px; checkpoint required.
   medsam       vit_b architecture with MedSAM weights; checkpoint required.
   mobile_sam   TinyViT encoder at 1024 px (MobileSAM); checkpoint required.
+  random_tiny  a tiny SAM with random weights (64 px input, 16x16 embedding grid, ~20 ms per image
+               on one CPU core), no checkpoint. For plumbing tests and soak runs only: its masks
+               are noise, not pseudo labels.
 
 Checkpoints are loaded with ``torch.load(..., weights_only=True)`` only; a checkpoint that needs
 arbitrary unpickling is refused. A checkpoint may be a local path or an http(s) URL (downloaded
@@ -38,7 +41,9 @@ from segment_anything.modeling import (
 
 from engine.files import sha256_file
 
-BACKENDS = ("lite_medsam", "vit_h", "vit_l", "vit_b", "medsam", "mobile_sam")
+BACKENDS = ("lite_medsam", "vit_h", "vit_l", "vit_b", "medsam", "mobile_sam", "random_tiny")
+#: backends whose weights are random: they exercise the machinery, their masks mean nothing
+RANDOM_BACKENDS = ("random_tiny",)
 DEFAULT_CACHE_DIR = Path("~/.cache/plabel/checkpoints")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -237,6 +242,8 @@ def build_architecture(backend: str) -> Sam:
         return _build_lite_medsam()
     if backend == "mobile_sam":
         return _build_mobile_sam()
+    if backend == "random_tiny":
+        return _build_tiny_sam(img_size=64, patch=4)
     return _build_vit(_VIT_ARCH[backend])
 
 
@@ -266,6 +273,13 @@ def load_sam(
     Returns the model in eval mode on ``device``.
     """
     _check_backend(backend)
+    if backend in RANDOM_BACKENDS:
+        if checkpoint is not None:
+            raise ValueError(f"SAM backend {backend!r} has random weights and takes no checkpoint, got {checkpoint}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            sam = build_architecture(backend)
+        return _finish(sam, backend, f"{backend}-seed-0", device)
     if checkpoint is None:
         if backend != "lite_medsam":
             raise ValueError(

@@ -7,6 +7,7 @@ Never `ray stop` (it kills every Ray on the machine): processes are stopped by P
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,12 +77,16 @@ def make_dataset(root: Path, n_images: int, shard_size: int, labelled: int = 2, 
 # ----------------------------------------------------------------------------- processes
 
 
+_TMPDIRS: dict[str, str] = {}  # run id -> its RAY_TMPDIR, removed by kill_run
+
+
 def private_env(run_id: str | None = None) -> tuple[dict, str]:
     """An environment for a subprocess that starts its own Ray: a marker, a private RAY_TMPDIR
     (sessions and the 'current cluster' file stay out of /tmp/ray, so no other Ray on the machine
     connects to it), no RAY_ADDRESS. Returns (env, run id)."""
     run_id = run_id or uuid.uuid4().hex[:12]
     tmp = tempfile.mkdtemp(prefix="pf-", dir="/tmp")  # short: Ray's socket paths
+    _TMPDIRS[run_id] = tmp
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_ADDRESS") and k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     env.update({MARKER: run_id, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
@@ -117,7 +122,8 @@ def marked_pids(run_id: str) -> list[int]:
 
 
 def kill_run(proc: subprocess.Popen | None, run_id: str, sig: int = signal.SIGKILL) -> list[int]:
-    """Kill the process group of proc and every process carrying the run's marker; reap proc."""
+    """Kill the process group of proc and every process carrying the run's marker; reap proc;
+    remove the run's RAY_TMPDIR."""
     killed = []
     if proc is not None and proc.poll() is None:
         try:
@@ -141,6 +147,8 @@ def kill_run(proc: subprocess.Popen | None, run_id: str, sig: int = signal.SIGKI
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
+    if run_id in _TMPDIRS and not marked_pids(run_id):
+        shutil.rmtree(_TMPDIRS.pop(run_id), ignore_errors=True)
     return killed
 
 

@@ -36,34 +36,15 @@ import threading
 import time
 from pathlib import Path
 
-
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            out.setdefault(ppid, []).append(int(entry))
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared /proc helpers
+from procs import cmdline, descendants  # noqa: E402
 
 
 def actor_pids(stage: str, busy: bool = False) -> list[int]:
     """PIDs of this process's Ray actor processes of a label stage (the local Ray runs under us);
     busy: only those running a batch now (Ray titles them 'ray::MapWorker(...).submit' meanwhile)."""
     want = f"MapWorker(MapBatches({stage})).submit" if busy else f"MapBatches({stage})"
-    kids, todo, found = _children(), [os.getpid()], []
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            todo.append(c)
-            try:
-                cmd = Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if want in cmd and "ray::" in cmd:
-                found.append(c)
-    return found
+    return [p for p in descendants(os.getpid()) if want in cmdline(p) and "ray::" in cmdline(p)]
 
 
 def corrupt(png: bytes, rng: random.Random) -> tuple[str, bytes]:

@@ -361,6 +361,18 @@ def _write_json_atomic(path: Path, obj) -> None:
 # ingest
 
 
+def _same_ingest(manifest_path, request: dict, out_name: str, manifest_name: str) -> dict:
+    """The existing manifest, when it records the same request; IngestError naming what differs."""
+    old = load_manifest(manifest_path)
+    diffs = [k for k, v in request.items() if old.get(k) != v]
+    if diffs:
+        raise IngestError(
+            f"output {out_name} already holds a different ingest ({manifest_name} differs in {diffs}); "
+            "use an empty folder"
+        )
+    return old
+
+
 def _check_output(out: Path, request: dict) -> dict | None:
     """Refuse a non-empty OUT unless it holds a manifest of the same request; return that manifest."""
     if not out.exists():
@@ -373,14 +385,7 @@ def _check_output(out: Path, request: dict) -> dict | None:
     manifest_path = out / MANIFEST_NAME
     if not manifest_path.exists():
         raise IngestError(f"output {out} is not empty and has no {MANIFEST_NAME}; refusing to write into it")
-    old = load_manifest(manifest_path)
-    diffs = [k for k, v in request.items() if old.get(k) != v]
-    if diffs:
-        raise IngestError(
-            f"output {out} already holds a different ingest ({manifest_path} differs in {diffs}); "
-            "use an empty folder"
-        )
-    return old
+    return _same_ingest(manifest_path, request, str(out), str(manifest_path))
 
 
 _SHARD_NAME = re.compile(r"^(labelled|val|test|unlabelled)/\1-\d{6}\.tar$")
@@ -401,14 +406,7 @@ def _check_remote_output(out: str, request: dict) -> dict | None:
         for split in SPLITS:  # an interrupted upload: nothing refers to these shards
             storage.delete_dir(storage.join(out, split))
         return None
-    old = load_manifest(manifest_path)
-    diffs = [k for k, v in request.items() if old.get(k) != v]
-    if diffs:
-        raise IngestError(
-            f"output {name} already holds a different ingest ({storage.redact(manifest_path)} differs in {diffs}); "
-            "use an empty folder"
-        )
-    return old
+    return _same_ingest(manifest_path, request, name, storage.redact(manifest_path))
 
 
 def _build_samples(index: SourceIndex, ids, store_masks: bool, errors: list, sizes: dict, tick):

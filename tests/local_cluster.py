@@ -19,6 +19,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from procs import pids_with_env
+
 MARKER = "PLABEL_TEST_CLUSTER"
 
 
@@ -30,18 +32,7 @@ def free_port() -> int:
 
 def marked_pids(marker_value: str) -> list[int]:
     """PIDs of this user's processes whose environment carries MARKER=marker_value."""
-    needle = f"{MARKER}={marker_value}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle in env:
-            pids.append(int(entry))
-    return pids
+    return pids_with_env(MARKER, marker_value)
 
 
 class LocalRayCluster:

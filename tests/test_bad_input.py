@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.ingest import MANIFEST_FORMAT, MANIFEST_VERSION
 from engine.pipeline.shard_reader import (
     iter_shard_samples,
     read_shard_file,
@@ -613,7 +614,20 @@ def build_bad_shards(root: Path):
     expect["u1"] = (e, "empty", [], (32, 32))
     expect[f"{e}@{at}"] = (e, "error", [f"{e}:@{at}:", "tar truncated", f"byte {at}"], (0, 0))
 
-    images_in = len(good) + len(bad_a) + 5 + 4 + 2 + 2  # samples written, repeats included
+    # F: a whole, properly closed tar that holds only the first of the 3 samples its manifest lists
+    # (cut between members after ingest: nothing in the tar itself shows the loss)
+    f = shard("f-000000.tar", tar_bytes(sample_members("v1", black)))
+    keys = ["v1", "v2", "v3"]
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "classes": CLASSES, "seed": 0,
+                "shard_size": 3, "counts": {"unlabelled": 3},
+                "splits": {"unlabelled": {"n_samples": 3, "has_masks": False, "ids": keys, "shards": [
+                    {"path": f"{root.name}/f-000000.tar", "n_samples": 3, "sha256": "0" * 64, "keys": keys}]}}}
+    (root.parent / "manifest.json").write_text(json.dumps(manifest))
+    expect["v1"] = (f, "empty", [], (32, 32))
+    for key in ("v2", "v3"):
+        expect[key] = (f, "error", [f"{f}:{key}: listed in the manifest but not in the shard"], (0, 0))
+
+    images_in = len(good) + len(bad_a) + 5 + 4 + 2 + 2 + 3  # samples written or listed, repeats included
     return shards, expect, images_in
 
 

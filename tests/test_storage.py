@@ -279,8 +279,9 @@ def _fake_table(location: str, n: int) -> None:
 
 
 def test_table_commit_protocol(base):
-    from engine.pipeline.label_job import (
-        MARKER_NAME, IncompleteTableError, _clear_output, _commit_table, read_pseudo_labels, table_marker)
+    from engine.pipeline.label_job import read_pseudo_labels
+    from engine.pipeline.table_commit import (
+        MARKER_NAME, IncompleteTableError, _clear_output, _commit_table, table_marker)
 
     out, tmp = storage.join(base, "pseudo_labels"), storage.join(base, ".pseudo_labels.tmp-1234")
     storage.makedirs(base)
@@ -321,7 +322,8 @@ def test_run_pipeline_on_s3(tmp_path, s3_prefix, ray_local):
 
     from cli.main import app
     from engine.ingest import load_manifest
-    from engine.pipeline.label_job import MARKER_NAME, IncompleteTableError, read_pseudo_labels
+    from engine.pipeline.label_job import read_pseudo_labels
+    from engine.pipeline.table_commit import MARKER_NAME, IncompleteTableError
     from engine.pipeline.runner import run_pipeline
     from engine.pipeline.train_job import pseudo_labelled_dataset
     from engine.synthetic import make_synthetic_dataset

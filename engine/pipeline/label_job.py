@@ -29,7 +29,6 @@ SHA-256, the Parquet file names) is written last; readers take exactly the files
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -47,22 +46,11 @@ from engine.labelling import (
     teacher_probs,
 )
 from engine.pipeline.samples import batch_samples, decode_gray, object_array
+from engine.pipeline.table_commit import ShardTableWriter, table_files
 
 log = logging.getLogger(__name__)
 
 _META_COLUMNS = ("id", "shard", "key", "height", "width", "status", "message")
-
-# the table's storage protocol (re-exported: callers import these names from here)
-from engine.pipeline.table_commit import (  # noqa: E402,F401
-    MARKER_FORMAT,
-    MARKER_NAME,
-    IncompleteTableError,
-    ShardTableWriter,
-    _clear_output,
-    _commit_table,
-    table_files,
-    table_marker,
-)
 
 
 def _meta(batch: dict, i: int) -> ImageMeta:

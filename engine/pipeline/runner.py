@@ -70,7 +70,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     from engine.metrics import format_dice_table
     from engine.pipeline.cluster import ensure_ray
     from engine.pipeline.evaluate_job import evaluate_checkpoint
-    from engine.pipeline.label_job import run_label_job, table_marker
+    from engine.pipeline.label_job import run_label_job
+    from engine.pipeline.table_commit import table_marker
     from engine.pipeline.train_job import labelled_dataset, maybe_materialize, pseudo_labelled_dataset, train_unet
     from engine.unet import checkpoint_sha256
 

@@ -46,7 +46,8 @@ What the reader does with bad tars:
   with a logged warning.
 
 A tar cut exactly between two members *with* its end-of-archive blocks intact cannot be told from
-a complete one; compare row counts with the manifest (``n_samples``) for that.
+a complete one here; the label job's table writer (engine.pipeline.table_commit) compares the keys
+that arrived with the shard's manifest entry and writes an error row for each missing sample.
 """
 from __future__ import annotations
 

@@ -273,6 +273,7 @@ class ShardTableWriter:
         if len(set(self.ids)) != len(self.ids):
             raise ValueError("the label job was given the same shard twice")
         self.parts = part_names(self.shards)
+        self._shard_of = dict(zip(self.ids, self.shards))
         self.config = {**config, "shards": self.ids}
         self.fingerprint = job_fingerprint(self.config)
         self.staging = out if self.remote else storage.join(storage.dirname(out) or ".", f".{_base_name(out)}{STAGING_SUFFIX}")
@@ -408,6 +409,7 @@ class ShardTableWriter:
             self.missing_samples += len(missing)
             log.warning("%s: %d sample(s) the manifest lists gave no row: %s", storage.redact(sid), len(missing),
                         ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+            tables = self._account_missing(sid, tables, missing)
         table = pa.concat_tables(tables) if tables else self.schema.empty_table()
         keys = table.column("key").to_pylist()
         first: dict = {}  # key -> first row; rows without a key are all kept
@@ -430,6 +432,31 @@ class ShardTableWriter:
         self._write_part(name, table)
         self._written_keys[sid] = {k for k in first if isinstance(k, str)}
         self.done.add(sid)
+
+    def _account_missing(self, sid: str, tables: list, missing: list[str]) -> list:
+        """Rows for samples the shard should hold (its expected keys) that never arrived: one error
+        row each (id = key), so images in = rows. A reader row that only names where data was lost
+        (key ``@<byte offset>``: a cut between whole samples) is folded into their messages."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        causes: list[str] = []
+        kept = []
+        for t in tables:
+            lost_at = pc.starts_with(t.column("key").fill_null(""), "@")
+            if pc.any(lost_at).as_py():
+                for r in t.filter(lost_at).select(["shard", "key", "message"]).to_pylist():
+                    prefix = f"{r['shard']}:{r['key']}: "
+                    m = r["message"] or ""
+                    causes.append(m[len(prefix):] if m.startswith(prefix) else m)
+                t = t.filter(pc.invert(lost_at))
+            kept.append(t)
+        shard = storage.redact(self._shard_of.get(sid, sid))
+        cause = "; ".join(dict.fromkeys(causes))
+        note = "listed in the manifest but not in the shard (the tar changed or was cut after ingest)"
+        rows = [{"id": k, "shard": shard, "key": k, "height": 0, "width": 0, "status": "error",
+                 "message": f"{shard}:{k}: {note}" + (f": {cause}" if cause else "")} for k in missing]
+        return kept + [pa.Table.from_pylist(rows, schema=self.schema)]
 
     def _write_part(self, name: str, table) -> None:
         import pyarrow.parquet as pq

@@ -97,9 +97,9 @@ def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], cl
     """Pseudo-label rows (status ok/empty) joined with their images by id.
 
     table_dir (local or a URI) must hold a finished table: one without its completion marker in
-    object storage raises label_job.IncompleteTableError."""
+    object storage raises table_commit.IncompleteTableError."""
     import ray
-    from engine.pipeline.label_job import table_files
+    from engine.pipeline.table_commit import table_files
     from engine.pipeline.shard_reader import read_shards
     from schemas.tables import class_column
 

@@ -16,6 +16,9 @@ import time
 import uuid
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared procs module
+from procs import cmdline, descendants, pids_with_env  # noqa: E402
+
 MARKER = "PLABEL_FAULT_TEST"  # environment variable carrying a per-run id
 # batches of one shard (SHARD_SIZE images): the same images share a batch in every run, so
 # tables of different runs are equal bit for bit (float results may change with batch composition)
@@ -107,18 +110,7 @@ def plabel(*args: str) -> list[str]:
 
 def marked_pids(run_id: str) -> list[int]:
     """PIDs of processes whose environment carries MARKER=run_id (this process excluded)."""
-    needle = f"{MARKER}={run_id}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle in env:
-            pids.append(int(entry))
-    return pids
+    return pids_with_env(MARKER, run_id)
 
 
 def kill_run(proc: subprocess.Popen | None, run_id: str, sig: int = signal.SIGKILL) -> list[int]:
@@ -150,36 +142,6 @@ def kill_run(proc: subprocess.Popen | None, run_id: str, sig: int = signal.SIGKI
     if run_id in _TMPDIRS and not marked_pids(run_id):
         shutil.rmtree(_TMPDIRS.pop(run_id), ignore_errors=True)
     return killed
-
-
-def children_map() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    kids, out, todo = children_map(), [], [pid]
-    while todo:
-        p = todo.pop()
-        for c in kids.get(p, []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def actor_pids(name: str, under: int | None = None, run_id: str | None = None, busy: bool = False) -> list[int]:

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from engine import storage
+from engine.pipeline.label_job import read_pseudo_labels
 from engine.pipeline.table_commit import (
     JOB_NAME, MARKER_NAME, IncompleteTableError, ShardTableWriter, expected_keys, part_names, table_files)
 from schemas.tables import pseudo_label_schema, table_classes
@@ -173,4 +174,24 @@ def test_samples_missing_from_a_shard_are_counted(tmp_path):
     w, _ = _writer(out, shards, {shards[0]: ["a", "b", "c"]})
     w.add(_rows(shards[0], ["a", "c"]))  # the tar ended early: 'b' never comes
     assert not w.done
-    assert w.finish({})["rows"] == 2 and w.missing_samples == 1
+    assert w.finish({}) == {"rows": 3, "ok": 2, "empty": 0, "error": 1} and w.missing_samples == 1
+    row = [r for r in read_pseudo_labels(out).to_pylist() if r["key"] == "b"][0]
+    assert (row["id"], row["status"], row["shard"]) == ("b", "error", shards[0])
+    assert row["message"].startswith(f"{shards[0]}:b: listed in the manifest but not in the shard")
+
+
+def test_data_lost_between_samples_is_charged_to_the_missing_ones(tmp_path):
+    """A tar cut after whole samples: the reader's row naming the byte offset is replaced by one
+    error row per sample the manifest lists and the tar lost, each carrying the offset."""
+    out = str(tmp_path / "table")
+    shards = _shards(str(tmp_path), 1)
+    w, _ = _writer(out, shards, {shards[0]: ["a", "b", "c", "d"]})
+    lost = _rows(shards[0], ["@1536"], status="error")
+    lost = lost.set_column(lost.schema.get_field_index("message"), "message",
+                           pa.array([f"{shards[0]}:@1536: tar truncated at byte 1536: cut"]))
+    w.add(pa.concat_tables([_rows(shards[0], ["a", "b"]), lost]))
+    assert w.finish({}) == {"rows": 4, "ok": 2, "empty": 0, "error": 2} and w.missing_samples == 2
+    rows = {r["key"]: r for r in read_pseudo_labels(out).to_pylist()}
+    assert sorted(rows) == ["a", "b", "c", "d"]
+    assert rows["d"]["message"] == (f"{shards[0]}:d: listed in the manifest but not in the shard (the tar changed "
+                                    "or was cut after ingest): tar truncated at byte 1536: cut")

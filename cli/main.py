@@ -143,9 +143,12 @@ def label(
     opening: int = typer.Option(0, help="Cleaning: opening radius in pixels (0 = off)."),
     closing: int = typer.Option(0, help="Cleaning: closing radius in pixels (0 = off)."),
     fill_holes: bool = typer.Option(False, help="Cleaning: fill enclosed holes."),
-    gate_policy: str = typer.Option("auto", help="Quality gate for every class: auto, sam, unet or drop."),
-    min_sam_iou: float = typer.Option(0.5, help="Gate: SAM's predicted IoU needed to keep SAM's mask."),
-    min_agreement: float = typer.Option(0.6, help="Gate: Dice between U-Net and SAM masks needed to keep SAM's mask."),
+    gate_policy: str = typer.Option("auto", "--gate-policy", metavar="POLICY|PATH",
+                                    help="Quality gate: auto, sam, unet or drop for every class, or the path (or URI) of "
+                                         "a gate_policy.json written by `plabel run` (the gate calibrated per class on "
+                                         "validation images; it cannot be combined with --min-sam-iou / --min-agreement)."),
+    min_sam_iou: Optional[float] = typer.Option(None, help="Gate: SAM's predicted IoU needed to keep SAM's mask (default 0.5)."),
+    min_agreement: Optional[float] = typer.Option(None, help="Gate: Dice between U-Net and SAM masks needed to keep SAM's mask (default 0.6)."),
     address: Optional[str] = _ADDRESS,
     num_cpus: Optional[int] = _NUM_CPUS,
 ):
@@ -156,13 +159,14 @@ def label(
 
     stage_list = None if stages is None else [
         [p.strip() for p in s.split(",") if p.strip()] for s in stages.split(";") if s.strip()]
+    gate = _gate_option(gate_policy, min_sam_iou, min_agreement)
     try:
         section = build(LabelSection, {
             "cleaning": {"threshold": threshold, "opening_radius": opening, "closing_radius": closing, "fill_holes": fill_holes},
             "sam": {"backend": sam_backend, "checkpoint": sam_checkpoint, "sha256": sam_sha256, "stages": stage_list,
                     "batch_size": sam_batch_size, "actors": sam_actors, "num_gpus": sam_gpus, "device": sam_device, "cpus": sam_cpus,
                     "autocast": autocast},
-            "gate": {"policy": gate_policy, "min_sam_iou": min_sam_iou, "min_agreement": min_agreement},
+            "gate": gate,
             "unet_actors": unet_actors, "unet_batch_size": unet_batch_size, "max_image_pixels": max_image_pixels,
         }, "label")
     except ConfigError as e:
@@ -175,6 +179,35 @@ def label(
         typer.echo(f"resumed: skipped {summary['shards_skipped']} of {summary['shards']} shard(s) "
                    "committed by an earlier run of this job")
     typer.echo(json.dumps(summary, indent=2))
+
+
+def _gate_option(gate_policy: str, min_sam_iou: Optional[float], min_agreement: Optional[float]) -> dict:
+    """The label.gate section of `plabel label`'s options: one policy for every class, or the gate of
+    a gate_policy.json (its default and per-class gates)."""
+    from engine.gate import POLICIES
+
+    if gate_policy in POLICIES:
+        gate = {"policy": gate_policy}
+        if min_sam_iou is not None:
+            gate["min_sam_iou"] = min_sam_iou
+        if min_agreement is not None:
+            gate["min_agreement"] = min_agreement
+        return gate
+    from engine.calibrate import load_gate_policy
+    from engine.storage import redact
+
+    if min_sam_iou is not None or min_agreement is not None:
+        _fail(f"--gate-policy {redact(gate_policy)} is a policy file: its gate sets the thresholds, "
+              "drop --min-sam-iou / --min-agreement")
+    try:
+        policy = load_gate_policy(gate_policy)
+    except FileNotFoundError:
+        _fail(f"--gate-policy: expected one of {', '.join(POLICIES)} or a gate_policy.json, "
+              f"got {redact(gate_policy)!r} (no such file)")
+    except ValueError as e:
+        _fail(f"--gate-policy: {e}")
+    gate = policy.gate.to_dict()
+    return {**gate["default"], "per_class": gate["per_class"]}
 
 
 @app.command()

@@ -12,7 +12,8 @@ the Dice ``agreement`` between the cleaned U-Net mask and SAM's mask:
 The agreement test guards against SAM answering a different structure than the prompt meant, and
 a very low agreement means at least one of the two masks is wrong, so neither is trusted.
 A class the teacher did not find is ``empty`` (stored as background, trained as background).
-Defaults are conservative; ``plabel`` calibrates them per class from labelled validation images.
+Defaults are conservative; ``plabel run`` calibrates them per class from labelled validation
+images (engine.calibrate, its ``calibrate`` stage) unless ``label.gate.calibrate`` is false.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ Every section is a dataclass; unknown keys, wrong types and out-of-range values 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,6 +103,9 @@ class SamSection:
     num_gpus: float = 1.0  # GPUs per SAM actor when they run on GPUs (fractions share a GPU)
     cpus: float = 1.0  # CPUs per SAM actor when the cluster has no GPU (its torch threads)
     autocast: str = "none"  # none | bf16 | fp16 (GPU only)
+    # torch.compile the image encoder and mask decoder in each SAM actor (engine.sam.compile):
+    # same float32 maths, ~1.5x faster on CPU, 1-3 min of compilation when an actor starts
+    compile: bool = False
     # extra Ray resources per SAM actor, e.g. {"sam_node": 1} to pin SAM to a node group
     resources: dict[str, float] = field(default_factory=dict)
 
@@ -125,6 +129,7 @@ class SamSection:
         _check(0 < self.num_gpus <= 8, f"{path}.num_gpus", self.num_gpus, "float in (0, 8]")
         _check(self.cpus > 0, f"{path}.cpus", self.cpus, "float > 0")
         _check(self.autocast in AUTOCAST, f"{path}.autocast", self.autocast, f"one of {AUTOCAST}")
+        _check(isinstance(self.compile, bool), f"{path}.compile", self.compile, "true or false")
         _check(self.device in SAM_DEVICES, f"{path}.device", self.device, f"one of {SAM_DEVICES}")
         for k, v in self.resources.items():
             _check(k not in ("CPU", "GPU", "memory"), f"{path}.resources", k,
@@ -139,22 +144,46 @@ class GateSection:
     min_agreement: float = 0.6
     min_agreement_unet: float = 0.3
     per_class: dict[str, dict] = field(default_factory=dict)  # class -> overrides of the keys above
+    # `plabel run`: choose each class's gate on the validation split (engine.calibrate) before
+    # labelling; classes listed in per_class keep their configured gate
+    calibrate: bool = True
+    drop_floor: float = 0.5  # calibration: lowest Dice a dropped image scores (break-even Dice)
+    drop_margin: float = 0.0  # calibration: break-even = max(drop_floor, teacher's Dice - drop_margin)
+    min_images: int = 3  # calibration: validation images the teacher must find a class on
+
+    GATE_KEYS = ("policy", "min_sam_iou", "min_agreement", "min_agreement_unet")
 
     def validate(self, path: str) -> None:
         from engine.gate import POLICIES
 
         _check(self.policy in POLICIES, f"{path}.policy", self.policy, f"one of {POLICIES}")
-        allowed = {"policy", "min_sam_iou", "min_agreement", "min_agreement_unet"}
+        for k in ("min_sam_iou", "min_agreement", "min_agreement_unet"):
+            _check(math.isfinite(getattr(self, k)), f"{path}.{k}", getattr(self, k), "a finite number")
+        allowed = set(self.GATE_KEYS)
         for cls, over in self.per_class.items():
             _check(isinstance(over, dict), f"{path}.per_class.{cls}", over, "a mapping")
             for k, v in over.items():
                 _check(k in allowed, f"{path}.per_class.{cls}", k, f"keys from {sorted(allowed)}")
                 if k == "policy":
                     _check(v in POLICIES, f"{path}.per_class.{cls}.policy", v, f"one of {POLICIES}")
+                else:
+                    _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                           f"{path}.per_class.{cls}.{k}", v, "a finite number")
+        _check(0.0 <= self.drop_floor <= 1.0, f"{path}.drop_floor", self.drop_floor, "a number in [0, 1]")
+        _check(-1.0 <= self.drop_margin <= 1.0, f"{path}.drop_margin", self.drop_margin, "a number in [-1, 1]")
+        _check(self.min_images >= 1, f"{path}.min_images", self.min_images, "int >= 1")
 
     def to_gate_dict(self) -> dict:
-        default = {k: getattr(self, k) for k in ("policy", "min_sam_iou", "min_agreement", "min_agreement_unet")}
+        """engine.gate.GateConfig dict: the default gate, and per class the default with its overrides."""
+        default = {k: getattr(self, k) for k in self.GATE_KEYS}
         return {"default": default, "per_class": {c: {**default, **o} for c, o in self.per_class.items()}}
+
+    def with_calibrated(self, per_class: dict[str, dict]) -> "GateSection":
+        """A copy whose per-class gates are ``per_class`` (class -> gate dict, e.g. the calibrated
+        engine.gate.ClassGate dicts), except for the classes this section's per_class lists: their
+        configured overrides win."""
+        calibrated = {c: {k: g[k] for k in self.GATE_KEYS if k in g} for c, g in per_class.items()}
+        return dataclasses.replace(self, per_class={**calibrated, **self.per_class})
 
 
 @dataclass

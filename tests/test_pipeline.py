@@ -18,6 +18,7 @@ student: {epochs: 1, image_size: 64, base_channels: 8, depth: 3}
 label:
   cleaning: {threshold: 0.3}
   sam: {batch_size: 4}
+  gate: {per_class: {clavicle: {policy: unet}}}
   unet_batch_size: 4
 """
 
@@ -35,7 +36,7 @@ def tiny_run(tmp_path_factory, ray_local):
 def test_run_writes_every_stage(tiny_run):
     run, output = tiny_run
     results = json.loads((run / "results.json").read_text())
-    assert set(results["stages"]) == {"ingest", "teacher", "label", "student", "evaluate"}
+    assert set(results["stages"]) == {"ingest", "teacher", "calibrate", "label", "student", "evaluate"}
     assert results["stages"]["ingest"]["counts"] == {"labelled": 6, "val": 2, "test": 4, "unlabelled": 14}
     for name in ("config.yaml", "environment.json", "teacher.pt", "student.pt", "dice_table.txt"):
         assert (run / name).exists(), name
@@ -80,15 +81,15 @@ def test_ray_job_rows_equal_in_process_method(tiny_run):
     """The Ray Data job gives the same pseudo labels as calling the method functions directly."""
     import webdataset as wds
 
+    from engine.calibrate import load_gate_policy
     from engine.cleaning import CleaningConfig
-    from engine.gate import GateConfig
     from engine.imageio import decode_image, to_gray_float
     from engine.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
     from engine.ingest import load_manifest, shard_paths
     from engine.sam import SamRefiner, load_sam
     from engine.shards import image_member
     from engine.unet import load_checkpoint
-    from schemas.config import GateSection, SamSection
+    from schemas.config import SamSection
     from schemas.masks import decode_mask
 
     run, _ = tiny_run
@@ -97,7 +98,7 @@ def test_ray_job_rows_equal_in_process_method(tiny_run):
     classes = load_manifest(run / "shards")["classes"]
     model, _, extra = load_checkpoint(run / "teacher.pt")
     refiner = SamRefiner(load_sam("lite_medsam"), stages=tuple(tuple(s) for s in SamSection().stages))
-    gate = GateConfig.from_dict(GateSection().to_gate_dict())
+    gate = load_gate_policy(run / "gate_policy.json").gate  # what the label stage used
     shard = shard_paths(run / "shards", "unlabelled")[0]
     samples = list(wds.WebDataset(shard, shardshuffle=False))[:3]
     grays, metas = [], []
@@ -121,6 +122,38 @@ def test_ray_job_rows_equal_in_process_method(tiny_run):
             assert total == 0 or 2 * inter / total >= 0.99
             if row[f"{c}.sam_iou"] is not None:
                 assert got[f"{c}.sam_iou"] == pytest.approx(row[f"{c}.sam_iou"], abs=1e-3)
+
+
+def test_calibrate_stage_writes_the_gate_policy_the_label_stage_used(tiny_run):
+    """The calibrate stage reads the 2 validation images, writes gate_policy.json (the configured
+    per-class override of clavicle wins), and every table row follows the stored gate."""
+    import math
+
+    from engine.calibrate import label_decision, load_gate_policy
+    from engine.ingest import load_manifest
+
+    run, output = tiny_run
+    manifest = load_manifest(run / "shards")
+    classes = manifest["classes"]
+    policy = load_gate_policy(run / "gate_policy.json")
+    assert sorted(policy.validation["ids"]) == sorted(manifest["splits"]["val"]["ids"])
+    assert policy.validation["n_images"] == 2 and policy.overridden == ["clavicle"]
+    assert set(policy.report) == set(classes) and set(policy.calibrated.per_class) == set(classes)
+    assert policy.gate.for_class("clavicle").policy == "unet"
+    for c in classes:
+        r = policy.report[c]
+        assert r["n_images"] == 2 and sum(r["kept"].values()) == 2 and 0.0 <= r["dice_unet"] <= 1.0
+    results = json.loads((run / "results.json").read_text())
+    assert results["stages"]["calibrate"]["n_images"] == 2 and "dice gated" in output
+    assert output.index("[calibrate] ...") < output.index("[label] ...")
+    table = pads.dataset(str(run / "pseudo_labels"), format="parquet").to_table().to_pylist()
+    assert {row["clavicle.kept"] for row in table} <= {"unet", "empty"}
+    for row in table:
+        for c in classes:
+            iou, agree = row[f"{c}.sam_iou"], row[f"{c}.agreement_dice"]
+            assert row[f"{c}.kept"] == label_decision(policy.gate.for_class(c), row[f"{c}.kept"] != "empty",
+                                                      math.nan if iou is None else iou,
+                                                      math.nan if agree is None else agree)
 
 
 def test_evaluate_command_writes_json(tiny_run, tmp_path):

@@ -317,3 +317,36 @@ def test_lite_medsam_stage2_depends_on_stage1(lite_jsrt):
     moved = refiner.refine_features(feats, size, shifted)
     diff = np.abs(moved.low_res_logits - base.low_res_logits).max(axis=(1, 2))
     assert (diff > 0.1).all(), diff
+
+
+def test_fixed_encoder_batch_pads_and_matches(tiny, tiny_cases):
+    """encoder_batch=3 on 4 images: two encoder calls of exactly 3 images (the second padded with
+    zero images), and the same results as one call of 4."""
+    images, prompts = tiny_cases
+    free = SamRefiner(tiny).refine_batch(images, prompts)
+    fixed = SamRefiner(tiny, encoder_batch=3)
+    with count_calls(tiny.sam.image_encoder) as enc:
+        got = fixed.refine_batch(images, prompts)
+    assert [e.shape[0] for e in enc] == [3, 3]
+    for a, b, p in zip(got, free, prompts):
+        assert_equivalent(a, b, p, len(DEFAULT_STAGES))
+    with pytest.raises(ValueError, match="encoder_batch"):
+        SamRefiner(tiny, encoder_batch=0)
+
+
+def test_compiled_sam_matches_eager(tiny_cases):
+    """engine.sam.compile: the compiled encoder and decoder give the eager results (float32), the
+    decoder is compiled for its first shapes only and runs eagerly for later new shapes."""
+    from engine.sam.compile import CompiledDecoder, compile_sam, is_compiled
+
+    images, prompts = tiny_cases
+    eager = SamRefiner(build_random_sam(seed=3)).refine_batch(images, prompts)
+    model = compile_sam(build_random_sam(seed=3), max_decoder_shapes=2)
+    assert is_compiled(model) and compile_sam(model) is model  # once
+    decoder = model.sam.mask_decoder
+    assert isinstance(decoder, CompiledDecoder)
+    got = SamRefiner(model, encoder_batch=2).refine_batch(images, prompts)
+    for a, b, p in zip(got, eager, prompts):
+        assert_equivalent(a, b, p, len(DEFAULT_STAGES))
+    # images 0, 2, 3 have 3 classes, image 1 has 2: stage 1 and 2 shapes of 3 classes are compiled
+    assert len(decoder.shapes) == 2 and all(s[1][0] == 3 for s in decoder.shapes)

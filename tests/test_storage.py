@@ -347,9 +347,10 @@ def test_run_pipeline_on_s3(tmp_path, s3_prefix, ray_local):
     lines = []
     results = run_pipeline(cfg, echo=lambda m: (lines.append(m), print(f"{time.time() - t0:6.1f} {m}", flush=True)))
     run = storage.join(s3_prefix, "runs", "tiny")
-    assert set(results["stages"]) == {"teacher", "label", "student", "evaluate"}
+    assert set(results["stages"]) == {"teacher", "calibrate", "label", "student", "evaluate"}
     assert results["run_dir"] == run
-    for name in ("config.yaml", "environment.json", "results.json", "dice_table.txt", "teacher.pt", "student.pt"):
+    for name in ("config.yaml", "environment.json", "results.json", "dice_table.txt", "teacher.pt", "student.pt",
+                 "gate_policy.json"):
         assert storage.exists(storage.join(run, name)), name
     assert json.loads(storage.read_text(storage.join(run, "results.json")))["stages"]["label"]["rows"] == 5
     assert storage.list_files(storage.join(run, "ray_train"))  # Ray Train checkpoints in the bucket
@@ -368,7 +369,7 @@ def test_run_pipeline_on_s3(tmp_path, s3_prefix, ray_local):
     # re-running resumes: every stage is skipped
     lines.clear()
     run_pipeline(cfg, echo=lines.append)
-    assert sum("skipped" in line for line in lines) == 4, lines
+    assert sum("skipped" in line for line in lines) == 5, lines
 
     # results.json lost the label stage (a crash after the commit): the committed table of this teacher is reused
     results_uri = storage.join(run, "results.json")

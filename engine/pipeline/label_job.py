@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -213,7 +213,14 @@ class RefineStage:
         model = load_sam(sam["backend"], sam.get("checkpoint"), device=device, cache_dir=cache_dir,
                          sha256=sam.get("sha256"))
         stages = tuple(tuple(s) for s in sam["stages"])
-        self.refiner = SamRefiner(model, stages=stages, autocast_dtype=autocast if device == "cuda" else None)
+        encoder_batch = None
+        if sam.get("compile"):
+            from engine.sam.compile import compile_sam
+
+            compile_sam(model)
+            encoder_batch = int(sam["batch_size"])  # static shapes: every encoder call the same size
+        self.refiner = SamRefiner(model, stages=stages, autocast_dtype=autocast if device == "cuda" else None,
+                                  encoder_batch=encoder_batch)
         self.gate = GateConfig.from_dict(gate)
         self.classes = list(classes)
         self.provenance = {
@@ -290,10 +297,12 @@ def run_label_job(
     teacher_checkpoint: str,
     label_cfg,
     cache_dir: str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Run the labelling job into out_dir (a local folder or a URI), shard by shard (see the module
     docstring); a job interrupted earlier with the same settings is resumed. Returns counts
-    {rows, ok, empty, error}, wall time, and shards / shards_skipped (committed by an earlier run)."""
+    {rows, ok, empty, error}, wall time, and shards / shards_skipped (committed by an earlier run).
+    ``progress(n)`` is called on the driver with the number of rows of every block that arrives."""
     import ray
 
     from engine.pipeline.cluster import cluster_gpus, quiet_ray_data
@@ -336,6 +345,8 @@ def run_label_job(
         )
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             writer.add(block)  # writes each shard's part as soon as its last row arrived
+            if progress is not None:
+                progress(block.num_rows)
     counts = writer.finish({"unet_checkpoint_sha256": unet_sha256})
     return {**counts, "wall_s": round(time.time() - t0, 2), "sam_on_gpu": "GPU" in requests["refine"].resources,
             "shards": len(writer.shards), "shards_skipped": writer.skipped,

@@ -5,6 +5,8 @@
       environment.json      package versions, Python, platform
       shards/               ingested WebDataset shards + manifest.json (when data.source is given)
       teacher.pt            best-validation teacher
+      gate_policy.json      the quality gate calibrated per class on the validation split
+                            (engine.calibrate; when label.gate.calibrate and a val split exist)
       pseudo_labels/        the pseudo-label Parquet table
       student.pt            best-validation student
       results.json          stage wall times, model hashes, label counts, Dice summaries
@@ -13,13 +15,15 @@
 
 A stage whose output already exists is skipped, so re-running the same command resumes; inside a
 stage, training resumes from its last epoch checkpoint (ray_train/) and labelling from its last
-committed shard (engine.pipeline.table_commit).
+committed shard (engine.pipeline.table_commit). The calibrate stage runs again when
+gate_policy.json is missing or was calibrated with another teacher.
 run_dir (and data.shards) may be object-store URIs (s3://, gs://; engine.storage): everything
 above then lives under that prefix. A pseudo-label table there counts only with its completion
 marker (engine.pipeline.label_job); a finished table of the same teacher is reused.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -32,7 +36,8 @@ from typing import Callable
 import yaml
 
 from engine import storage
-from schemas.config import RunConfig
+from engine.calibrate import POLICY_FILE
+from schemas.config import LabelSection, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ def _redact_uris(obj):
 
 
 def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
-    """Run ingest -> teacher -> label -> student -> evaluate; returns results.json's content."""
+    """Run ingest -> teacher -> calibrate -> label -> student -> evaluate; returns results.json's content."""
     from engine.ingest import ingest, load_manifest, shard_paths
     from engine.metrics import format_dice_table
     from engine.pipeline.cluster import ensure_ray
@@ -137,13 +142,30 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
 
     stage("teacher", teacher)
 
-    # 3. label
+    # 3. calibrate the quality gate on the validation split
+    label_cfg = cfg.label
+    policy_path = at(POLICY_FILE)
+    if not cfg.label.gate.calibrate:
+        echo("[calibrate] off (label.gate.calibrate: false): the configured gate is used")
+    elif not paths("val"):
+        echo("[calibrate] no validation split (data.val: 0): the configured gate is used")
+    else:
+        teacher_sha = checkpoint_sha256(at("teacher.pt"))
+        done = results["stages"].get("calibrate", {}).get("done")
+        if done and _stale_policy(policy_path, teacher_sha):
+            echo(f"[calibrate] {POLICY_FILE} is missing or belongs to another teacher: calibrating again")
+            del results["stages"]["calibrate"]
+        stage("calibrate", lambda: calibrate_stage(cfg, paths("val"), classes, at("teacher.pt"), teacher_sha,
+                                                    policy_path, echo))
+        label_cfg = labelling_config(cfg, policy_path)
+
+    # 4. label
     def label():
         marker = table_marker(at("pseudo_labels"))
         if marker is not None and marker.get("unet_checkpoint_sha256") == checkpoint_sha256(at("teacher.pt")):
             echo("[label] the table of this teacher was committed by an earlier run, reused")
             return {k: marker[k] for k in ("rows", "ok", "empty", "error")}
-        out = run_label_job(paths("unlabelled"), at("pseudo_labels"), classes, at("teacher.pt"), cfg.label)
+        out = run_label_job(paths("unlabelled"), at("pseudo_labels"), classes, at("teacher.pt"), label_cfg)
         if out.get("shards_skipped"):
             echo(f"[label] resumed: {out['shards_skipped']} of {out['shards']} shard(s) were committed by an "
                  "earlier run, skipped")
@@ -151,7 +173,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
 
     stage("label", label)
 
-    # 4. student
+    # 5. student
     def student():
         size, C = cfg.student.image_size, len(classes)
         train = pseudo_labelled_dataset(at("pseudo_labels"), paths("unlabelled"), classes, size)
@@ -168,7 +190,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
 
     stage("student", student)
 
-    # 5. evaluate
+    # 6. evaluate
     if paths("test"):
         def evaluate():
             return {m: evaluate_checkpoint(at(f"{m}.pt"), paths("test"), classes) for m in ("teacher", "student")}
@@ -186,3 +208,120 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
              f"in {storage.join(run_name, 'pseudo_labels')}")
     echo(f"run directory: {run_name}")
     return results
+
+
+# ------------------------------------------------------------------------------------- calibrate
+
+
+def read_labelled_images(shards, num_classes: int) -> tuple[list[str], list, list, list[str]]:
+    """Read labelled shards in this process (a validation split: a few images).
+
+    Returns ids, gray uint8 (H, W) images, ground truth bool (C, H, W), and messages naming the
+    samples that could not be used (undecodable image, missing or misfitting masks)."""
+    from engine.pipeline.samples import decode_gray, sample_id, sample_masks, sample_where
+    from engine.pipeline.shard_reader import read_shard_file
+
+    fs, resolved = storage.resolve_all(list(shards))
+    ids, grays, truths, skipped = [], [], [], []
+    for shard, location in zip(shards, resolved):
+        for sample in read_shard_file(location, storage.redact(shard), filesystem=fs):
+            try:
+                gray = decode_gray(sample)
+                truth = sample_masks(sample, gray.shape, num_classes)
+                sid = sample_id(sample)
+            except Exception as e:  # noqa: BLE001 - a bad validation sample is left out, named
+                skipped.append(f"{sample_where(sample)}: {e}")
+                continue
+            ids.append(sid)
+            grays.append(gray)
+            truths.append(truth)
+    return ids, grays, truths, skipped
+
+
+def sam_refiner(sam):
+    """engine.sam.SamRefiner of a SamSection, on the GPU when this process has one (as the label
+    job's SAM actors: autocast only there)."""
+    import torch
+
+    from engine.sam import SamRefiner, load_sam
+
+    device = "cuda" if torch.cuda.is_available() and sam.device != "cpu" else "cpu"
+    model = load_sam(sam.backend, sam.checkpoint, device=device, sha256=sam.sha256)
+    autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[sam.autocast]
+    return SamRefiner(model, stages=tuple(tuple(s) for s in sam.stages),
+                      autocast_dtype=autocast if device == "cuda" else None)
+
+
+def calibrate_stage(cfg: RunConfig, val_shards, classes, teacher_path: str, teacher_sha: str,
+                    policy_path: str, echo: Callable[[str], None] = print) -> dict:
+    """Calibrate the gate on the validation shards, write ``policy_path`` (gate_policy.json) and
+    return the stage's results.json entry."""
+    from engine.calibrate import (CalibrationObjective, GateGrid, GatePolicy, calibrate_gate, format_calibration,
+                                  save_gate_policy, validation_evidence)
+    from engine.cleaning import CleaningConfig
+    from engine.gate import GateConfig
+    from engine.unet import load_checkpoint
+
+    gate_cfg = cfg.label.gate
+    ids, grays, truths, bad = read_labelled_images(val_shards, len(classes))
+    for message in bad:
+        echo(f"[calibrate] left out: {message}")
+    model, _, extra = load_checkpoint(teacher_path)
+    refiner = sam_refiner(cfg.label.sam)
+    images, nonfinite = validation_evidence(
+        model, int(extra.get("image_size", cfg.teacher.image_size)), refiner, grays, truths, ids, classes,
+        CleaningConfig(**dataclasses.asdict(cfg.label.cleaning)), batch_size=cfg.label.sam.batch_size)
+    objective = CalibrationObjective(drop_floor=gate_cfg.drop_floor, drop_margin=gate_cfg.drop_margin,
+                                     min_images=gate_cfg.min_images)
+    grid = GateGrid()
+    cal = calibrate_gate(images, classes, GateConfig.from_dict(gate_cfg.to_gate_dict()), objective, grid)
+    effective = gate_cfg.with_calibrated({c: g.to_dict() for c, g in cal.gate.per_class.items()})
+    sam = cfg.label.sam
+    policy = GatePolicy(
+        gate=GateConfig.from_dict(effective.to_gate_dict()),
+        calibrated=cal.gate,
+        report=cal.report,
+        validation={"split": "val", "n_images": len(images), "ids": cal.ids,
+                    "skipped": bad + [f"{i}: teacher probabilities not finite" for i in nonfinite]},
+        settings={"teacher_sha256": teacher_sha, "cleaning": dataclasses.asdict(cfg.label.cleaning),
+                  "sam": {"backend": sam.backend, "sha256": refiner.model.checkpoint_sha256,
+                          "stages": [list(s) for s in sam.stages]},
+                  "objective": objective.to_dict(), "grid": grid.to_dict()},
+        overridden=sorted(c for c in gate_cfg.per_class if c in classes),
+    )
+    save_gate_policy(policy_path, policy)
+    echo(format_calibration(cal.report))
+    if policy.overridden:
+        echo(f"[calibrate] label.gate.per_class sets the gate of {', '.join(policy.overridden)} (not calibrated)")
+    return {"n_images": len(images), "policy_file": POLICY_FILE,
+            "per_class": {c: {**policy.gate.for_class(c).to_dict(),
+                              **{k: cal.report[c][k] for k in ("objective", "objective_base", "dice_gated")}}
+                          for c in classes}}
+
+
+def _stale_policy(policy_path: str, teacher_sha: str) -> bool:
+    """True when gate_policy.json is missing, unreadable or calibrated with another teacher."""
+    from engine.calibrate import load_gate_policy
+
+    try:
+        return load_gate_policy(policy_path).settings.get("teacher_sha256") != teacher_sha
+    except (FileNotFoundError, ValueError):
+        return True
+
+
+def labelling_config(cfg: RunConfig, policy_path: str) -> LabelSection:
+    """cfg.label with the gate of gate_policy.json: the calibrated per-class gates, except the
+    classes the config's label.gate.per_class lists (the configured overrides win)."""
+    from engine.calibrate import load_gate_policy
+
+    from engine.calibrate import save_gate_policy
+    from engine.gate import GateConfig
+
+    policy = load_gate_policy(policy_path)
+    gate = cfg.label.gate.with_calibrated({c: g.to_dict() for c, g in policy.calibrated.per_class.items()})
+    effective = GateConfig.from_dict(gate.to_gate_dict())
+    if effective != policy.gate:  # per_class overrides changed since the calibration: keep the file true
+        policy.gate = effective
+        policy.overridden = sorted(c for c in cfg.label.gate.per_class if c in policy.calibrated.per_class)
+        save_gate_policy(policy_path, policy)
+    return dataclasses.replace(cfg.label, gate=gate)

@@ -104,13 +104,19 @@ class SamRefiner:
     autocast_dtype: torch.bfloat16 / torch.float16 to run the encoder and decoder under
                     torch.autocast on the model's device type; None = the model's own precision.
                     Outputs are float32 either way.
+    encoder_batch:  None: one image-encoder call for all images of a batch. An int: calls of
+                    exactly this many images, the last one padded with zero images (the shapes
+                    a compiled encoder needs to stay static; see engine.sam.compile).
     """
 
     PENDING_BYTES = 256 << 20  # device memory of full-size masks held before copying to host
 
     def __init__(self, model: SamModel, stages: Stages = DEFAULT_STAGES,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, encoder_batch: int | None = None):
+        if encoder_batch is not None and encoder_batch < 1:
+            raise ValueError(f"encoder_batch must be >= 1, got {encoder_batch}")
         self.model = model
+        self.encoder_batch = encoder_batch
         self.sam = model.sam.eval()
         self.stages = validate_stages(stages)
         self.autocast_dtype = autocast_dtype
@@ -144,9 +150,18 @@ class SamRefiner:
         images: uint8 (H, W, 3) RGB (or (H, W) grayscale), any sizes. One image_encoder call.
         """
         batch = torch.cat([self._preprocess(im) for im in images], dim=0)
-        with self._autocast():
-            features = self.sam.image_encoder(batch)
-        return features.float()
+        if self.encoder_batch is None:
+            with self._autocast():
+                return self.sam.image_encoder(batch).float()
+        out = []
+        for k in range(0, batch.shape[0], self.encoder_batch):
+            chunk = batch[k:k + self.encoder_batch]
+            n = chunk.shape[0]
+            if n < self.encoder_batch:
+                chunk = torch.cat([chunk, chunk.new_zeros((self.encoder_batch - n, *chunk.shape[1:]))])
+            with self._autocast():
+                out.append(self.sam.image_encoder(chunk)[:n].float())
+        return torch.cat(out)
 
     @torch.no_grad()
     def refine_batch(self, images: Sequence[np.ndarray],

@@ -1,0 +1,151 @@
+"""Ray-free, in-process versions of two pipeline steps, for benchmarks and experiments.
+
+    fit_unet         train a U-Net on in-memory arrays with engine.train_core, keeping the
+                     weights of the epoch with the best validation Dice (the selection rule of
+                     engine.pipeline.train_job's loop: positive-class weights from the weighted
+                     training masks, AdamW + cosine schedule, one generator seeded from
+                     cfg.seed for shuffling and augmentation)
+    refine_variants  several SAM stage sets on the same images with one image-encoder pass
+                     (SamRefiner.encode once, SamRefiner.refine_features per stage set): the
+                     results equal each refiner's own refine_batch
+
+Nothing here changes the method; the pipeline's Ray jobs remain the reference.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from engine.train_core import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step
+
+
+@dataclass
+class FitResult:
+    """model: the U-Net with the best-validation weights (eval mode, CPU); config: its UNetConfig;
+    best_epoch: 0-based epoch of those weights (the last epoch without validation data);
+    best_val_dice: its mean validation Dice (None without validation data);
+    history: one {"epoch", "loss", "val_dice", "seconds"} per epoch."""
+
+    model: torch.nn.Module
+    config: object
+    best_epoch: int
+    best_val_dice: float | None
+    history: list[dict] = field(default_factory=list)
+
+
+def _as_float_tensor(a, name: str, ndim: int) -> torch.Tensor:
+    t = torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)
+    if t.ndim != ndim:
+        raise ValueError(f"fit_unet: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def positive_fraction(masks, weight) -> np.ndarray:
+    """float64 (C,) fraction of positive pixels per class, counting each sample's class with its
+    weight (a weight-0 class of a sample counts neither way); clipped to [1e-4, 1] as the
+    pipeline's training loop does before engine.losses.positive_class_weights."""
+    m = np.asarray(masks)
+    w = np.asarray(weight, dtype=np.float64)
+    pos = (m.reshape(m.shape[0], m.shape[1], -1).sum(axis=2, dtype=np.float64) * w).sum(axis=0)
+    tot = (w * m.shape[2] * m.shape[3]).sum(axis=0)
+    return np.clip(pos / np.maximum(tot, 1), 1e-4, 1.0)
+
+
+def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_masks=None,
+             progress: Callable[[dict], None] | None = None) -> FitResult:
+    """Train a U-Net in this process; return the best-validation model.
+
+    images: float32 (N, S, S) in [0, 1]; masks: {0, 1} (N, C, S, S); weight: float (N, C), 0 =
+    ignore that class of that sample (engine.losses), None = all 1. val_images / val_masks: the
+    same layout for model selection (mean Dice over images and classes after each epoch; the
+    first epoch with the highest value wins); None: the last epoch is kept. ``progress`` gets
+    each epoch's history entry. Deterministic for a given cfg.seed on one machine and thread count.
+    """
+    from engine.losses import positive_class_weights
+    from engine.unet import UNet
+
+    x = _as_float_tensor(images, "images", 3)[:, None]
+    y = _as_float_tensor(masks, "masks", 4)
+    n, C = int(y.shape[0]), int(y.shape[1])
+    if x.shape[0] != n or x.shape[2:] != y.shape[2:]:
+        raise ValueError(f"fit_unet: images {tuple(x.shape)} do not fit masks {tuple(y.shape)}")
+    if n == 0:
+        raise ValueError("fit_unet: no training images")
+    w = torch.ones((n, C)) if weight is None else _as_float_tensor(weight, "weight", 2)
+    if tuple(w.shape) != (n, C):
+        raise ValueError(f"fit_unet: weight must have shape ({n}, {C}), got {tuple(w.shape)}")
+    has_val = val_images is not None and len(val_images) > 0
+    if has_val:
+        vx = _as_float_tensor(val_images, "val_images", 3)[:, None]
+        vy = _as_float_tensor(val_masks, "val_masks", 4)
+        if vx.shape[0] != vy.shape[0] or vy.shape[1] != C:
+            raise ValueError(f"fit_unet: val_images {tuple(vx.shape)} do not fit val_masks {tuple(vy.shape)}")
+
+    torch.manual_seed(cfg.seed)
+    model, ucfg = build_model(cfg, C)
+    opt, sched = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000)  # the pipeline's rank-0 generator
+    pos_weight = positive_class_weights(positive_fraction(y.numpy(), w.numpy()), cfg.pos_weight_max)
+    best, best_epoch, best_state = -1.0, -1, None
+    history = []
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen)
+        losses = []
+        for k in range(0, n, cfg.batch_size):
+            idx = perm[k:k + cfg.batch_size]
+            losses.append(train_step(model, opt, x[idx], y[idx], w[idx], pos_weight, cfg, gen))
+        sched.step()
+        val_dice = None
+        if has_val:
+            per_image = np.concatenate([evaluate_batch(model, vx[k:k + 8], vy[k:k + 8])
+                                        for k in range(0, len(vx), 8)])
+            val_dice = float(per_image.mean())
+        entry = {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val_dice,
+                 "seconds": round(time.perf_counter() - t0, 3)}
+        history.append(entry)
+        if progress is not None:
+            progress(entry)
+        if best_state is None or not has_val or (np.isfinite(val_dice) and val_dice > best):
+            best = val_dice if has_val and np.isfinite(val_dice) else best
+            best_epoch = epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    final = UNet.from_config(ucfg)
+    final.load_state_dict(best_state)
+    final.eval()
+    return FitResult(final, ucfg, best_epoch, float(best) if has_val and best >= 0 else None, history)
+
+
+def refine_variants(refiners: Mapping[str, object], images: Sequence[np.ndarray],
+                    prompts: Sequence) -> dict[str, list]:
+    """{name: [RefinementResult per image]} for several engine.sam.SamRefiner of ONE SamModel
+    (e.g. different ``stages``), from a single image-encoder call over the images that have a
+    valid class (the first refiner's encode: its encoder_batch and autocast); images without one
+    are not encoded and get empty results, as in SamRefiner.refine_batch.
+
+    images: uint8 (H, W, 3) RGB or (H, W) gray; prompts: engine.prompts.RefinementPrompts each.
+    """
+    if not refiners:
+        raise ValueError("refine_variants: no refiners")
+    if len(images) != len(prompts):
+        raise ValueError(f"refine_variants: {len(images)} images but {len(prompts)} prompt sets")
+    first = next(iter(refiners.values()))
+    for name, r in refiners.items():
+        if r.sam is not first.sam:
+            raise ValueError(f"refine_variants: refiner {name!r} has another SAM model; all must share one")
+    todo = [i for i, p in enumerate(prompts) if np.asarray(p.valid).any()]
+    features = first.encode([images[i] for i in todo]) if todo else None
+    row = {i: k for k, i in enumerate(todo)}
+    out = {}
+    for name, r in refiners.items():
+        results = []
+        for i, (image, p) in enumerate(zip(images, prompts)):
+            size = tuple(int(s) for s in np.asarray(image).shape[:2])
+            feats = features[row[i]:row[i] + 1] if i in row else None
+            results.append(r.refine_features(feats, size, p))
+        out[name] = results
+    return out

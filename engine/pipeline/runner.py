@@ -241,6 +241,17 @@ def read_labelled_images(shards, num_classes: int) -> tuple[list[str], list, lis
 def sam_refiner(sam):
     """engine.sam.SamRefiner of a SamSection, on the GPU when this process has one (as the label
     job's SAM actors: autocast only there)."""
+    import os
+    import tempfile
+
+    # Under `plabel submit` the driver runs in the job's working_dir, which can be gone by now
+    # (seen after the teacher's Ray Train run); segment_anything's imports (torchvision ->
+    # torch._dynamo) and checkpoint paths call os.getcwd(). Every config path is absolute already.
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        log.warning("the working directory no longer exists; continuing in %s", tempfile.gettempdir())
+        os.chdir(tempfile.gettempdir())
     import torch
 
     from engine.sam import SamRefiner, load_sam

@@ -148,9 +148,10 @@ def sam_checkpoint(backend: str, checkpoint: str | None, random_weights: bool, w
 # ----------------------------------------------------------------------------- memory sampling
 
 
-def own_peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM; unlike ru_maxrss it does not inherit the parent's peak)."""
-    status = Path("/proc/self/status").read_text()
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """Peak RSS (VmHWM, MiB) of a process; for this one, unlike ru_maxrss, it does not inherit the
+    parent's peak across fork/exec. OSError when the process is gone."""
+    status = Path(f"/proc/{pid}/status").read_text()
     return round(next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:")) / 1024, 1)
 
 
@@ -163,11 +164,9 @@ def rss_sampler(stop: threading.Event, peaks: dict, period: float = 0.5) -> None
             if stage is None:
                 continue
             try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
+                peaks[stage] = max(peaks.get(stage, 0.0), peak_rss_mib(pid))
+            except (OSError, StopIteration):
                 continue
-            hwm = next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:")), 0) / 1024
-            peaks[stage] = max(peaks.get(stage, 0.0), hwm)
         stop.wait(period)
 
 
@@ -239,7 +238,7 @@ def job_main(args) -> int:
            "first_block_s": round(arrivals[0][0] - t0, 2), "steady_from_s": round(first - t0, 2),
            "arrivals": [[round(t - t0, 2), n] for t, n in arrivals],
            "images_per_s_steady": round(steady_rows / (last - first), 3) if last > first else None,
-           "driver_peak_rss_mib": own_peak_rss_mib(),
+           "driver_peak_rss_mib": peak_rss_mib(),
            "actor_peak_rss_mib": {k: round(v, 1) for k, v in peaks.items()}}
     if gpu is not None:
         out["gpu_util_mean_pct"] = gpu.mean_between(first, last)
@@ -265,13 +264,6 @@ def run_job(spec: dict, work: Path, name: str) -> dict:
 # ----------------------------------------------------------------------------- refine: a, b, c
 
 
-def dice(a, b) -> float:
-    import numpy as np
-
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
-
-
 def refine_main(args) -> int:
     import numpy as np
     import torch
@@ -279,7 +271,8 @@ def refine_main(args) -> int:
     from engine.cleaning import CleaningConfig
     from engine.labelling import clean_and_prompt, teacher_probs
     from engine.sam import load_sam
-    from engine.sam.refine import SamRefiner, refine_reference
+    from engine.metrics import dice
+    from engine.sam.refine import SamRefiner, autocast_dtype, refine_reference
     from engine.unet import load_checkpoint
     from schemas.config import LabelSection, SamSection, build
 
@@ -331,7 +324,7 @@ def refine_main(args) -> int:
 
     # (b) the engine in this process
     torch.set_num_threads(args.engine_threads or os.cpu_count())
-    autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
+    autocast = autocast_dtype(args.autocast)
     model = load_sam(args.backend, checkpoint, device=device)
     if args.compile:
         from engine.sam.compile import compile_sam
@@ -352,7 +345,7 @@ def refine_main(args) -> int:
     result["b"] = {"images_per_s": round(args.images / b_s, 3), "s_per_image": round(b_s / args.images, 4),
                    "threads": torch.get_num_threads(), "batch_size": args.batch_size, "compile": args.compile,
                    "autocast": args.autocast, "warmup_s": round(warm, 1),
-                   "process_peak_rss_mib": own_peak_rss_mib()}
+                   "process_peak_rss_mib": peak_rss_mib()}
     if device == "cuda":
         result["b"]["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     print(f"[speed] (b) engine: {result['b']}", flush=True)

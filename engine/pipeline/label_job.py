@@ -206,10 +206,10 @@ class RefineStage:
             torch.set_num_threads(max(1, int(sam.get("cpus", 1))))
 
         from engine.gate import GateConfig
-        from engine.sam import SamRefiner, load_sam
+        from engine.sam import SamRefiner, autocast_dtype, load_sam
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[sam.get("autocast", "none")]
+        autocast = autocast_dtype(sam.get("autocast", "none"))
         model = load_sam(sam["backend"], sam.get("checkpoint"), device=device, cache_dir=cache_dir,
                          sha256=sam.get("sha256"))
         stages = tuple(tuple(s) for s in sam["stages"])

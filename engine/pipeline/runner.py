@@ -254,13 +254,12 @@ def sam_refiner(sam):
         os.chdir(tempfile.gettempdir())
     import torch
 
-    from engine.sam import SamRefiner, load_sam
+    from engine.sam import SamRefiner, autocast_dtype, load_sam
 
     device = "cuda" if torch.cuda.is_available() and sam.device != "cpu" else "cpu"
     model = load_sam(sam.backend, sam.checkpoint, device=device, sha256=sam.sha256)
-    autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[sam.autocast]
     return SamRefiner(model, stages=tuple(tuple(s) for s in sam.stages),
-                      autocast_dtype=autocast if device == "cuda" else None)
+                      autocast_dtype=autocast_dtype(sam.autocast) if device == "cuda" else None)
 
 
 def calibrate_stage(cfg: RunConfig, val_shards, classes, teacher_path: str, teacher_sha: str,

@@ -12,6 +12,7 @@ from engine.sam.backends import (
     load_state_dict,
 )
 from engine.sam.refine import (
+    autocast_dtype,
     DEFAULT_STAGES,
     STAGE_PROMPTS,
     RefinementResult,
@@ -21,6 +22,7 @@ from engine.sam.refine import (
 )
 
 __all__ = [
+    "autocast_dtype",
     "BACKENDS",
     "RANDOM_BACKENDS",
     "ChecksumError",

@@ -53,6 +53,14 @@ class RefinementResult:
     low_res_logits: np.ndarray
 
 
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of an autocast setting: "none" -> None, "bf16", "fp16" (ValueError otherwise)."""
+    dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"autocast {name!r} is not one of {tuple(dtypes)}")
+    return dtypes[name]
+
+
 def validate_stages(stages: Stages) -> tuple[tuple[str, ...], ...]:
     """Normalised stages config; ValueError naming the offending value.
 

@@ -60,30 +60,24 @@ def build_shards(root: Path, n: int, size: int, shard_size: int, corrupt_frac: f
     """Shards + manifest.json under root/shards (split 'unlabelled'); returns the corruption log."""
     import cv2
 
-    from engine.shards import make_sample, sample_key, write_shards
+    from engine.ingest import write_unlabelled_shards
     from engine.synthetic import SYNTHETIC_CLASSES, render_synthetic
 
     rng = random.Random(seed)
     bad = set(rng.sample(range(n), int(round(n * corrupt_frac))))
     kinds: dict[str, str] = {}
 
-    def samples():
+    def images():
         for i in range(n):
             image_id = f"SOAK{i:06d}"
             image, _ = render_synthetic(i, size=size, seed=seed)
             data = cv2.imencode(".png", image)[1].tobytes()
             if i in bad:
                 kinds[image_id], data = corrupt(data, rng)
-            yield make_sample(sample_key(image_id), data, "png", {"id": image_id, "height": size, "width": size}, None)
+            yield image_id, data, size, size
 
-    out = root / "shards"
-    shards = write_shards(samples(), out / "unlabelled", "unlabelled", shard_size, relative_to=out)
-    ids = [f"SOAK{i:06d}" for i in range(n)]
-    manifest = {"format": "plabel-shards", "version": 1, "classes": list(SYNTHETIC_CLASSES), "seed": seed,
-                "shard_size": shard_size, "counts": {"labelled": 0, "val": 0, "test": 0},
-                "splits": {"unlabelled": {"n_samples": n, "has_masks": False, "ids": ids, "shards": shards}}}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return {"ids": ids, "corrupt": kinds}
+    manifest = write_unlabelled_shards(images(), SYNTHETIC_CLASSES, root / "shards", shard_size, seed)
+    return {"ids": manifest["splits"]["unlabelled"]["ids"], "corrupt": kinds}
 
 
 def tiny_teacher(path: Path, classes, size: int) -> None:

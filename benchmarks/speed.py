@@ -109,20 +109,10 @@ def write_shards(images, ids, classes, out: Path, shard_size: int = 16) -> Path:
     """plabel shards (split 'unlabelled') + manifest.json of gray uint8 images under out."""
     import cv2
 
-    from engine.shards import make_sample, sample_key, write_shards as write
+    from engine.ingest import write_unlabelled_shards
 
-    def samples():
-        for image_id, image in zip(ids, images):
-            data = cv2.imencode(".png", image)[1].tobytes()
-            h, w = image.shape
-            yield make_sample(sample_key(image_id), data, "png", {"id": image_id, "height": h, "width": w}, None)
-
-    entries = write(samples(), out / "unlabelled", "unlabelled", shard_size, relative_to=out)
-    manifest = {"format": "plabel-shards", "version": 1, "classes": list(classes), "seed": 0,
-                "shard_size": shard_size, "counts": {"labelled": 0, "val": 0, "test": 0},
-                "splits": {"unlabelled": {"n_samples": len(ids), "has_masks": False, "ids": list(ids),
-                                          "shards": entries}}}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_unlabelled_shards(((i, cv2.imencode(".png", im)[1].tobytes(), *im.shape) for i, im in zip(ids, images)),
+                            classes, out, shard_size)
     return out
 
 

@@ -442,6 +442,29 @@ def _build_samples(index: SourceIndex, ids, store_masks: bool, errors: list, siz
             tick()
 
 
+def write_unlabelled_shards(images, classes, out, shard_size: int = 64, seed: int = 0) -> dict:
+    """Shards of images a tool already holds, all in split 'unlabelled', plus out/manifest.json.
+
+    For benchmarks and soak tests that make their own images (`ingest` is the user's path).
+    images: iterable of (id, PNG bytes, height, width); the bytes are stored as given (a soak
+    test may pass corrupt ones). Returns the manifest, in the format :func:`ingest` writes.
+    """
+    out = Path(out)
+    ids: list[str] = []
+
+    def samples():
+        for image_id, data, h, w in images:
+            ids.append(image_id)
+            yield make_sample(sample_key(image_id), data, "png", {"id": image_id, "height": h, "width": w}, None)
+
+    shards = write_shards(samples(), out / "unlabelled", "unlabelled", shard_size, relative_to=out)
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "classes": list(classes), "seed": int(seed),
+                "shard_size": int(shard_size), "counts": {"labelled": 0, "val": 0, "test": 0},
+                "splits": {"unlabelled": {"n_samples": len(ids), "has_masks": False, "ids": ids, "shards": shards}}}
+    _write_json_atomic(out / MANIFEST_NAME, manifest)
+    return manifest
+
+
 def ingest(
     src,
     out,

@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from procs import pids_with_env
+from procs import descendants, pids_with_env
 
 MARKER = "PLABEL_TEST_CLUSTER"
 
@@ -35,6 +35,21 @@ def marked_pids(marker_value: str) -> list[int]:
     return pids_with_env(MARKER, marker_value)
 
 
+def cluster_pids(marker_value: str, known: tuple[int, ...] = ()) -> list[int]:
+    """Every process of the cluster: the marked ones, their descendants, and the raylets' agents.
+
+    Ray's dashboard and runtime-env agents replace their environment (only RAY_RAYLET_PID of the
+    raylet that started them survives), so the marker alone misses them; once their raylet is
+    gone they are no longer its descendants either, so they are found by that variable (known:
+    PIDs found earlier, e.g. raylets already stopped)."""
+    pids = set(marked_pids(marker_value)) | set(known)
+    for p in list(pids):
+        pids.update(descendants(p))
+    pids.update(pids_with_env("RAY_RAYLET_PID", {str(p) for p in pids}))
+    pids.discard(os.getpid())
+    return sorted(pids)
+
+
 class LocalRayCluster:
     """Head (no GPU) + one worker node (fake GPUs, custom resources), both on 127.0.0.1."""
 
@@ -46,6 +61,7 @@ class LocalRayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="plr-", dir="/tmp")  # short: Ray's socket paths
         self.gcs_port, self.dashboard_port, self.client_port = free_port(), free_port(), free_port()
         self.log: list[str] = []
+        self.stopped: list[int] = []  # PIDs stop() signalled
         # Ray rewrites 127.0.0.1 to the machine's routable address in cluster mode; any other
         # loopback address is kept, so both nodes advertise (and are reached on) loopback.
         self.ip = "127.0.0.2"
@@ -110,7 +126,7 @@ class LocalRayCluster:
 
     def stop(self) -> list[int]:
         """SIGTERM then SIGKILL every process of this cluster; returns the PIDs it stopped."""
-        pids = marked_pids(self.marker)
+        pids = cluster_pids(self.marker)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -119,13 +135,19 @@ class LocalRayCluster:
         deadline = time.time() + 15
         while time.time() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
             time.sleep(0.3)
-        for pid in marked_pids(self.marker):
+        for pid in cluster_pids(self.marker, known=tuple(pids)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.stopped = sorted(set(pids) | set(self.stopped))
         return pids
+
+    def leftovers(self) -> list[int]:
+        """Processes of this cluster still running after stop() (should be none)."""
+        return [p for p in cluster_pids(self.marker, known=tuple(self.stopped))
+                if Path(f"/proc/{p}").exists() and not _zombie(p)]
 
     def __enter__(self) -> "LocalRayCluster":
         try:

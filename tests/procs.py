@@ -9,9 +9,11 @@ import os
 from pathlib import Path
 
 
-def pids_with_env(name: str, value: str) -> list[int]:
-    """PIDs of this user's processes whose environment holds name=value (this process excluded)."""
-    needle = f"{name}={value}".encode()
+def pids_with_env(name: str, value: str | set[str]) -> list[int]:
+    """PIDs of this user's processes whose environment holds name=value, or name=v for a v in the set
+    value (this process excluded)."""
+    values = {value} if isinstance(value, str) else set(value)
+    needles = {f"{name}={v}".encode() for v in values}
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -20,7 +22,7 @@ def pids_with_env(name: str, value: str) -> list[int]:
             env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if needle in env:
+        if needles.intersection(env):
             pids.append(int(entry))
     return pids
 

@@ -21,6 +21,7 @@ from engine.ingest import (
     make_splits,
     scan_source,
     shard_paths,
+    write_unlabelled_shards,
 )
 from engine.shards import (
     ShardError,
@@ -262,6 +263,26 @@ def test_ingest_refuses_foreign_non_empty_out(tmp_path):
     (out / "precious.txt").write_text("x")
     with pytest.raises(IngestError, match="not empty"):
         ingest(src, out)
+
+
+def test_write_unlabelled_shards_manifest_and_bytes(tmp_path):
+    rng = np.random.default_rng(0)
+    grays = [rng.integers(0, 256, (6 + i, 9), dtype=np.uint8) for i in range(5)]
+    items = [(f"img{i}", cv2.imencode(".png", g)[1].tobytes(), *g.shape) for i, g in enumerate(grays)]
+    items[3] = ("img3", b"not a png", 9, 9)  # stored as given: a soak test's corrupt file
+    m = write_unlabelled_shards(iter(items), ["a", "b"], tmp_path / "out", shard_size=2, seed=4)
+    assert load_manifest(tmp_path / "out") == m
+    assert m["classes"] == ["a", "b"] and m["seed"] == 4 and m["shard_size"] == 2
+    u = m["splits"]["unlabelled"]
+    assert u["ids"] == [f"img{i}" for i in range(5)] and u["n_samples"] == 5 and not u["has_masks"]
+    assert [s["n_samples"] for s in u["shards"]] == [2, 2, 1]
+    got = read_split(tmp_path / "out", "unlabelled")
+    metas = [json.loads(g["json"]) for g in got]
+    assert [m["id"] for m in metas] == u["ids"]
+    assert [(m["height"], m["width"]) for m in metas] == [(6, 9), (7, 9), (8, 9), (9, 9), (10, 9)]
+    assert image_member(got[3]) == ("png", b"not a png")
+    for i in (0, 1, 2, 4):
+        np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(image_member(got[i])[1], np.uint8), 0), grays[i])
 
 
 def test_ingest_without_masks(tmp_path):

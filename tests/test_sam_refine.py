@@ -350,3 +350,20 @@ def test_compiled_sam_matches_eager(tiny_cases):
         assert_equivalent(a, b, p, len(DEFAULT_STAGES))
     # images 0, 2, 3 have 3 classes, image 1 has 2: stage 1 and 2 shapes of 3 classes are compiled
     assert len(decoder.shapes) == 2 and all(s[1][0] == 3 for s in decoder.shapes)
+
+
+def test_refiner_from_config_reads_the_label_sam_section():
+    """The one place a label.sam config becomes a SamRefiner (label job actors, calibrate stage)."""
+    from engine.sam import refiner_from_config
+    from engine.sam.compile import is_compiled
+
+    sam = {"backend": "random_tiny", "checkpoint": None, "sha256": None, "stages": [["box"], ["points", "mask"]],
+           "batch_size": 4, "autocast": "bf16", "compile": True}
+    r = refiner_from_config(sam, "cpu", compile=False)
+    assert r.stages == (("box",), ("points", "mask"))
+    assert r.autocast_dtype is None  # autocast is for CUDA only
+    assert r.encoder_batch is None and not is_compiled(r.model)
+    r = refiner_from_config(sam, "cpu")  # compile from the config: static encoder batch
+    assert is_compiled(r.model) and r.encoder_batch == 4
+    with pytest.raises(ValueError, match="autocast 'fp8'"):
+        refiner_from_config({**sam, "autocast": "fp8"}, "cpu", compile=False)

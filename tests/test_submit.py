@@ -67,6 +67,8 @@ def two_node_cluster():
     with cluster:
         yield cluster
     assert marked_pids(cluster.marker) == []
+    assert len(cluster.stopped) >= 4  # GCS, raylets, agents, dashboard: all found
+    assert cluster.leftovers() == []  # agents included (found by RAY_RAYLET_PID)
 
 
 def test_submit_runs_the_demo_with_sam_on_the_gpu_node(two_node_cluster, tmp_path):

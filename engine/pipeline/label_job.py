@@ -206,21 +206,11 @@ class RefineStage:
             torch.set_num_threads(max(1, int(sam.get("cpus", 1))))
 
         from engine.gate import GateConfig
-        from engine.sam import SamRefiner, autocast_dtype, load_sam
+        from engine.sam import refiner_from_config
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        autocast = autocast_dtype(sam.get("autocast", "none"))
-        model = load_sam(sam["backend"], sam.get("checkpoint"), device=device, cache_dir=cache_dir,
-                         sha256=sam.get("sha256"))
-        stages = tuple(tuple(s) for s in sam["stages"])
-        encoder_batch = None
-        if sam.get("compile"):
-            from engine.sam.compile import compile_sam
-
-            compile_sam(model)
-            encoder_batch = int(sam["batch_size"])  # static shapes: every encoder call the same size
-        self.refiner = SamRefiner(model, stages=stages, autocast_dtype=autocast if device == "cuda" else None,
-                                  encoder_batch=encoder_batch)
+        self.refiner = refiner_from_config(sam, device, cache_dir=cache_dir)
+        model = self.refiner.model
         self.gate = GateConfig.from_dict(gate)
         self.classes = list(classes)
         self.provenance = {

@@ -254,12 +254,10 @@ def sam_refiner(sam):
         os.chdir(tempfile.gettempdir())
     import torch
 
-    from engine.sam import SamRefiner, autocast_dtype, load_sam
+    from engine.sam import refiner_from_config
 
     device = "cuda" if torch.cuda.is_available() and sam.device != "cpu" else "cpu"
-    model = load_sam(sam.backend, sam.checkpoint, device=device, sha256=sam.sha256)
-    return SamRefiner(model, stages=tuple(tuple(s) for s in sam.stages),
-                      autocast_dtype=autocast_dtype(sam.autocast) if device == "cuda" else None)
+    return refiner_from_config(dataclasses.asdict(sam), device, compile=False)  # few images: compiling costs more
 
 
 def calibrate_stage(cfg: RunConfig, val_shards, classes, teacher_path: str, teacher_sha: str,

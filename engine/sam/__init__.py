@@ -18,6 +18,7 @@ from engine.sam.refine import (
     RefinementResult,
     SamRefiner,
     refine_reference,
+    refiner_from_config,
     validate_stages,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
     "load_sam",
     "load_state_dict",
     "refine_reference",
+    "refiner_from_config",
     "validate_stages",
 ]

@@ -18,7 +18,7 @@ does not arise with its prompts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +59,30 @@ def autocast_dtype(name: str) -> torch.dtype | None:
     if name not in dtypes:
         raise ValueError(f"autocast {name!r} is not one of {tuple(dtypes)}")
     return dtypes[name]
+
+
+def refiner_from_config(sam: Mapping, device: str, cache_dir: str | None = None,
+                        compile: bool | None = None) -> "SamRefiner":
+    """The SamRefiner a ``label.sam`` config describes (the dict form of schemas.config.SamSection).
+
+    Loads sam["backend"] from sam["checkpoint"] onto device ("cuda" or "cpu"), verifying
+    sam["sha256"] when given; autocasts to sam["autocast"] on CUDA only; with compile (default
+    sam["compile"]) compiles the model (engine.sam.compile) and pads every encoder call to
+    sam["batch_size"] images, so the compiled encoder sees one static shape.
+    """
+    from engine.sam.backends import load_sam
+
+    model = load_sam(sam["backend"], sam.get("checkpoint"), device=device, cache_dir=cache_dir,
+                     sha256=sam.get("sha256"))
+    encoder_batch = None
+    if sam.get("compile") if compile is None else compile:
+        from engine.sam.compile import compile_sam
+
+        compile_sam(model)
+        encoder_batch = int(sam["batch_size"])
+    autocast = autocast_dtype(sam.get("autocast", "none"))
+    return SamRefiner(model, stages=tuple(tuple(s) for s in sam["stages"]),
+                      autocast_dtype=autocast if device == "cuda" else None, encoder_batch=encoder_batch)
 
 
 def validate_stages(stages: Stages) -> tuple[tuple[str, ...], ...]:

@@ -336,11 +336,12 @@ class Bench:
     # -- U-Nets
 
     def train(self, role: str, folder: str, name: str, spec: dict, train_ids, pseudo=None, test_ids=(),
-              val_ids=()) -> dict | None:
+              val_ids=(), init_from: str | None = None, cached_only: bool = False) -> dict | None:
         """Fit (or load) one U-Net: train_ids with their truth, plus the images of ``pseudo()`` (called
         only when training: (ids, bool masks (N, C, H, W), weight (N, C))). Returns its .json (with
         'checkpoint'), or None when it is not done and cannot be (--report-only, or pseudo is None
-        because an input step is missing)."""
+        because an input step is missing). init_from: a checkpoint to start from (its key belongs
+        in spec), None: a fresh U-Net."""
         from engine.inprocess import fit_unet
         from engine.preprocess import masks_to_grid, to_unet_input
         from engine.unet import save_checkpoint
@@ -355,7 +356,7 @@ class Bench:
             meta["checkpoint"] = str(ckpt)
             self.timed(role, meta["wall_s"], image_epochs=meta["image_epochs"], cached=True)
             return meta
-        if self.args.report_only or (role == "student" and pseudo is None):
+        if self.args.report_only or cached_only or (role == "student" and pseudo is None):
             return None
         x, y = self.arrays(train_ids)
         w = np.ones((len(train_ids), len(self.classes)), np.float32)
@@ -374,7 +375,12 @@ class Bench:
                 last[0] = time.time()
                 log(f"  {name} epoch {h['epoch'] + 1}/{cfg.epochs}: loss {h['loss']:.4f}, val Dice {h['val_dice']:.4f}")
 
-        res = fit_unet(x, y, cfg, weight=w, val_images=vx, val_masks=vy, progress=progress)
+        init_state = None
+        if init_from is not None:
+            from engine.unet import load_checkpoint
+
+            init_state = load_checkpoint(init_from)[0].state_dict()
+        res = fit_unet(x, y, cfg, weight=w, val_images=vx, val_masks=vy, progress=progress, init_state=init_state)
         wall = time.time() - t0
         save_checkpoint(ckpt, res.model, res.config, {"classes": self.classes, "image_size": self.S, "role": role,
                                                       "epoch": res.best_epoch, "val_dice": res.best_val_dice, "key": key})
@@ -399,7 +405,7 @@ class Bench:
     def full(self, n_any, seed):
         sp = self.split(n_any, seed)
         return self.train("full", "full", f"s{seed}", {"step": "full", "seed": seed}, sp["pool"],
-                          test_ids=sp["test"], val_ids=sp["val"])
+                          test_ids=sp["test"], val_ids=sp["val"], cached_only=self.args.skip_full)
 
     # -- teacher on the unlabelled images
 
@@ -636,10 +642,15 @@ class Bench:
         return np.where(weight > 0, d, np.nan)
 
     def student(self, n, seed, kind, backend, teacher, unet_key, unet_path, sam_key=None, sam_path=None,
-                gate_key=None, policy=None):
+                gate_key=None, policy=None, init="scratch"):
+        """A student on kind's pseudo labels; init "scratch" (a fresh U-Net, as the paper) or
+        "teacher" (warm start from the teacher's weights)."""
         sp = self.split(n, seed)
         spec = {"step": "student", "seed": seed, "kind": kind, "teacher": teacher["key"], "unet": unet_key}
         name = f"n{n}-s{seed}-{kind}"
+        if init != "scratch":  # (scratch keeps the keys it had before this option existed)
+            spec["init"] = init
+            name += f"-init{init}"
         if kind not in BACKEND_FREE:
             spec.update(backend=backend, sam=sam_key)
             name += f"-{backend}"
@@ -650,13 +661,26 @@ class Bench:
         variant = self.gate_variant(backend) if backend else "sam"
         pseudo = (lambda: self.pseudo(kind, unet_path, sam_path, policy, variant)[:3]) if ready else None
         return self.train("student", "student", name, spec, sp["labelled"], pseudo=pseudo,
-                          test_ids=sp["test"], val_ids=sp["val"])
+                          test_ids=sp["test"], val_ids=sp["val"],
+                          init_from=teacher["checkpoint"] if init == "teacher" else None)
 
 
 # ----------------------------------------------------------------------------- grid run
 
 
-def run_grid(bench: Bench, grid, backends, kinds) -> dict:
+def student_key(kind: str, backend: str | None, init: str) -> str:
+    """results["configs"][i]["students"] key: kind[/backend][@init] (no @ for scratch)."""
+    return kind + (f"/{backend}" if backend else "") + ("" if init == "scratch" else f"@{init}")
+
+
+def parse_student_key(key: str) -> tuple[str, str | None, str]:
+    """(kind, backend or None, init) of a student_key."""
+    rest, _, init = key.partition("@")
+    kind, _, backend = rest.partition("/")
+    return kind, backend or None, init or "scratch"
+
+
+def run_grid(bench: Bench, grid, backends, kinds, inits=("scratch",)) -> dict:
     """Every step of the grid (cached ones loaded); returns the collected results.
 
     Order per (n, seed): teacher, its unlabelled masks, per backend SAM + gate (so the pseudo-label
@@ -683,15 +707,17 @@ def run_grid(bench: Bench, grid, backends, kinds) -> dict:
                                             "variants": list(bench.variants(backend))}
             if args.free_sam:
                 bench.sams.clear()
-            for kind in kinds:
-                if kind in BACKEND_FREE:
-                    cfg["students"][kind] = bench.student(n, seed, kind, None, teacher, unet_key, unet_path)
-            for backend in backends:
+            for init in inits:
                 for kind in kinds:
-                    if kind in BACKEND_FREE or (kind == "pipeline" and "pipeline" not in bench.variants(backend)):
-                        continue  # pipeline: the backend's default stages are the paper's, i.e. 'sam'
-                    cfg["students"][f"{kind}/{backend}"] = bench.student(
-                        n, seed, kind, backend, teacher, unet_key, unet_path, *keys[backend])
+                    if kind in BACKEND_FREE:
+                        cfg["students"][student_key(kind, None, init)] = bench.student(
+                            n, seed, kind, None, teacher, unet_key, unet_path, init=init)
+                for backend in backends:
+                    for kind in kinds:
+                        if kind in BACKEND_FREE or (kind == "pipeline" and "pipeline" not in bench.variants(backend)):
+                            continue  # pipeline: the backend's default stages are the paper's, i.e. 'sam'
+                        cfg["students"][student_key(kind, backend, init)] = bench.student(
+                            n, seed, kind, backend, teacher, unet_key, unet_path, *keys[backend], init=init)
         if seed not in results["full"]:
             results["full"][seed] = bench.full(n, seed)
     return results
@@ -714,11 +740,11 @@ def summarise(bench: Bench, results: dict) -> dict:
         teacher = cfg.get("teacher")
         full = results["full"].get(seed)
 
-        def test_row(model, meta, backend=None):
+        def test_row(model, meta, backend=None, init="scratch"):
             if meta is None:
                 return
             d = np.asarray(meta["test_dice"], dtype=np.float64).reshape(-1, C)
-            out["test"].append({"n": n, "seed": seed, "model": model, "backend": backend,
+            out["test"].append({"n": n, "seed": seed, "model": model, "backend": backend, "init": init,
                                 "per_class": d.mean(axis=0).tolist(), "mean": float(d.mean()),
                                 "std_images": float(d.mean(axis=1).std()), "n_test": len(d),
                                 "best_epoch": meta["best_epoch"], "wall_s": meta["wall_s"]})
@@ -726,8 +752,8 @@ def summarise(bench: Bench, results: dict) -> dict:
         test_row("teacher", teacher)
         test_row("full", full)
         for name, meta in cfg["students"].items():
-            kind, _, backend = name.partition("/")
-            test_row(kind, meta, backend or None)
+            kind, backend, init = parse_student_key(name)
+            test_row(kind, meta, backend, init)
         if cfg.get("unet_path") is None:
             continue
         done_free = set()
@@ -771,10 +797,11 @@ def group(rows, keys):
     return groups
 
 
-def model_label(model, backend):
+def model_label(model, backend, init="scratch"):
     if model in ("teacher", "full"):
         return {"teacher": "teacher (n labelled)", "full": "full supervision (150 labelled)"}[model]
-    return f"student: {KIND_LABEL[model]}" + (f" [{backend}]" if backend else "")
+    return (f"student{' from teacher' if init == 'teacher' else ''}: {KIND_LABEL[model]}"
+            + (f" [{backend}]" if backend else ""))
 
 
 def gate_text(g: dict) -> str:
@@ -793,7 +820,9 @@ def markdown(bench: Bench, summary: dict, args, timing: dict) -> str:
              f"{N_VAL} validation, n labelled, the rest of the 150-image pool unlabelled"
              + (" (SMOKE: 4 test, 4 val, 6 unlabelled images)" if args.smoke else "") + ".  ",
              f"U-Nets at {bench.S} px; epochs teacher {args.teacher_epochs}, students {args.student_epochs}, "
-             f"full {args.full_epochs}; batch {args.batch_size}, lr {args.lr}. Gate: calibrated on the validation "
+             f"full {args.full_epochs}; batch {args.batch_size}, lr {args.lr}; students start from "
+             f"{' and from '.join('the teacher' if i == 'teacher' else 'scratch' for i in args.student_init)}. "
+             "Gate: calibrated on the validation "
              f"images over the '{args.gate_stages}' stages. Dice x100.\n"]
     head = "| n | seeds | {} | " + " | ".join(classes) + " | mean |"
     rule = "|---|---|---|" + "---|" * (len(classes) + 1)
@@ -823,8 +852,9 @@ def markdown(bench: Bench, summary: dict, args, timing: dict) -> str:
     test = summary["test"]
     by_seed = {(r["n"], r["seed"], r["model"], r["backend"]): r for r in test}
     order = {"teacher": 0, **{k: i + 1 for i, k in enumerate(KINDS)}, "full": 99}
-    for (n, model, backend), rows in sorted(group(test, ("n", "model", "backend")).items(),
-                                            key=lambda t: (t[0][0], order[t[0][1]], str(t[0][2]))):
+    for (n, init, model, backend), rows in sorted(group(test, ("n", "init", "model", "backend")).items(),
+                                                  key=lambda t: (t[0][0], order[t[0][2]] if t[0][2] != "full" else 99,
+                                                                 t[0][1] != "scratch", str(t[0][3]))):
         pc, mean, std = agg(rows)
         std = rows[0]["std_images"] if std is None else std
         gaps = []
@@ -835,7 +865,7 @@ def markdown(bench: Bench, summary: dict, args, timing: dict) -> str:
                 if t is not None and fl is not None and abs(fl["mean"] - t["mean"]) > 1e-9:
                     gaps.append((r["mean"] - t["mean"]) / (fl["mean"] - t["mean"]))
         gap = f"{np.mean(gaps):+.2f}" if gaps else ""
-        lines.append(f"| {n} | {len(rows)} | {model_label(model, backend)} | " + " | ".join(f100(v) for v in pc)
+        lines.append(f"| {n} | {len(rows)} | {model_label(model, backend, init)} | " + " | ".join(f100(v) for v in pc)
                      + f" | {f100(mean)} ± {f100(std)} | {gap} |")
 
     lines += ["\n## Calibrated gates (validation images only) and their decisions on the unlabelled images\n",
@@ -968,9 +998,9 @@ def plot_dice_vs_n(summary: dict, path: Path, title: str) -> bool:
     import cv2
 
     series: dict = {}
-    for (n, model, backend), rows in group(summary["test"], ("n", "model", "backend")).items():
+    for (n, model, backend, init), rows in group(summary["test"], ("n", "model", "backend", "init")).items():
         means = [r["mean"] for r in rows]
-        series.setdefault((model, backend), []).append((n, float(np.mean(means)), float(np.std(means))))
+        series.setdefault((model, backend, init), []).append((n, float(np.mean(means)), float(np.std(means))))
     if not series:
         return False
     ns = sorted({n for s in series.values() for n, _, _ in s})
@@ -1000,7 +1030,8 @@ def plot_dice_vs_n(summary: dict, path: Path, title: str) -> bool:
     img[T:H - B, 10:40] = cv2.rotate(label, cv2.ROTATE_90_COUNTERCLOCKWISE)[:, :, None]
     put(img, title, (L, 30), 0.6)
     order = {"teacher": 0, **{k: i + 1 for i, k in enumerate(KINDS)}, "full": 99}
-    for k, ((model, backend), pts) in enumerate(sorted(series.items(), key=lambda t: (order[t[0][0]], str(t[0][1])))):
+    for k, ((model, backend, init), pts) in enumerate(sorted(series.items(), key=lambda t: (
+            order[t[0][0]], t[0][2] != "scratch", str(t[0][1])))):
         color = (0, 0, 0) if model == "teacher" else (90, 90, 90) if model == "full" else bgr(PALETTE[k % len(PALETTE)])
         pts = sorted(pts)
         xy = [(X(n), Y(m)) for n, m, _ in pts]
@@ -1021,7 +1052,8 @@ def plot_dice_vs_n(summary: dict, path: Path, title: str) -> bool:
         else:
             cv2.line(img, (W - R + 15, ly), (W - R + 45, ly), color, 2)
         cv2.circle(img, (W - R + 30, ly), 4, color, -1)
-        put(img, model_label(model, backend).replace("student: ", ""), (W - R + 52, ly + 5), 0.42)
+        put(img, model_label(model, backend, init).replace("student: ", "").replace("student ", ""),
+            (W - R + 52, ly + 5), 0.42)
     write_png(path, img)
     return True
 
@@ -1099,14 +1131,15 @@ def figures(bench: Bench, results: dict, summary: dict, kinds, backends) -> list
         return out
     cfg = next((c for c in cfgs if c["n"] == 10), cfgs[0])
     for backend in backends:
-        kind = next((k for k in ("gated", "sam", "pipeline", "box") if k in kinds and cfg["students"].get(f"{k}/{backend}")),
-                    None)
-        if kind is None:
+        found = next(((k, i) for k in ("gated", "sam", "pipeline", "box") for i in ("teacher", "scratch")
+                      if k in kinds and cfg["students"].get(student_key(k, backend, i))), None)
+        if found is None:
             continue
-        student = cfg["students"][f"{kind}/{backend}"]
-        path = bench.out / f"overlays-n{cfg['n']}-s{cfg['seed']}-{kind}-{backend}.png"
+        kind, init = found
+        student = cfg["students"][student_key(kind, backend, init)]
+        path = bench.out / f"overlays-n{cfg['n']}-s{cfg['seed']}-{kind}-{backend}{'' if init == 'scratch' else '-' + init}.png"
         overlay_figure(bench, cfg["teacher"], student,
-                       f"n={cfg['n']} seed {cfg['seed']}: teacher vs student ({KIND_LABEL[kind]}, {backend}); "
+                       f"n={cfg['n']} seed {cfg['seed']}: teacher vs {model_label(kind, backend, init)}; "
                        "best / median / worst test image by student Dice", path)
         out.append(str(path))
     return out
@@ -1127,6 +1160,9 @@ def parse(argv=None):
     ap.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
                     help=f"pseudo-label kinds that get a student (default {' '.join(DEFAULT_KINDS)}; --smoke: all); "
                          "pseudo-label Dice is reported for all")
+    ap.add_argument("--student-init", nargs="+", choices=("scratch", "teacher"), default=None,
+                    help="how students start: scratch (a fresh U-Net, the paper's), teacher (warm start from the "
+                         "teacher's weights); several: a student of each (default scratch)")
     ap.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
     ap.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS)
     ap.add_argument("--full-epochs", type=int, default=None, help="full-supervision model (default: student epochs)")
@@ -1138,6 +1174,9 @@ def parse(argv=None):
                     help="SAM stages the gate sees: plabel's default for the backend (the pipeline's), or the paper's")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--checkpoint-cache", default="~/.cache/plabel/checkpoints", help="where mobile_sam.pt is kept")
+    ap.add_argument("--skip-full", action="store_true",
+                    help="train no full-supervision model (report the cached one, if any): another process "
+                         "working on the same seed trains it")
     ap.add_argument("--report-only", action="store_true", help="compute nothing: tables and figures of finished steps")
     ap.add_argument("--free-sam", action="store_true", help="unload SAM models after each configuration (memory)")
     ap.add_argument("--smoke", action="store_true",
@@ -1152,6 +1191,7 @@ def parse(argv=None):
         args.backend = args.backend or ["lite_medsam"]
         args.kinds = args.kinds or list(KINDS)
     args.kinds = args.kinds or list(DEFAULT_KINDS)
+    args.student_init = args.student_init or ["scratch"]
     args.full_epochs = args.full_epochs or args.student_epochs
     args.backend = args.backend or list(BACKENDS)
     if args.n is None and args.seeds is None:
@@ -1179,7 +1219,7 @@ def main(argv=None) -> int:
     log(f"data {args.data}: {len(data.ids)} images, classes {data.classes}; grid (n, seed) {args.grid}; "
         f"backends {args.backend}; student kinds {args.kinds}; work folder {out}")
     bench = Bench(args, data)
-    results = run_grid(bench, args.grid, args.backend, args.kinds)
+    results = run_grid(bench, args.grid, args.backend, args.kinds, args.student_init)
     summary = summarise(bench, results)
     timing = timing_summary(bench)
     md = markdown(bench, summary, args, timing) + progress_table(results)

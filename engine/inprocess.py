@@ -56,14 +56,16 @@ def positive_fraction(masks, weight) -> np.ndarray:
 
 
 def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_masks=None,
-             progress: Callable[[dict], None] | None = None) -> FitResult:
+             progress: Callable[[dict], None] | None = None, init_state: Mapping | None = None) -> FitResult:
     """Train a U-Net in this process; return the best-validation model.
 
     images: float32 (N, S, S) in [0, 1]; masks: {0, 1} (N, C, S, S); weight: float (N, C), 0 =
     ignore that class of that sample (engine.losses), None = all 1. val_images / val_masks: the
     same layout for model selection (mean Dice over images and classes after each epoch; the
     first epoch with the highest value wins); None: the last epoch is kept. ``progress`` gets
-    each epoch's history entry. Deterministic for a given cfg.seed on one machine and thread count.
+    each epoch's history entry. init_state: a state dict of the same architecture to start from
+    (a student warm-started from its teacher); None: cfg.seed's fresh initialisation. Deterministic
+    for a given cfg.seed on one machine and thread count.
     """
     from engine.losses import positive_class_weights
     from engine.unet import UNet
@@ -87,6 +89,8 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
 
     torch.manual_seed(cfg.seed)
     model, ucfg = build_model(cfg, C)
+    if init_state is not None:
+        model.load_state_dict(init_state)  # RuntimeError naming the keys when architectures differ
     opt, sched = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000)  # the pipeline's rank-0 generator
     pos_weight = positive_class_weights(positive_fraction(y.numpy(), w.numpy()), cfg.pos_weight_max)

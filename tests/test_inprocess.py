@@ -97,3 +97,22 @@ def test_refine_variants_equals_each_refiners_refine_batch():
     assert np.array_equal(got["paper"][0].stage_masks[0], got["box"][0].masks)
     with pytest.raises(ValueError, match="another SAM"):
         refine_variants({"a": refiners["box"], "b": SamRefiner(build_random_sam(seed=5))}, images, prompts)
+
+
+def test_fit_warm_start_begins_at_the_given_weights():
+    """init_state: training starts from those weights (lr 0 keeps them; BatchNorm statistics still
+    move), not from the seed's fresh U-Net; another architecture's weights are refused."""
+    images, masks = _data(n=4)
+    cfg = TrainConfig(epochs=3, batch_size=2, base_channels=4, depth=2, lr=5e-3, seed=1)
+    teacher = fit_unet(images, masks, cfg).model
+    frozen = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=2, lr=0.0, weight_decay=0.0, seed=2)
+    warm = fit_unet(images, masks, frozen, init_state=teacher.state_dict()).model
+    fresh = fit_unet(images, masks, frozen).model
+    t, w, f = (dict(m.named_parameters()) for m in (teacher, warm, fresh))
+    assert all(torch.equal(w[k], t[k]) for k in t)
+    assert not all(torch.equal(f[k], t[k]) for k in t)
+    moved = fit_unet(images, masks, TrainConfig(**{**frozen.to_dict(), "lr": 5e-3}), init_state=teacher.state_dict())
+    assert not all(torch.equal(p, t[k]) for k, p in moved.model.named_parameters())
+    other = TrainConfig(epochs=1, batch_size=2, base_channels=8, depth=2)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fit_unet(images, masks, other, init_state=teacher.state_dict())

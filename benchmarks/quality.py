@@ -42,6 +42,11 @@ Per (n, seed) [and SAM backend]:
              (class weight 0). gated: the calibrated gate's decision per image and class (engine.
              calibrate.label_decision, i.e. the label job's): sam -> SAM's mask, unet -> cleaned
              mask, dropped -> class weight 0 (ignored, as the pipeline trains it), empty -> background.
+             gated_sam (not a default kind): as gated, but a class the gate gives to the cleaned U-Net
+             mask is ignored too (weight 0): only SAM masks teach, other classes come from the n
+             labelled images (and, with --student-init teacher, the teacher's weights).
+  student init --student-init scratch (a fresh U-Net, the paper's) and/or teacher (warm start from
+             the teacher's weights at peak learning rate --warm-lr; cosine schedule as every U-Net).
 Per seed: full, a U-Net on all 150 pool images with their truth (--full-epochs), the upper bound.
 
 Training is in this process (engine.inprocess.fit_unet over engine.train_core, no Ray), U-Nets at
@@ -110,11 +115,13 @@ N_TEST, N_VAL = 40, 10
 DEFAULT_NS = (5, 10, 20, 43)
 ISSUE_GRID = ((10, 0), (5, 0), (20, 0), (43, 0), (10, 1), (10, 2))  # the headline configuration first
 BACKENDS = ("lite_medsam", "mobile_sam")
-KINDS = ("raw", "cleaned", "box", "sam", "pipeline", "gated")
+KINDS = ("raw", "cleaned", "box", "sam", "pipeline", "gated", "gated_sam", "none")
+GATED = ("gated", "gated_sam")
 DEFAULT_KINDS = ("raw", "cleaned", "box", "sam", "gated")
-BACKEND_FREE = ("raw", "cleaned")
+BACKEND_FREE = ("raw", "cleaned", "none")
 KIND_LABEL = {"raw": "raw U-Net (> 0.5)", "cleaned": "cleaned U-Net", "box": "SAM box only",
-              "sam": "SAM paper (box; points + logits)", "pipeline": "SAM plabel stages", "gated": "gated (calibrated)"}
+              "sam": "SAM paper (box; points + logits)", "pipeline": "SAM plabel stages", "gated": "gated (calibrated)",
+              "gated_sam": "gated, SAM masks only", "none": "no pseudo labels (control)"}
 PAPER_STAGES = (("box",), ("points", "mask"))
 CODE_VERSION = 1  # bump when a step's computation changes: every key changes with it
 TEACHER_EPOCHS, STUDENT_EPOCHS = 80, 20  # benchmarks/jsrt_n10.yaml
@@ -336,7 +343,8 @@ class Bench:
     # -- U-Nets
 
     def train(self, role: str, folder: str, name: str, spec: dict, train_ids, pseudo=None, test_ids=(),
-              val_ids=(), init_from: str | None = None, cached_only: bool = False) -> dict | None:
+              val_ids=(), init_from: str | None = None, cached_only: bool = False,
+              lr: float | None = None) -> dict | None:
         """Fit (or load) one U-Net: train_ids with their truth, plus the images of ``pseudo()`` (called
         only when training: (ids, bool masks (N, C, H, W), weight (N, C))). Returns its .json (with
         'checkpoint'), or None when it is not done and cannot be (--report-only, or pseudo is None
@@ -346,7 +354,7 @@ class Bench:
         from engine.preprocess import masks_to_grid, to_unet_input
         from engine.unet import save_checkpoint
 
-        cfg = dataclasses.replace(self.train_cfg[role], seed=int(spec["seed"]))
+        cfg = dataclasses.replace(self.train_cfg[role], seed=int(spec["seed"]), **({"lr": lr} if lr else {}))
         spec = {**spec, "role": role, "train": cfg.to_dict(), "image_size": self.S, "data": self.data.fingerprint,
                 "train_ids": list(train_ids), "val_ids": list(val_ids), "test_ids": list(test_ids), "v": CODE_VERSION}
         key = key_of(spec)
@@ -362,6 +370,7 @@ class Bench:
         w = np.ones((len(train_ids), len(self.classes)), np.float32)
         if pseudo is not None:
             p_ids, p_masks, p_w = pseudo = pseudo()
+        if pseudo is not None and len(p_ids):
             px = np.stack([to_unet_input(self.data.grays[i], self.S) for i in p_ids])
             py = np.stack([masks_to_grid(m, self.S) for m in p_masks])
             x, y, w = np.concatenate([x, px]), np.concatenate([y, py]), np.concatenate([w, p_w.astype(np.float32)])
@@ -554,7 +563,8 @@ class Bench:
         gv = self.gate_variant(backend)
         stages = self.variants(backend)[gv]
         g = self.gate_section
-        objective = CalibrationObjective(drop_floor=g.drop_floor, drop_margin=g.drop_margin, min_images=g.min_images)
+        objective = CalibrationObjective(drop_floor=g.drop_floor, drop_margin=g.drop_margin, min_images=g.min_images,
+                                         prefer_on_tie=self.args.prefer_on_tie or g.prefer_on_tie)
         grid = GateGrid()
         base = GateConfig.from_dict(g.to_gate_dict())
         key = key_of({"step": "gate", "teacher": teacher["key"], "val": sp["val"], "backend": backend,
@@ -604,14 +614,16 @@ class Bench:
         ids = [str(i) for i in un["ids"]]
         shape = un["shape"]
         N, C = int(shape[0]), int(shape[1])
+        if kind == "none":
+            return [], np.zeros((0, *shape[1:]), bool), np.zeros((0, C), np.float32), None
         if kind in BACKEND_FREE:
             return ids, unpack(un[kind], shape), np.ones((N, C), np.float32), None
         sm = np.load(sam_path)
-        src = variant if kind == "gated" else kind
+        src = variant if kind in GATED else kind
         masks, iou, fin = unpack(sm[f"{src}_masks"], shape), sm[f"{src}_iou"].astype(np.float64), sm[f"{src}_finite"]
         cleaned = unpack(un["cleaned"], shape)
         present = cleaned.reshape(N, C, -1).any(axis=2)
-        if kind != "gated":
+        if kind not in GATED:
             return ids, masks, np.where(present & ~fin, 0.0, 1.0).astype(np.float32), None
         from engine.calibrate import GatePolicy, agreement_dice, label_decision
 
@@ -628,8 +640,10 @@ class Bench:
                 decisions[i, c] = d
                 if d == "sam":
                     out[i, c] = masks[i, c]
-                elif d == "unet":
+                elif d == "unet" and kind == "gated":
                     out[i, c] = cleaned[i, c]
+                elif d == "unet":  # gated_sam: a class SAM does not improve teaches only on labelled images
+                    weight[i, c] = 0.0
                 elif d == "dropped":
                     weight[i, c] = 0.0
         return ids, out, weight, decisions
@@ -654,15 +668,16 @@ class Bench:
         if kind not in BACKEND_FREE:
             spec.update(backend=backend, sam=sam_key)
             name += f"-{backend}"
-            if kind == "gated":
+            if kind in GATED:
                 spec.update(gate=gate_key, variant=self.gate_variant(backend))
         ready = unet_path is not None and (kind in BACKEND_FREE or sam_path is not None) \
-            and (kind != "gated" or policy is not None)
+            and (kind not in GATED or policy is not None)
         variant = self.gate_variant(backend) if backend else "sam"
         pseudo = (lambda: self.pseudo(kind, unet_path, sam_path, policy, variant)[:3]) if ready else None
         return self.train("student", "student", name, spec, sp["labelled"], pseudo=pseudo,
                           test_ids=sp["test"], val_ids=sp["val"],
-                          init_from=teacher["checkpoint"] if init == "teacher" else None)
+                          init_from=teacher["checkpoint"] if init == "teacher" else None,
+                          lr=self.args.warm_lr if init == "teacher" else None)
 
 
 # ----------------------------------------------------------------------------- grid run
@@ -759,11 +774,13 @@ def summarise(bench: Bench, results: dict) -> dict:
         done_free = set()
         for backend, b in [(None, None)] + list(cfg["backends"].items()):
             for kind in KINDS:
+                if kind == "none":
+                    continue  # the control has no pseudo labels to score
                 if kind in BACKEND_FREE:
                     if kind in done_free:
                         continue
                     done_free.add(kind)
-                elif backend is None or b["sam_path"] is None or (kind == "gated" and b["policy"] is None) \
+                elif backend is None or b["sam_path"] is None or (kind in GATED and b["policy"] is None) \
                         or (kind == "pipeline" and "pipeline" not in b["variants"]):
                     continue
                 ids, masks, weight, decisions = bench.pseudo(kind, cfg["unet_path"], b and b["sam_path"],
@@ -776,7 +793,7 @@ def summarise(bench: Bench, results: dict) -> dict:
                 row = {"n": n, "seed": seed, "kind": kind, "backend": backend if kind not in BACKEND_FREE else None,
                        "per_class": per_class.tolist(), "mean": mean,
                        "kept_fraction": float((weight > 0).mean()), "n_images": len(ids)}
-                if decisions is not None:
+                if decisions is not None and kind == "gated":
                     row["decisions"] = {c: {k: int((decisions[:, ci] == k).sum())
                                             for k in ("sam", "unet", "dropped", "empty")}
                                         for ci, c in enumerate(classes)}
@@ -1131,7 +1148,7 @@ def figures(bench: Bench, results: dict, summary: dict, kinds, backends) -> list
         return out
     cfg = next((c for c in cfgs if c["n"] == 10), cfgs[0])
     for backend in backends:
-        found = next(((k, i) for k in ("gated", "sam", "pipeline", "box") for i in ("teacher", "scratch")
+        found = next(((k, i) for k in ("gated", "gated_sam", "sam", "pipeline", "box") for i in ("teacher", "scratch")
                       if k in kinds and cfg["students"].get(student_key(k, backend, i))), None)
         if found is None:
             continue
@@ -1163,6 +1180,11 @@ def parse(argv=None):
     ap.add_argument("--student-init", nargs="+", choices=("scratch", "teacher"), default=None,
                     help="how students start: scratch (a fresh U-Net, the paper's), teacher (warm start from the "
                          "teacher's weights); several: a student of each (default scratch)")
+    ap.add_argument("--warm-lr", type=float, default=0.0005,
+                    help="peak learning rate of students that start from the teacher (--student-init teacher)")
+    ap.add_argument("--prefer-on-tie", choices=("drop", "unet"), default=None,
+                    help="gate calibration: drop or keep (unet) a class whose cleaned U-Net masks tie with "
+                         "dropping it (default: plabel's, label.gate.prefer_on_tie)")
     ap.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
     ap.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS)
     ap.add_argument("--full-epochs", type=int, default=None, help="full-supervision model (default: student epochs)")

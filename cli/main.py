@@ -70,6 +70,7 @@ def train(
     role: str = typer.Option("teacher", help="teacher (labelled split) or student (pseudo labels, needs --pseudo-labels)."),
     pseudo_labels: Optional[str] = typer.Option(None, help="Pseudo-label table folder (student). Local path or URI (s3://, gs://)."),
     include_labelled: bool = typer.Option(True, help="Student: also train on the labelled split."),
+    init_from: Optional[str] = typer.Option(None, help="Start from this U-Net checkpoint's weights (a student from its teacher, as `plabel run` does with student.init: teacher); same base channels and depth. Default: a fresh U-Net. Local path or URI (s3://, gs://)."),
     epochs: int = typer.Option(40, help="Training epochs."),
     image_size: int = typer.Option(256, help="U-Net input side in pixels (images are resized)."),
     base_channels: int = typer.Option(16, help="U-Net channels at full resolution."),
@@ -115,8 +116,11 @@ def train(
     from engine.storage import dirname, is_uri, join, redact
 
     storage = storage or (join(dirname(out), "ray_train") if is_uri(out) else Path(out).resolve().parent / "ray_train")
-    result = train_unet(maybe_materialize(train_ds, n_train, C, S), val_ds, classes, section, out,
-                        storage, Path(redact(out)).stem, role=role)
+    try:
+        result = train_unet(maybe_materialize(train_ds, n_train, C, S), val_ds, classes, section, out,
+                            storage, Path(redact(out)).stem, role=role, init_checkpoint=init_from)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -30,11 +30,17 @@ not worth training on even when the teacher is that poor. Keeping the cleaned U-
 image (policy unet) therefore scores v_c when the teacher is above the floor: it ties with drop,
 and only a gate that keeps better masks than the teacher's, or drops the bad ones, beats both.
 
+The tie between unet and drop goes to ``prefer_on_tie`` (default drop). A pseudo label no better
+than the teacher's own prediction is not neutral: measured on JSRT (benchmarks/RESULTS.md,
+n = 10), students trained on the cleaned teacher masks of heart and clavicles lost 2 to 4 Dice
+points on those classes against the teacher, from scratch and warm-started alike, while a student
+warm-started from the teacher that ignored those classes on the unlabelled images kept them.
+
 Choice: every candidate gate is scored, and the SIMPLEST candidate within ``min_gain`` of the best
-score wins: policies without thresholds first (unet, then drop), then sam, then auto; within a
+score wins: policies without thresholds first (drop then unet, or unet then drop with
+prefer_on_tie unet), then sam, then auto; within a
 policy, thresholds closest to the configured gate first, then lower ones. So a sam or auto gate
-that drops every image loses to drop, and unet wins its tie with drop (a teacher-quality mask is
-kept). With a handful of validation images this keeps the configured gate or a simple policy
+that drops every image loses to drop. With a handful of validation images this keeps the configured gate or a simple policy
 unless a more elaborate one is clearly better. A class found on fewer than ``min_images``
 validation images keeps its configured gate. (The teacher checkpoint is selected on the same
 validation images, so v_c is slightly optimistic: the calibration errs toward dropping.)
@@ -55,8 +61,9 @@ from engine.metrics import dice
 POLICY_FILE = "gate_policy.json"
 POLICY_FORMAT = "plabel-gate-policy"
 POLICY_VERSION = 1
-# candidate order of the tie-break: simpler policies first
-POLICY_ORDER = ("unet", "drop", "sam", "auto")
+# candidate order of the tie-break: simpler policies first (prefer_on_tie "unet" swaps the first two)
+POLICY_ORDER = ("drop", "unet", "sam", "auto")
+TIE_CHOICES = ("drop", "unet")
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -201,16 +208,27 @@ class CalibrationObjective:
     drop_margin: v_c = max(drop_floor, teacher's mean cleaned Dice - drop_margin).
     min_gain:    a candidate within min_gain of the best score counts as a tie (simplest wins).
     min_images:  a class found by the teacher on fewer validation images keeps its configured gate.
+    prefer_on_tie: "drop" or "unet", the simpler of the two when they tie (see the module docstring).
     """
 
     drop_floor: float = 0.5
     drop_margin: float = 0.0
     min_gain: float = 0.005
     min_images: int = 3
+    prefer_on_tie: str = "drop"
+
+    def __post_init__(self):
+        if self.prefer_on_tie not in TIE_CHOICES:
+            raise ValueError(f"prefer_on_tie {self.prefer_on_tie!r} is not one of {TIE_CHOICES}")
+
+    @property
+    def policy_order(self) -> tuple[str, ...]:
+        """Candidate policies, simplest first."""
+        return POLICY_ORDER if self.prefer_on_tie == "drop" else ("unet", "drop", "sam", "auto")
 
     def to_dict(self) -> dict:
         return {"drop_floor": self.drop_floor, "drop_margin": self.drop_margin, "min_gain": self.min_gain,
-                "min_images": self.min_images}
+                "min_images": self.min_images, "prefer_on_tie": self.prefer_on_tie}
 
 
 @dataclass
@@ -225,8 +243,9 @@ class GateGrid:
         return {k: list(getattr(self, k)) for k in ("min_sam_iou", "min_agreement", "min_agreement_unet")}
 
 
-def candidate_gates(base: ClassGate, grid: GateGrid = GateGrid()) -> list[ClassGate]:
-    """Every candidate gate, simplest first (POLICY_ORDER): unet, drop, sam (min_sam_iou x
+def candidate_gates(base: ClassGate, grid: GateGrid = GateGrid(),
+                    order: Sequence[str] = POLICY_ORDER) -> list[ClassGate]:
+    """Every candidate gate, simplest first (order): drop, unet, sam (min_sam_iou x
     min_agreement), auto (x min_agreement_unet). Within a policy: closest to ``base``'s thresholds first (sum of
     absolute differences of the thresholds the policy uses), then lower thresholds. unet and drop
     carry ``base``'s (unused) thresholds."""
@@ -249,7 +268,7 @@ def candidate_gates(base: ClassGate, grid: GateGrid = GateGrid()) -> list[ClassG
         "sam": [ClassGate("sam", i, a, base.min_agreement_unet) for i, a in sam],
         "auto": [ClassGate("auto", i, a, u) for i, a, u in auto],
     }
-    return [g for policy in POLICY_ORDER for g in by_policy[policy]]
+    return [g for policy in order for g in by_policy[policy]]
 
 
 @dataclass
@@ -364,7 +383,7 @@ def calibrate_gate(
                                 f"found on {n_present} validation image(s), fewer than {objective.min_images}: "
                                 "kept the configured gate")
             continue
-        candidates = candidate_gates(own, grid)
+        candidates = candidate_gates(own, grid, objective.policy_order)
         scores = np.array([_objective(_decisions(g, ev), ev, v) for g in candidates])
         best = float(scores.max())
         chosen = candidates[int(np.flatnonzero(scores >= best - objective.min_gain - 1e-12)[0])]

@@ -66,6 +66,9 @@ class TrainSection:
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
     include_labelled: bool = True  # student only: train on pseudo labels plus the labelled images
+    # student only: "teacher" starts from the teacher's weights (needs the teacher's base_channels
+    # and depth; measured better on JSRT, benchmarks/RESULTS.md), "scratch" from a fresh U-Net
+    init: str = "teacher"
 
     def validate(self, path: str) -> None:
         for k in ("image_size", "base_channels", "depth", "epochs", "batch_size", "num_workers"):
@@ -73,6 +76,7 @@ class TrainSection:
         _check(self.image_size % (2**self.depth) == 0, f"{path}.image_size", self.image_size,
                f"a multiple of 2**depth = {2 ** self.depth}")
         _check(self.lr > 0, f"{path}.lr", self.lr, "float > 0")
+        _check(self.init in ("teacher", "scratch"), f"{path}.init", self.init, "teacher or scratch")
 
 
 @dataclass
@@ -150,6 +154,9 @@ class GateSection:
     drop_floor: float = 0.5  # calibration: lowest Dice a dropped image scores (break-even Dice)
     drop_margin: float = 0.0  # calibration: break-even = max(drop_floor, teacher's Dice - drop_margin)
     min_images: int = 3  # calibration: validation images the teacher must find a class on
+    # calibration: when keeping the cleaned U-Net mask ties with dropping the class (it scores the
+    # teacher's own Dice), drop it (measured better for the student) or keep it: drop | unet
+    prefer_on_tie: str = "drop"
 
     GATE_KEYS = ("policy", "min_sam_iou", "min_agreement", "min_agreement_unet")
 
@@ -172,6 +179,7 @@ class GateSection:
         _check(0.0 <= self.drop_floor <= 1.0, f"{path}.drop_floor", self.drop_floor, "a number in [0, 1]")
         _check(-1.0 <= self.drop_margin <= 1.0, f"{path}.drop_margin", self.drop_margin, "a number in [-1, 1]")
         _check(self.min_images >= 1, f"{path}.min_images", self.min_images, "int >= 1")
+        _check(self.prefer_on_tie in ("drop", "unet"), f"{path}.prefer_on_tie", self.prefer_on_tie, "drop or unet")
 
     def to_gate_dict(self) -> dict:
         """engine.gate.GateConfig dict: the default gate, and per class the default with its overrides."""
@@ -226,6 +234,12 @@ class RunConfig:
 
     def validate(self, path: str = "") -> None:
         _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        s, t = self.student, self.teacher
+        if s.init == "teacher" and (s.base_channels, s.depth) != (t.base_channels, t.depth):
+            raise ConfigError(
+                f"student.init: 'teacher' starts the student from the teacher's weights, so student.base_channels "
+                f"and student.depth must equal the teacher's: got {s.base_channels} / {s.depth}, teacher "
+                f"{t.base_channels} / {t.depth}; match them or set student.init: scratch")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -79,12 +79,23 @@ def test_policy_per_class_sam_good_unet_good_both_poor():
     # the configured auto gate falls back to the U-Net mask (agreement 0.4 < 0.6, >= 0.3)
     assert ra["objective_base"] == pytest.approx(d_unet[0])
 
-    # b: the cleaned U-Net mask; it ties with drop (break-even = the teacher's Dice), unet is simpler
-    assert cal.gate.for_class("b").policy == "unet"
+    # b: the cleaned U-Net mask ties with drop (break-even = the teacher's Dice): dropped by
+    # default (prefer_on_tie drop), kept with prefer_on_tie unet
+    assert cal.gate.for_class("b").policy == "drop"
     rb = cal.report["b"]
-    assert rb["kept"] == {"sam": 0, "unet": 4, "dropped": 0, "empty": 0}
+    assert rb["kept"] == {"sam": 0, "unet": 0, "dropped": 4, "empty": 0}
     assert rb["drop_value"] == pytest.approx(d_unet[1]) and rb["objective"] == pytest.approx(d_unet[1])
     assert rb["dice_sam"] == pytest.approx(0.2, abs=0.01)
+    keep = calibrate_gate(images, ["a", "b", "c"], objective=CalibrationObjective(prefer_on_tie="unet"))
+    assert keep.gate.for_class("b").policy == "unet"
+    assert keep.report["b"]["kept"] == {"sam": 0, "unet": 4, "dropped": 0, "empty": 0}
+    assert keep.report["b"]["objective"] == pytest.approx(d_unet[1])
+    assert keep.gate.for_class("a") == cal.gate.for_class("a") and keep.gate.for_class("c").policy == "drop"
+    # a margin above zero makes the U-Net masks beat dropping outright, whatever the tie-break
+    lenient = calibrate_gate(images, ["a", "b", "c"], objective=CalibrationObjective(drop_margin=0.05))
+    assert lenient.gate.for_class("b").policy == "unet"
+    with pytest.raises(ValueError, match="prefer_on_tie 'sam'"):
+        CalibrationObjective(prefer_on_tie="sam")
 
     # c: drop; the dropped images score the floor 0.5 > 0.3 (U-Net) > 0.25 (SAM)
     assert cal.gate.for_class("c").policy == "drop"
@@ -92,10 +103,10 @@ def test_policy_per_class_sam_good_unet_good_both_poor():
     assert rc["kept"] == {"sam": 0, "unet": 0, "dropped": 4, "empty": 0}
     assert rc["objective"] == 0.5 and rc["drop_value"] == 0.5 and rc["dice_gated"] is None
 
-    # the objective's settings move the break-even point: a lower floor keeps class c's U-Net
-    # masks (they tie with drop at the teacher's Dice); asking labels to beat the teacher by 0.05
-    # drops class b
-    low = calibrate_gate(images, ["a", "b", "c"], objective=CalibrationObjective(drop_floor=0.2))
+    # the objective's settings move the break-even point: a lower floor makes class c's U-Net
+    # masks tie with drop at the teacher's Dice (kept with prefer_on_tie unet); asking labels to
+    # beat the teacher by 0.05 drops class b
+    low = calibrate_gate(images, ["a", "b", "c"], objective=CalibrationObjective(drop_floor=0.2, prefer_on_tie="unet"))
     assert low.gate.for_class("c").policy == "unet" and low.report["c"]["drop_value"] == pytest.approx(d_unet[2])
     strict = calibrate_gate(images, ["a", "b", "c"], objective=CalibrationObjective(drop_margin=-0.05))
     assert strict.gate.for_class("b").policy == "drop"
@@ -175,7 +186,9 @@ def test_too_few_images_absent_classes_and_nonfinite_sam():
 
 def test_candidates_simplest_first_and_include_the_configured_thresholds():
     cands = candidate_gates(ClassGate("auto", 0.55, 0.65, 0.35))
-    assert [c.policy for c in cands[:3]] == ["unet", "drop", "sam"] and cands[-1].policy == "auto"
+    assert [c.policy for c in cands[:3]] == ["drop", "unet", "sam"] and cands[-1].policy == "auto"
+    swapped = candidate_gates(ClassGate("auto", 0.55, 0.65, 0.35), order=CalibrationObjective(prefer_on_tie="unet").policy_order)
+    assert [c.policy for c in swapped[:3]] == ["unet", "drop", "sam"] and swapped[2:] == cands[2:]
     assert cands[2] == ClassGate("sam", 0.55, 0.65, 0.35)  # closest to the configured gate first
     first_auto = next(c for c in cands if c.policy == "auto")
     assert first_auto == ClassGate("auto", 0.55, 0.65, 0.35)

@@ -45,3 +45,19 @@ def test_load_resolves_relative_paths(tmp_path):
     assert cfg.run_dir == str((tmp_path / "sub" / "runs").resolve())
     with pytest.raises(ConfigError, match="not found"):
         load_run_config(tmp_path / "missing.yaml")
+
+
+def test_student_init_teacher_needs_the_teachers_architecture(tmp_path):
+    from schemas.config import ConfigError, RunConfig, build
+
+    cfg = build(RunConfig, {"teacher": {"base_channels": 8, "depth": 3}, "student": {"base_channels": 8, "depth": 3}})
+    assert cfg.student.init == "teacher"
+    with pytest.raises(ConfigError, match=r"student.base_channels and student.depth must equal the teacher's: got 16 / 4, "
+                                          r"teacher 8 / 3"):
+        build(RunConfig, {"teacher": {"base_channels": 8, "depth": 3}})
+    assert build(RunConfig, {"teacher": {"base_channels": 8, "depth": 3}, "student": {"init": "scratch"}}).student.init \
+        == "scratch"
+    with pytest.raises(ConfigError, match=r"student.init: expected teacher or scratch, got 'imagenet'"):
+        build(RunConfig, {"student": {"init": "imagenet"}})
+    with pytest.raises(ConfigError, match=r"label.gate.prefer_on_tie: expected drop or unet"):
+        build(RunConfig, {"label": {"gate": {"prefer_on_tie": "sam"}}})

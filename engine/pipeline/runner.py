@@ -183,8 +183,10 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
             n_train += n("labelled")
         train = maybe_materialize(train, n_train, C, size)
         val = maybe_materialize(labelled_dataset(paths(val_split), C, size), n(val_split), C, size)
+        init = at("teacher.pt") if cfg.student.init == "teacher" else None
         out = train_unet(train, val, classes, cfg.student,
-                         at("student.pt"), at("ray_train"), "student", role="student")
+                         at("student.pt"), at("ray_train"), "student", role="student", init_checkpoint=init)
+        out["init"] = cfg.student.init
         out["sha256"] = checkpoint_sha256(at("student.pt"))
         return out
 
@@ -280,7 +282,7 @@ def calibrate_stage(cfg: RunConfig, val_shards, classes, teacher_path: str, teac
         model, int(extra.get("image_size", cfg.teacher.image_size)), refiner, grays, truths, ids, classes,
         CleaningConfig(**dataclasses.asdict(cfg.label.cleaning)), batch_size=cfg.label.sam.batch_size)
     objective = CalibrationObjective(drop_floor=gate_cfg.drop_floor, drop_margin=gate_cfg.drop_margin,
-                                     min_images=gate_cfg.min_images)
+                                     min_images=gate_cfg.min_images, prefer_on_tie=gate_cfg.prefer_on_tie)
     grid = GateGrid()
     cal = calibrate_gate(images, classes, GateConfig.from_dict(gate_cfg.to_gate_dict()), objective, grid)
     effective = gate_cfg.with_calibrated({c: g.to_dict() for c, g in cal.gate.per_class.items()})

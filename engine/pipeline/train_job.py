@@ -135,6 +135,7 @@ def _train_loop(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
+    from engine import storage
     from engine.losses import positive_class_weights
     from engine.train_core import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step
     from engine.unet import UNet, load_checkpoint, save_checkpoint
@@ -160,6 +161,15 @@ def _train_loop(config: dict) -> None:
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
         if rank == 0:
             print(f"[{config['role']}] resuming from the checkpoint of epoch {start_epoch}/{cfg.epochs}", flush=True)
+    elif config.get("init_checkpoint"):  # a student warm-started from its teacher (student.init)
+        init_model, init_cfg, _ = load_checkpoint(config["init_checkpoint"])
+        if init_cfg != ucfg:
+            raise ValueError(f"{storage.redact(config['init_checkpoint'])}: its U-Net {init_cfg} is not the "
+                             f"{config['role']}'s {ucfg}; cannot start from its weights")
+        model.load_state_dict(init_model.state_dict())
+        if rank == 0:
+            print(f"[{config['role']}] starting from the weights of {storage.redact(config['init_checkpoint'])}",
+                  flush=True)
     model = ray.train.torch.prepare_model(model)
     base = model.module if hasattr(model, "module") else model
     device = next(model.parameters()).device
@@ -212,8 +222,11 @@ def _train_loop(config: dict) -> None:
 
 
 def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str | Path, storage_dir: str | Path,
-               name: str, role: str = "teacher") -> dict:
+               name: str, role: str = "teacher", init_checkpoint: str | None = None) -> dict:
     """Fit a U-Net with a TorchTrainer; copies the best-validation model to out_path.
+
+    init_checkpoint: a U-Net checkpoint (path or URI) of the same architecture to start from (the
+    student's teacher); None: a fresh U-Net seeded by section.seed. A resumed run ignores it.
 
     section: schemas.config.TrainSection. Returns {"best_val_dice", "best_epoch", "epochs",
     "resumed_from_epoch", "wall_s"}. Every epoch ends with a checkpoint (the full training state
@@ -231,6 +244,16 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     train_cfg = TrainConfig(epochs=section.epochs, lr=section.lr, weight_decay=section.weight_decay,
                             batch_size=section.batch_size, base_channels=section.base_channels, depth=section.depth,
                             augment=section.augment, seed=section.seed)
+    if init_checkpoint is not None:  # fail here, before Ray starts, when the weights cannot fit
+        from engine.unet import load_checkpoint as _load
+
+        _, init_cfg, _ = _load(init_checkpoint)
+        want = train_cfg.unet_config(len(classes))
+        if init_cfg != want:
+            raise ValueError(f"{storage.redact(str(init_checkpoint))}: its U-Net (base_channels {init_cfg.base_channels}, "
+                             f"depth {init_cfg.depth}, {init_cfg.num_classes} classes) does not match the {role}'s "
+                             f"(base_channels {want.base_channels}, depth {want.depth}, {want.num_classes} classes); "
+                             "cannot start from its weights")
     if storage.is_uri(storage_dir):  # the resolved filesystem: Ray never sees a URI's credentials
         storage_fs, (storage_path,) = storage.resolve_all([str(storage_dir)])
     else:
@@ -239,7 +262,7 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": train_cfg.to_dict(), "classes": list(classes), "image_size": section.image_size,
-                           "role": role},
+                           "role": role, "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint)},
         scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
                                      resources_per_worker={"CPU": 1}),
         datasets={"train": train_ds, "val": val_ds},

@@ -564,7 +564,8 @@ class Bench:
         stages = self.variants(backend)[gv]
         g = self.gate_section
         objective = CalibrationObjective(drop_floor=g.drop_floor, drop_margin=g.drop_margin, min_images=g.min_images,
-                                         prefer_on_tie=self.args.prefer_on_tie or g.prefer_on_tie)
+                                         prefer_on_tie=self.args.prefer_on_tie or g.prefer_on_tie,
+                                         break_even=self.args.break_even or g.break_even)
         grid = GateGrid()
         base = GateConfig.from_dict(g.to_gate_dict())
         key = key_of({"step": "gate", "teacher": teacher["key"], "val": sp["val"], "backend": backend,
@@ -786,13 +787,24 @@ def summarise(bench: Bench, results: dict) -> dict:
                 ids, masks, weight, decisions = bench.pseudo(kind, cfg["unet_path"], b and b["sam_path"],
                                                              b and b["policy"], b["variant"] if b else "sam")
                 d = bench.pseudo_dice(ids, masks, weight)
+                compare = None
+                if decisions is not None:  # gated: the masks it keeps (images without the class left out)
+                    kept = np.isin(decisions, ["sam", "unet"])
+                    d = np.where(kept, d, np.nan)
+                    others = {k: bench.pseudo_dice(*bench.pseudo(k, cfg["unet_path"], b["sam_path"], None, b["variant"])[:3])
+                              for k in ("cleaned", "sam", b["variant"]) if k != "gated"}
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        compare = {c: {"kept": int(kept[:, ci].sum()), "gated": float(np.nanmean(d[kept[:, ci], ci])),
+                                       **{k: float(np.nanmean(v[kept[:, ci], ci])) for k, v in others.items()}}
+                                   for ci, c in enumerate(classes)}
                 with warnings.catch_warnings():  # a class the gate dropped everywhere: NaN
                     warnings.simplefilter("ignore", RuntimeWarning)
                     per_class = np.nanmean(d, axis=0)
                     mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
                 row = {"n": n, "seed": seed, "kind": kind, "backend": backend if kind not in BACKEND_FREE else None,
                        "per_class": per_class.tolist(), "mean": mean,
-                       "kept_fraction": float((weight > 0).mean()), "n_images": len(ids)}
+                       "kept_fraction": float((weight > 0).mean()), "n_images": len(ids), "compare": compare}
                 if decisions is not None and kind == "gated":
                     row["decisions"] = {c: {k: int((decisions[:, ci] == k).sum())
                                             for k in ("sam", "unet", "dropped", "empty")}
@@ -850,8 +862,10 @@ def markdown(bench: Bench, summary: dict, args, timing: dict) -> str:
         return pc.mean(axis=0), means.mean(), (means.std() if len(rows) > 1 else None)
 
     lines += ["## Pseudo labels of the unlabelled images against their truth\n",
-              "Mean Dice per class over the unlabelled images (both empty = 1); gated: classes the gate "
-              "dropped left out, 'kept' = fraction of (image, class) pairs trained on. Several seeds: mean of seeds.\n",
+              "Mean Dice per class over the unlabelled images (both empty = 1); gated: over the masks it keeps "
+              "(SAM's or the cleaned U-Net's; '-' = the class is dropped on every image), 'kept' = fraction of "
+              "(image, class) pairs trained on (background where the teacher found nothing included). "
+              "Several seeds: mean of seeds.\n",
               head.format("pseudo labels") + " kept |", rule + "---|"]
     for (n, kind, backend), rows in sorted(group(summary["pseudo"], ("n", "kind", "backend")).items(),
                                            key=lambda t: (t[0][0], str(t[0][2]), KINDS.index(t[0][1]))):
@@ -861,6 +875,20 @@ def markdown(bench: Bench, summary: dict, args, timing: dict) -> str:
         lines.append(f"| {n} | {len(rows)} | {label} | " + " | ".join(f100(v) for v in pc)
                      + f" | {f100(mean)} | {100 * kept:.0f}% |")
 
+    lines += ["\n### Gated masks against the other kinds on the same (image, class) pairs\n",
+              "For every gated row: per class, the number of (image, class) pairs the gate keeps a mask for "
+              "(SAM's or the cleaned U-Net's) and the mean Dice on exactly those pairs of the gated mask, the "
+              "cleaned U-Net mask, the paper's SAM stages and the backend's plabel stages.\n",
+              "| n | seed | kind [backend] | class | kept pairs | gated | cleaned U-Net | SAM paper | SAM plabel stages |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["pseudo"]:
+        if not r.get("compare"):
+            continue
+        for c, v in r["compare"].items():
+            if v["kept"]:
+                lines.append(f"| {r['n']} | {r['seed']} | {KIND_LABEL[r['kind']]} [{r['backend']}] | {c} | {v['kept']} | "
+                             f"{f100(v['gated'])} | "
+                             f"{f100(v['cleaned'])} | {f100(v['sam'])} | {f100(v.get('pipeline', v['sam']))} |")
     lines += ["\n## Test Dice\n",
               f"Mean Dice per class over the {N_TEST if not args.smoke else SMOKE['test']} test images; mean ± std: "
               "std over images (one seed) or over seeds' means (several). gap closed = (student - teacher) / "
@@ -1185,6 +1213,9 @@ def parse(argv=None):
     ap.add_argument("--prefer-on-tie", choices=("drop", "unet"), default=None,
                     help="gate calibration: drop or keep (unet) a class whose cleaned U-Net masks tie with "
                          "dropping it (default: plabel's, label.gate.prefer_on_tie)")
+    ap.add_argument("--break-even", choices=("image", "mean"), default=None,
+                    help="gate calibration: a dropped image scores its own teacher Dice (image) or the class's "
+                         "mean (default: plabel's, label.gate.break_even)")
     ap.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
     ap.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS)
     ap.add_argument("--full-epochs", type=int, default=None, help="full-supervision model (default: student epochs)")

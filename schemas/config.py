@@ -157,6 +157,8 @@ class GateSection:
     # calibration: when keeping the cleaned U-Net mask ties with dropping the class (it scores the
     # teacher's own Dice), drop it (measured better for the student) or keep it: drop | unet
     prefer_on_tie: str = "drop"
+    # calibration: a dropped image scores its own teacher Dice (image) or the class's mean (mean)
+    break_even: str = "image"
 
     GATE_KEYS = ("policy", "min_sam_iou", "min_agreement", "min_agreement_unet")
 
@@ -180,6 +182,7 @@ class GateSection:
         _check(-1.0 <= self.drop_margin <= 1.0, f"{path}.drop_margin", self.drop_margin, "a number in [-1, 1]")
         _check(self.min_images >= 1, f"{path}.min_images", self.min_images, "int >= 1")
         _check(self.prefer_on_tie in ("drop", "unet"), f"{path}.prefer_on_tie", self.prefer_on_tie, "drop or unet")
+        _check(self.break_even in ("image", "mean"), f"{path}.break_even", self.break_even, "image or mean")
 
     def to_gate_dict(self) -> dict:
         """engine.gate.GateConfig dict: the default gate, and per class the default with its overrides."""

@@ -127,7 +127,12 @@ def test_min_sam_iou_chosen_where_it_separates_good_from_bad_sam_masks():
         good = i < 3
         u = part(t, 0.8) if good else part(t, 0.3)
         images.append(image(i, unet=[u], sam=[t if good else u], sam_iou=[q]))
-    cal = calibrate_gate(images, ["x"])
+    # break-even "image" (default): each dropped image scores max(0.5 floor, its U-Net Dice): the
+    # good images 0.8 (SAM's 1.0 gains), the bad ones 0.5 (their echoed 0.3 masks lose): same gate
+    img = calibrate_gate(images, ["x"])
+    assert img.gate.for_class("x") == ClassGate("sam", 0.7, 0.6, 0.3)
+    assert img.report["x"]["decisions"] == ["sam"] * 3 + ["dropped"] * 3
+    cal = calibrate_gate(images, ["x"], objective=CalibrationObjective(break_even="mean"))
     assert cal.gate.for_class("x") == ClassGate("sam", 0.7, 0.6, 0.3)
     r = cal.report["x"]
     assert r["decisions"] == ["sam"] * 3 + ["dropped"] * 3
@@ -137,6 +142,8 @@ def test_min_sam_iou_chosen_where_it_separates_good_from_bad_sam_masks():
     assert r["objective"] == pytest.approx((3 * 1.0 + 3 * v) / 6)
     # configured auto (0.5, 0.6, 0.3): SAM's bad masks at IoU 0.65 / 0.55, the U-Net's at 0.4
     assert r["objective_base"] == pytest.approx((3 * 1.0 + 3 * d_bad) / 6)
+    assert img.report["x"]["objective"] == pytest.approx((3 * 1.0 + 3 * 0.5) / 6)
+    assert img.report["x"]["drop_value"] == pytest.approx((d_good + 0.5) / 2)  # reported: the per-image mean
 
 
 def test_auto_keeps_sam_then_unet_then_drops_and_keeps_the_configured_thresholds():
@@ -151,7 +158,9 @@ def test_auto_keeps_sam_then_unet_then_drops_and_keeps_the_configured_thresholds
             u, s, q = part(t, 0.2), part(t, 0.2, from_end=True), 0.4
         images.append(image(i, unet=[u], sam=[s], sam_iou=[q]))
     assert images[2].agreement[0] == pytest.approx(0.57, abs=0.02) and images[4].agreement[0] == 0.0
-    cal = calibrate_gate(images, ["x"])
+    # break-even "image": the U-Net fallback only ties with dropping, so sam (simpler) wins
+    assert calibrate_gate(images, ["x"]).gate.for_class("x").policy == "sam"
+    cal = calibrate_gate(images, ["x"], objective=CalibrationObjective(break_even="mean"))
     assert cal.gate.for_class("x") == ClassGate("auto", 0.5, 0.6, 0.3)  # the configured gate is optimal
     r = cal.report["x"]
     assert r["decisions"] == ["sam", "sam", "unet", "unet", "dropped", "dropped"]
@@ -180,7 +189,10 @@ def test_too_few_images_absent_classes_and_nonfinite_sam():
     assert label_decision(ClassGate("auto"), False, math.nan, math.nan) == "empty"
     ok = [image(i, unet=[t], sam=[t], sam_iou=[0.9]) for i in range(3)]
     bad = image(3, unet=[part(t, 0.3)], sam=[np.zeros((S, S), bool)], sam_iou=[np.nan], agreement=[np.nan])
-    cal = calibrate_gate(ok + [bad], ["x"])  # auto/unet keep the U-Net mask on the 4th image, sam drops it
+    # (break-even "mean": perfect SAM masks beat the class's mean; per image they only tie with the
+    # perfect U-Net masks and the class is dropped)
+    assert calibrate_gate(ok + [bad], ["x"]).gate.for_class("x").policy == "drop"
+    cal = calibrate_gate(ok + [bad], ["x"], objective=CalibrationObjective(break_even="mean"))  # auto/unet keep the U-Net mask on the 4th image, sam drops it
     assert cal.gate.for_class("x").policy == "sam" and cal.report["x"]["decisions"][3] == "dropped"
 
 

@@ -45,8 +45,12 @@ Per (n, seed) [and SAM backend]:
              gated_sam (not a default kind): as gated, but a class the gate gives to the cleaned U-Net
              mask is ignored too (weight 0): only SAM masks teach, other classes come from the n
              labelled images (and, with --student-init teacher, the teacher's weights).
-  student init --student-init scratch (a fresh U-Net, the paper's) and/or teacher (warm start from
-             the teacher's weights at peak learning rate --warm-lr; cosine schedule as every U-Net).
+  none       (a default kind) the control: no pseudo labels, the n labelled images only; from the
+             teacher it is the teacher trained --student-epochs more, which a student must beat
+             for its gain to be the pseudo labels'.
+  student init --student-init teacher (default, plabel's student.init: warm start from the
+             teacher's weights at peak learning rate --warm-lr; cosine schedule as every U-Net)
+             and/or scratch (a fresh U-Net, the paper's students).
 Per seed: full, a U-Net on all 150 pool images with their truth (--full-epochs), the upper bound.
 
 Training is in this process (engine.inprocess.fit_unet over engine.train_core, no Ray), U-Nets at
@@ -117,7 +121,7 @@ ISSUE_GRID = ((10, 0), (5, 0), (20, 0), (43, 0), (10, 1), (10, 2))  # the headli
 BACKENDS = ("lite_medsam", "mobile_sam")
 KINDS = ("raw", "cleaned", "box", "sam", "pipeline", "gated", "gated_sam", "none")
 GATED = ("gated", "gated_sam")
-DEFAULT_KINDS = ("raw", "cleaned", "box", "sam", "gated")
+DEFAULT_KINDS = ("raw", "cleaned", "box", "sam", "gated", "none")
 BACKEND_FREE = ("raw", "cleaned", "none")
 KIND_LABEL = {"raw": "raw U-Net (> 0.5)", "cleaned": "cleaned U-Net", "box": "SAM box only",
               "sam": "SAM paper (box; points + logits)", "pipeline": "SAM plabel stages", "gated": "gated (calibrated)",
@@ -1207,7 +1211,7 @@ def parse(argv=None):
                          "pseudo-label Dice is reported for all")
     ap.add_argument("--student-init", nargs="+", choices=("scratch", "teacher"), default=None,
                     help="how students start: scratch (a fresh U-Net, the paper's), teacher (warm start from the "
-                         "teacher's weights); several: a student of each (default scratch)")
+                         "teacher's weights, plabel's default); several: a student of each (default teacher)")
     ap.add_argument("--warm-lr", type=float, default=0.0005,
                     help="peak learning rate of students that start from the teacher (--student-init teacher)")
     ap.add_argument("--prefer-on-tie", choices=("drop", "unet"), default=None,
@@ -1244,7 +1248,7 @@ def parse(argv=None):
         args.backend = args.backend or ["lite_medsam"]
         args.kinds = args.kinds or list(KINDS)
     args.kinds = args.kinds or list(DEFAULT_KINDS)
-    args.student_init = args.student_init or ["scratch"]
+    args.student_init = args.student_init or ["teacher"]
     args.full_epochs = args.full_epochs or args.student_epochs
     args.backend = args.backend or list(BACKENDS)
     if args.n is None and args.seeds is None:

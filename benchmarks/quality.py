@@ -777,6 +777,15 @@ def summarise(bench: Bench, results: dict) -> dict:
         if cfg.get("unet_path") is None:
             continue
         done_free = set()
+        memo: dict = {}
+
+        def dice_of(kind, backend, b):
+            """Unmasked (N, C) pseudo-label Dice of a non-gated kind (the loop's own, else computed here)."""
+            key = (kind, None if kind in BACKEND_FREE else backend)
+            if key not in memo:
+                memo[key] = bench.pseudo_dice(*bench.pseudo(kind, cfg["unet_path"], b and b["sam_path"])[:3])
+            return memo[key]
+
         for backend, b in [(None, None)] + list(cfg["backends"].items()):
             for kind in KINDS:
                 if kind == "none":
@@ -791,12 +800,13 @@ def summarise(bench: Bench, results: dict) -> dict:
                 ids, masks, weight, decisions = bench.pseudo(kind, cfg["unet_path"], b and b["sam_path"],
                                                              b and b["policy"], b["variant"] if b else "sam")
                 d = bench.pseudo_dice(ids, masks, weight)
+                if decisions is None:  # the gated rows below compare against it
+                    memo[(kind, None if kind in BACKEND_FREE else backend)] = d
                 compare = None
                 if decisions is not None:  # gated: the masks it keeps (images without the class left out)
                     kept = np.isin(decisions, ["sam", "unet"])
                     d = np.where(kept, d, np.nan)
-                    others = {k: bench.pseudo_dice(*bench.pseudo(k, cfg["unet_path"], b["sam_path"], None, b["variant"])[:3])
-                              for k in ("cleaned", "sam", b["variant"]) if k != "gated"}
+                    others = {k: dice_of(k, backend, b) for k in ("cleaned", "sam", b["variant"])}
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", RuntimeWarning)
                         compare = {c: {"kept": int(kept[:, ci].sum()), "gated": float(np.nanmean(d[kept[:, ci], ci])),

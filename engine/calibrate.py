@@ -27,10 +27,10 @@ Dice on these images, less ``drop_margin`` when slightly noisier extra data shou
 as a gain. With break_even "image" (default) the break-even is the teacher's Dice on that very
 image, so a kept mask earns exactly its gain over the teacher's own prediction there: keeping
 the teacher's mask earns nothing, and a gate cannot score by keeping the teacher's masks on the
-easy images only (measured on JSRT, n = 20: an auto gate that kept the U-Net's right-clavicle
-masks where SAM agreed beat the class mean on validation, and its student lost 3 Dice points
-on that class) (JSRT, uncalibrated gate: heart pseudo labels at Dice 0.81 under a 0.87 teacher lowered
-the student to 0.85; lungs at 0.96 / 0.93 over 0.94 / 0.91 raised it). ``drop_floor`` (0.5) bounds
+easy images only. Measured on JSRT: with the uncalibrated gate, heart pseudo labels at Dice 0.81
+under a 0.87 teacher lowered the student to 0.85 and lungs at 0.96 / 0.93 over 0.94 / 0.91 raised
+it; at n = 20 an auto gate that kept the U-Net's right-clavicle masks where SAM agreed beat the
+class mean on validation, and its student lost 3 Dice points on that class. ``drop_floor`` (0.5) bounds
 it from below: a mask under Dice 0.5 overlaps the truth on less than a third of their union and is
 not worth training on even when the teacher is that poor. Keeping the cleaned U-Net mask on every
 image (policy unet) therefore scores v_c when the teacher is above the floor: it ties with drop,
@@ -46,8 +46,8 @@ Choice: every candidate gate is scored, and the SIMPLEST candidate within ``min_
 score wins: policies without thresholds first (drop then unet, or unet then drop with
 prefer_on_tie unet), then sam, then auto; within a
 policy, thresholds closest to the configured gate first, then lower ones. So a sam or auto gate
-that drops every image loses to drop. With a handful of validation images this keeps the configured gate or a simple policy
-unless a more elaborate one is clearly better. A class found on fewer than ``min_images``
+that drops every image loses to drop. With a handful of validation images this keeps the
+configured gate or a simple policy unless a more elaborate one is clearly better. A class found on fewer than ``min_images``
 validation images keeps its configured gate. (The teacher checkpoint is selected on the same
 validation images, so v_c is slightly optimistic: the calibration errs toward dropping.)
 """
@@ -235,7 +235,8 @@ class CalibrationObjective:
     @property
     def policy_order(self) -> tuple[str, ...]:
         """Candidate policies, simplest first."""
-        return POLICY_ORDER if self.prefer_on_tie == "drop" else ("unet", "drop", "sam", "auto")
+        first, second, *rest = POLICY_ORDER
+        return POLICY_ORDER if self.prefer_on_tie == first else (second, first, *rest)
 
     def to_dict(self) -> dict:
         return {"drop_floor": self.drop_floor, "drop_margin": self.drop_margin, "min_gain": self.min_gain,

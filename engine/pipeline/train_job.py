@@ -162,11 +162,8 @@ def _train_loop(config: dict) -> None:
         if rank == 0:
             print(f"[{config['role']}] resuming from the checkpoint of epoch {start_epoch}/{cfg.epochs}", flush=True)
     elif config.get("init_checkpoint"):  # a student warm-started from its teacher (student.init)
-        init_model, init_cfg, _ = load_checkpoint(config["init_checkpoint"])
-        if init_cfg != ucfg:
-            raise ValueError(f"{storage.redact(config['init_checkpoint'])}: its U-Net {init_cfg} is not the "
-                             f"{config['role']}'s {ucfg}; cannot start from its weights")
-        model.load_state_dict(init_model.state_dict())
+        # (train_unet checked the architecture before Ray started; load_state_dict refuses any other)
+        model.load_state_dict(load_checkpoint(config["init_checkpoint"])[0].state_dict())
         if rank == 0:
             print(f"[{config['role']}] starting from the weights of {storage.redact(config['init_checkpoint'])}",
                   flush=True)
@@ -244,10 +241,10 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     train_cfg = TrainConfig(epochs=section.epochs, lr=section.lr, weight_decay=section.weight_decay,
                             batch_size=section.batch_size, base_channels=section.base_channels, depth=section.depth,
                             augment=section.augment, seed=section.seed)
-    if init_checkpoint is not None:  # fail here, before Ray starts, when the weights cannot fit
-        from engine.unet import load_checkpoint as _load
+    from engine.unet import load_checkpoint
 
-        _, init_cfg, _ = _load(init_checkpoint)
+    if init_checkpoint is not None:  # fail here, before Ray starts, when the weights cannot fit
+        _, init_cfg, _ = load_checkpoint(init_checkpoint)
         want = train_cfg.unet_config(len(classes))
         if init_cfg != want:
             raise ValueError(f"{storage.redact(str(init_checkpoint))}: its U-Net (base_channels {init_cfg.base_channels}, "
@@ -276,7 +273,6 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training {name} produced no checkpoint under {storage_name}")
-    from engine.unet import load_checkpoint
 
     with result.checkpoint.as_directory() as d:
         best_path = Path(d) / MODEL_FILE

@@ -45,12 +45,20 @@ Per (n, seed) [and SAM backend]:
              gated_sam (not a default kind): as gated, but a class the gate gives to the cleaned U-Net
              mask is ignored too (weight 0): only SAM masks teach, other classes come from the n
              labelled images (and, with --student-init teacher, the teacher's weights).
+  gated_distill (a default kind; plabel's default student): as gated, and every dropped (image,
+             class) pair is trained on the teacher's soft outputs (engine.losses.distillation_loss,
+             strength --distill-weight, plabel's student.distill); needs a --student-init other
+             than scratch (the starting weights are the teacher distilled from).
   none       (a default kind) the control: no pseudo labels, the n labelled images only; from the
              teacher it is the teacher trained --student-epochs more, which a student must beat
              for its gain to be the pseudo labels'.
   student init --student-init teacher (default, plabel's student.init: warm start from the
-             teacher's weights at peak learning rate --warm-lr; cosine schedule as every U-Net)
-             and/or scratch (a fresh U-Net, the paper's students).
+             teacher's weights at peak learning rate --warm-lr; cosine schedule as every U-Net),
+             guarded (the same, keeping the epoch of engine.selection's guarded rule, tolerance
+             0.005) and/or scratch (a fresh U-Net, the paper's students). 'teacher' keeps the best
+             mean validation epoch; plabel's default, student.selection guarded with tolerance
+             0.01, keeps the same epoch whenever that epoch loses no class by more than 0.01 on the
+             validation images (the report gives each student's worst class against the teacher).
 Per seed: full, a U-Net on all 150 pool images with their truth (--full-epochs), the upper bound.
 
 Training is in this process (engine.inprocess.fit_unet over engine.train_core, no Ray), U-Nets at
@@ -119,13 +127,14 @@ N_TEST, N_VAL = 40, 10
 DEFAULT_NS = (5, 10, 20, 43)
 ISSUE_GRID = ((10, 0), (5, 0), (20, 0), (43, 0), (10, 1), (10, 2))  # the headline configuration first
 BACKENDS = ("lite_medsam", "mobile_sam")
-KINDS = ("raw", "cleaned", "box", "sam", "pipeline", "gated", "gated_sam", "none")
-GATED = ("gated", "gated_sam")
-DEFAULT_KINDS = ("raw", "cleaned", "box", "sam", "gated", "none")
+KINDS = ("raw", "cleaned", "box", "sam", "pipeline", "gated", "gated_sam", "gated_distill", "none")
+GATED = ("gated", "gated_sam", "gated_distill")
+DEFAULT_KINDS = ("raw", "cleaned", "box", "sam", "gated", "gated_distill", "none")
 BACKEND_FREE = ("raw", "cleaned", "none")
 KIND_LABEL = {"raw": "raw U-Net (> 0.5)", "cleaned": "cleaned U-Net", "box": "SAM box only",
               "sam": "SAM paper (box; points + logits)", "pipeline": "SAM plabel stages", "gated": "gated (calibrated)",
-              "gated_sam": "gated, SAM masks only", "none": "no pseudo labels (control)"}
+              "gated_sam": "gated, SAM masks only", "gated_distill": "gated, dropped classes distilled from the teacher",
+              "none": "no pseudo labels (control)"}
 PAPER_STAGES = (("box",), ("points", "mask"))
 CODE_VERSION = 1  # bump when a step's computation changes: every key changes with it
 TEACHER_EPOCHS, STUDENT_EPOCHS = 80, 20  # benchmarks/jsrt_n10.yaml
@@ -348,7 +357,7 @@ class Bench:
 
     def train(self, role: str, folder: str, name: str, spec: dict, train_ids, pseudo=None, test_ids=(),
               val_ids=(), init_from: str | None = None, cached_only: bool = False,
-              lr: float | None = None) -> dict | None:
+              lr: float | None = None, selection: str = "mean", distill: float = 0.0) -> dict | None:
         """Fit (or load) one U-Net: train_ids with their truth, plus the images of ``pseudo()`` (called
         only when training: (ids, bool masks (N, C, H, W), weight (N, C))). Returns its .json (with
         'checkpoint'), or None when it is not done and cannot be (--report-only, or pseudo is None
@@ -372,12 +381,14 @@ class Bench:
             return None
         x, y = self.arrays(train_ids)
         w = np.ones((len(train_ids), len(self.classes)), np.float32)
+        dw = np.zeros_like(w)  # distillation weights: the dropped classes of pseudo-labelled images
         if pseudo is not None:
             p_ids, p_masks, p_w = pseudo = pseudo()
         if pseudo is not None and len(p_ids):
             px = np.stack([to_unet_input(self.data.grays[i], self.S) for i in p_ids])
             py = np.stack([masks_to_grid(m, self.S) for m in p_masks])
             x, y, w = np.concatenate([x, px]), np.concatenate([y, py]), np.concatenate([w, p_w.astype(np.float32)])
+            dw = np.concatenate([dw, np.where(p_w == 0, distill, 0.0).astype(np.float32)])
         vx, vy = self.arrays(val_ids)
         log(f"{name}: training {role} on {len(x)} images for {cfg.epochs} epochs")
         t0 = time.time()
@@ -393,13 +404,14 @@ class Bench:
             from engine.unet import load_checkpoint
 
             init_state = load_checkpoint(init_from)[0].state_dict()
-        res = fit_unet(x, y, cfg, weight=w, val_images=vx, val_masks=vy, progress=progress, init_state=init_state)
+        res = fit_unet(x, y, cfg, weight=w, val_images=vx, val_masks=vy, progress=progress, init_state=init_state,
+                       selection=selection, distill_weight=dw if distill > 0 else None)
         wall = time.time() - t0
         save_checkpoint(ckpt, res.model, res.config, {"classes": self.classes, "image_size": self.S, "role": role,
                                                       "epoch": res.best_epoch, "val_dice": res.best_val_dice, "key": key})
         meta = {"name": name, "key": key, "spec": spec, "best_epoch": res.best_epoch, "best_val_dice": res.best_val_dice,
-                "history": res.history, "wall_s": round(wall, 1), "image_epochs": len(x) * cfg.epochs,
-                "threads": self.args.threads, "test_ids": list(test_ids),
+                "history": res.history, "reference_val_dice": res.reference_val_dice, "wall_s": round(wall, 1),
+                "image_epochs": len(x) * cfg.epochs, "threads": self.args.threads, "test_ids": list(test_ids),
                 "test_dice": self.test_dice(res.model, list(test_ids))}
         if pseudo is not None:
             meta["class_weight_zero"] = int((pseudo[2] == 0).sum())
@@ -645,7 +657,7 @@ class Bench:
                 decisions[i, c] = d
                 if d == "sam":
                     out[i, c] = masks[i, c]
-                elif d == "unet" and kind == "gated":
+                elif d == "unet" and kind != "gated_sam":
                     out[i, c] = cleaned[i, c]
                 elif d == "unet":  # gated_sam: a class SAM does not improve teaches only on labelled images
                     weight[i, c] = 0.0
@@ -663,29 +675,41 @@ class Bench:
     def student(self, n, seed, kind, backend, teacher, unet_key, unet_path, sam_key=None, sam_path=None,
                 gate_key=None, policy=None, init="scratch"):
         """A student on kind's pseudo labels; init "scratch" (a fresh U-Net, as the paper) or
-        "teacher" (warm start from the teacher's weights)."""
+        "teacher" (warm start from the teacher's weights) or "guarded" (from the teacher, keeping
+        the epoch engine.selection's guarded rule picks: no class worse on validation)."""
         sp = self.split(n, seed)
         spec = {"step": "student", "seed": seed, "kind": kind, "teacher": teacher["key"], "unet": unet_key}
         name = f"n{n}-s{seed}-{kind}"
         if init != "scratch":  # (scratch keeps the keys it had before this option existed)
-            spec["init"] = init
-            name += f"-init{init}"
+            spec["init"] = "teacher"
+            name += "-initteacher"
+        if init == "guarded":  # from the teacher, engine.selection's guarded rule
+            spec["selection"] = "guarded"
+            name += "-guarded"
         if kind not in BACKEND_FREE:
             spec.update(backend=backend, sam=sam_key)
             name += f"-{backend}"
             if kind in GATED:
                 spec.update(gate=gate_key, variant=self.gate_variant(backend))
+            if kind == "gated_distill":
+                spec["distill"] = self.args.distill_weight
         ready = unet_path is not None and (kind in BACKEND_FREE or sam_path is not None) \
             and (kind not in GATED or policy is not None)
         variant = self.gate_variant(backend) if backend else "sam"
         pseudo = (lambda: self.pseudo(kind, unet_path, sam_path, policy, variant)[:3]) if ready else None
         return self.train("student", "student", name, spec, sp["labelled"], pseudo=pseudo,
                           test_ids=sp["test"], val_ids=sp["val"],
-                          init_from=teacher["checkpoint"] if init == "teacher" else None,
-                          lr=self.args.warm_lr if init == "teacher" else None)
+                          init_from=teacher["checkpoint"] if init != "scratch" else None,
+                          lr=self.args.warm_lr if init != "scratch" else None,
+                          selection="guarded" if init == "guarded" else "mean",
+                          distill=self.args.distill_weight if kind == "gated_distill" else 0.0)
 
 
 # ----------------------------------------------------------------------------- grid run
+
+
+INIT_TEXT = {"scratch": "scratch", "teacher": "the teacher",
+             "guarded": "the teacher with guarded selection (engine.selection)"}
 
 
 def student_key(kind: str, backend: str | None, init: str) -> str:
@@ -788,8 +812,8 @@ def summarise(bench: Bench, results: dict) -> dict:
 
         for backend, b in [(None, None)] + list(cfg["backends"].items()):
             for kind in KINDS:
-                if kind == "none":
-                    continue  # the control has no pseudo labels to score
+                if kind in ("none", "gated_distill"):
+                    continue  # no pseudo labels to score / the same masks as 'gated'
                 if kind in BACKEND_FREE:
                     if kind in done_free:
                         continue
@@ -843,7 +867,8 @@ def group(rows, keys):
 def model_label(model, backend, init="scratch"):
     if model in ("teacher", "full"):
         return {"teacher": "teacher (n labelled)", "full": "full supervision (150 labelled)"}[model]
-    return (f"student{' from teacher' if init == 'teacher' else ''}: {KIND_LABEL[model]}"
+    start = {"teacher": " from teacher", "guarded": " from teacher (guarded selection)"}.get(init, "")
+    return (f"student{start}: {KIND_LABEL[model]}"
             + (f" [{backend}]" if backend else ""))
 
 
@@ -864,7 +889,7 @@ def markdown(bench: Bench, summary: dict, args, timing: dict) -> str:
              + (" (SMOKE: 4 test, 4 val, 6 unlabelled images)" if args.smoke else "") + ".  ",
              f"U-Nets at {bench.S} px; epochs teacher {args.teacher_epochs}, students {args.student_epochs}, "
              f"full {args.full_epochs}; batch {args.batch_size}, lr {args.lr}; students start from "
-             f"{' and from '.join('the teacher' if i == 'teacher' else 'scratch' for i in args.student_init)}. "
+             f"{' and from '.join(INIT_TEXT[i] for i in args.student_init)}. "
              "Gate: calibrated on the validation "
              f"images over the '{args.gate_stages}' stages. Dice x100.\n"]
     head = "| n | seeds | {} | " + " | ".join(classes) + " | mean |"
@@ -906,8 +931,10 @@ def markdown(bench: Bench, summary: dict, args, timing: dict) -> str:
     lines += ["\n## Test Dice\n",
               f"Mean Dice per class over the {N_TEST if not args.smoke else SMOKE['test']} test images; mean ± std: "
               "std over images (one seed) or over seeds' means (several). gap closed = (student - teacher) / "
-              "(full - teacher), per seed, then averaged.\n",
-              head.format("model").replace("mean |", "mean ± std | gap closed |"), rule + "---|"]
+              "(full - teacher), per seed, then averaged; worst class vs teacher: the lowest per-class difference "
+              "student - teacher (Dice x100) over the classes and seeds.\n",
+              head.format("model").replace("mean |", "mean ± std | gap closed | worst class vs teacher |"),
+              rule + "---|---|"]
     test = summary["test"]
     by_seed = {(r["n"], r["seed"], r["model"], r["backend"]): r for r in test}
     order = {"teacher": 0, **{k: i + 1 for i, k in enumerate(KINDS)}, "full": 99}
@@ -916,16 +943,19 @@ def markdown(bench: Bench, summary: dict, args, timing: dict) -> str:
                                                                  t[0][1] != "scratch", str(t[0][3]))):
         pc, mean, std = agg(rows)
         std = rows[0]["std_images"] if std is None else std
-        gaps = []
+        gaps, worst = [], []
         if model not in ("teacher", "full"):
             for r in rows:
                 t = by_seed.get((n, r["seed"], "teacher", None))
+                if t is not None:  # the class that lost most against its own seed's teacher
+                    worst.append(min(np.subtract(r["per_class"], t["per_class"])))
                 fl = next((x for x in test if x["model"] == "full" and x["seed"] == r["seed"]), None)
                 if t is not None and fl is not None and abs(fl["mean"] - t["mean"]) > 1e-9:
                     gaps.append((r["mean"] - t["mean"]) / (fl["mean"] - t["mean"]))
         gap = f"{np.mean(gaps):+.2f}" if gaps else ""
+        low = f"{100 * min(worst):+.2f}" if worst else ""
         lines.append(f"| {n} | {len(rows)} | {model_label(model, backend, init)} | " + " | ".join(f100(v) for v in pc)
-                     + f" | {f100(mean)} ± {f100(std)} | {gap} |")
+                     + f" | {f100(mean)} ± {f100(std)} | {gap} | {low} |")
 
     lines += ["\n## Calibrated gates (validation images only) and their decisions on the unlabelled images\n",
               "| n | seed | backend (stages) | class | gate | val Dice unet / sam / gated | unlabelled: "
@@ -1219,11 +1249,14 @@ def parse(argv=None):
     ap.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
                     help=f"pseudo-label kinds that get a student (default {' '.join(DEFAULT_KINDS)}; --smoke: all); "
                          "pseudo-label Dice is reported for all")
-    ap.add_argument("--student-init", nargs="+", choices=("scratch", "teacher"), default=None,
+    ap.add_argument("--student-init", nargs="+", choices=tuple(INIT_TEXT), default=None,
                     help="how students start: scratch (a fresh U-Net, the paper's), teacher (warm start from the "
-                         "teacher's weights, plabel's default); several: a student of each (default teacher)")
+                         "teacher's weights, plabel's default), guarded (from the teacher, keeping the epoch of "
+                         "engine.selection's guarded rule); several: a student of each (default teacher)")
     ap.add_argument("--warm-lr", type=float, default=0.0005,
                     help="peak learning rate of students that start from the teacher (--student-init teacher)")
+    ap.add_argument("--distill-weight", type=float, default=1.0,
+                    help="kind gated_distill: strength of the teacher's soft targets for the classes the gate drops")
     ap.add_argument("--prefer-on-tie", choices=("drop", "unet"), default=None,
                     help="gate calibration: drop or keep (unet) a class whose cleaned U-Net masks tie with "
                          "dropping it (default: plabel's, label.gate.prefer_on_tie)")

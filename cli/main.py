@@ -71,6 +71,10 @@ def train(
     pseudo_labels: Optional[str] = typer.Option(None, help="Pseudo-label table folder (student). Local path or URI (s3://, gs://)."),
     include_labelled: bool = typer.Option(True, help="Student: also train on the labelled split."),
     init_from: Optional[str] = typer.Option(None, help="Start from this U-Net checkpoint's weights (a student from its teacher, as `plabel run` does with student.init: teacher); same base channels and depth. Default: a fresh U-Net. Local path or URI (s3://, gs://)."),
+    selection: str = typer.Option("guarded", help="Which epoch is kept: guarded (with --init-from: no class may fall more than --selection-tolerance below the starting weights' validation Dice; if every epoch does, the starting weights are kept) or mean (the best mean validation Dice)."),
+    selection_tolerance: float = typer.Option(0.01, help="Guarded selection: how far (Dice, 0-1) a class may fall below the starting weights on the validation images."),
+    distill_from: Optional[str] = typer.Option(None, help="Student: a U-Net checkpoint (its teacher) whose soft outputs train the classes an image has no pseudo label for (dropped by the gate). Local path or URI (s3://, gs://)."),
+    distill: float = typer.Option(1.0, help="Strength of --distill-from's soft targets (pixel BCE per class, added to the loss)."),
     epochs: int = typer.Option(40, help="Training epochs."),
     image_size: int = typer.Option(256, help="U-Net input side in pixels (images are resized)."),
     base_channels: int = typer.Option(16, help="U-Net channels at full resolution."),
@@ -95,7 +99,9 @@ def train(
     try:
         section = build(TrainSection, dict(epochs=epochs, image_size=image_size, base_channels=base_channels, depth=depth,
                                            batch_size=batch_size, lr=lr, num_workers=workers, use_gpu=gpu,
-                                           include_labelled=include_labelled), "train")
+                                           include_labelled=include_labelled, selection=selection,
+                                           selection_tolerance=selection_tolerance,
+                                           distill=distill if distill_from else 0.0), "train")
     except ConfigError as e:
         _fail(str(e))
     manifest = load_manifest(shards)
@@ -118,7 +124,8 @@ def train(
     storage = storage or (join(dirname(out), "ray_train") if is_uri(out) else Path(out).resolve().parent / "ray_train")
     try:
         result = train_unet(maybe_materialize(train_ds, n_train, C, S), val_ds, classes, section, out,
-                            storage, Path(redact(out)).stem, role=role, init_checkpoint=init_from)
+                            storage, Path(redact(out)).stem, role=role, init_checkpoint=init_from,
+                            distill_from=distill_from)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(json.dumps(result, indent=2))

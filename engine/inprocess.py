@@ -26,15 +26,18 @@ from engine.train_core import TrainConfig, build_model, evaluate_batch, make_opt
 @dataclass
 class FitResult:
     """model: the U-Net with the best-validation weights (eval mode, CPU); config: its UNetConfig;
-    best_epoch: 0-based epoch of those weights (the last epoch without validation data);
-    best_val_dice: its mean validation Dice (None without validation data);
-    history: one {"epoch", "loss", "val_dice", "seconds"} per epoch."""
+    best_epoch: 0-based epoch of those weights (the last epoch without validation data; -1: the
+    starting weights, kept by the guarded rule); best_val_dice: its mean validation Dice (None
+    without validation data); history: one {"epoch", "loss", "val_dice", "val_dice_per_class",
+    "seconds"} per epoch; reference_val_dice: the starting weights' per-class validation Dice
+    (guarded rule only)."""
 
     model: torch.nn.Module
     config: object
     best_epoch: int
     best_val_dice: float | None
     history: list[dict] = field(default_factory=list)
+    reference_val_dice: list | None = None
 
 
 def _as_float_tensor(a, name: str, ndim: int) -> torch.Tensor:
@@ -56,7 +59,8 @@ def positive_fraction(masks, weight) -> np.ndarray:
 
 
 def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_masks=None,
-             progress: Callable[[dict], None] | None = None, init_state: Mapping | None = None) -> FitResult:
+             progress: Callable[[dict], None] | None = None, init_state: Mapping | None = None,
+             selection: str = "mean", tolerance: float = 0.005, distill_weight=None) -> FitResult:
     """Train a U-Net in this process; return the best-validation model.
 
     images: float32 (N, S, S) in [0, 1]; masks: {0, 1} (N, C, S, S); weight: float (N, C), 0 =
@@ -64,9 +68,15 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
     same layout for model selection (mean Dice over images and classes after each epoch; the
     first epoch with the highest value wins); None: the last epoch is kept. ``progress`` gets
     each epoch's history entry. init_state: a state dict of the same architecture to start from
-    (a student warm-started from its teacher); None: cfg.seed's fresh initialisation. Deterministic
-    for a given cfg.seed on one machine and thread count.
+    (a student warm-started from its teacher); None: cfg.seed's fresh initialisation.
+    selection / tolerance: engine.selection's rule ('guarded' needs init_state and validation data,
+    and may keep the starting weights: best_epoch -1). Each history entry carries the per-class
+    validation Dice ('val_dice_per_class'). distill_weight: float (N, C) >= 0 or None; where > 0,
+    the starting weights (init_state, frozen) are the teacher whose probabilities that class of
+    that sample is distilled from (engine.losses.distillation_loss). Deterministic for a given cfg.seed on one machine and
+    thread count.
     """
+    from engine.selection import EpochSelector
     from engine.losses import positive_class_weights
     from engine.unet import UNet
 
@@ -89,12 +99,31 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
 
     torch.manual_seed(cfg.seed)
     model, ucfg = build_model(cfg, C)
+
+    def validate():
+        per_image = np.concatenate([evaluate_batch(model, vx[k:k + 8], vy[k:k + 8]) for k in range(0, len(vx), 8)])
+        return per_image.mean(axis=0)
+
+    reference, best_state = None, None
     if init_state is not None:
         model.load_state_dict(init_state)  # RuntimeError naming the keys when architectures differ
+        if selection == "guarded" and has_val:
+            reference = validate()
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    selector = EpochSelector.for_rule(selection, reference, tolerance)
+    teacher, dw = None, None
+    if distill_weight is not None:
+        dw = _as_float_tensor(distill_weight, "distill_weight", 2)
+        if tuple(dw.shape) != (n, C):
+            raise ValueError(f"fit_unet: distill_weight must have shape ({n}, {C}), got {tuple(dw.shape)}")
+        if init_state is None:
+            raise ValueError("fit_unet: distill_weight needs init_state (the teacher to distil from)")
+        teacher, _ = build_model(cfg, C)
+        teacher.load_state_dict(init_state)
+        teacher.eval()
     opt, sched = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000)  # the pipeline's rank-0 generator
     pos_weight = positive_class_weights(positive_fraction(y.numpy(), w.numpy()), cfg.pos_weight_max)
-    best, best_epoch, best_state = -1.0, -1, None
     history = []
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
@@ -102,26 +131,25 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
         losses = []
         for k in range(0, n, cfg.batch_size):
             idx = perm[k:k + cfg.batch_size]
-            losses.append(train_step(model, opt, x[idx], y[idx], w[idx], pos_weight, cfg, gen))
+            losses.append(train_step(model, opt, x[idx], y[idx], w[idx], pos_weight, cfg, gen,
+                                     teacher, None if dw is None else dw[idx]))
         sched.step()
-        val_dice = None
-        if has_val:
-            per_image = np.concatenate([evaluate_batch(model, vx[k:k + 8], vy[k:k + 8])
-                                        for k in range(0, len(vx), 8)])
-            val_dice = float(per_image.mean())
+        per_class = validate() if has_val else None
+        val_dice = float(per_class.mean()) if has_val else None
         entry = {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val_dice,
+                 "val_dice_per_class": None if per_class is None else per_class.tolist(),
                  "seconds": round(time.perf_counter() - t0, 3)}
         history.append(entry)
         if progress is not None:
             progress(entry)
-        if best_state is None or not has_val or (np.isfinite(val_dice) and val_dice > best):
-            best = val_dice if has_val and np.isfinite(val_dice) else best
-            best_epoch = epoch
+        if selector.offer(epoch, per_class):
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     final = UNet.from_config(ucfg)
     final.load_state_dict(best_state)
     final.eval()
-    return FitResult(final, ucfg, best_epoch, float(best) if has_val and best >= 0 else None, history)
+    best = selector.best_score
+    return FitResult(final, ucfg, selector.best_epoch, float(best) if has_val and best >= 0 else None, history,
+                     reference_val_dice=None if reference is None else reference.tolist())
 
 
 def refine_variants(refiners: Mapping[str, object], images: Sequence[np.ndarray],

@@ -88,6 +88,30 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
     return _weighted_mean(bce, w) + _weighted_mean(dice, w)
 
 
+def distillation_loss(logits: torch.Tensor, teacher_probs: torch.Tensor,
+                      weight: torch.Tensor) -> torch.Tensor:
+    """Pixel BCE of the student's logits against the teacher's probabilities (soft targets); for
+    each entry it is minimal where sigmoid(logits) equals them.
+
+    logits: float (N, C, H, W); teacher_probs: float (N, C, H, W) in [0, 1]; weight: float (N, C)
+    >= 0 (0: no distillation for that entry). Returns sum(weight * BCE) / (number of entries with
+    weight > 0), so a weight is the strength of its entry; ``0 * logits.sum()`` when every weight
+    is 0. Used to keep the classes a student gets no pseudo labels for (dropped by the gate) close
+    to its teacher's outputs (learning without forgetting).
+    """
+    _check_pair(logits, teacher_probs)
+    n, c = logits.shape[:2]
+    w = torch.as_tensor(weight, dtype=logits.dtype, device=logits.device)
+    if w.shape != (n, c):
+        raise ValueError(f"weight must be (N, C)=({n}, {c}), got {tuple(w.shape)}")
+    if bool((w < 0).any()):
+        raise ValueError("distillation weight must be >= 0")
+    if not bool((w > 0).any()):
+        return 0.0 * logits.sum()
+    bce = bce_per_entry(logits, teacher_probs.to(logits.dtype))
+    return torch.where(w > 0, w * bce, torch.zeros_like(bce)).sum() / (w > 0).sum()
+
+
 def positive_class_weights(pos_fraction, max_weight: float = 50.0) -> torch.Tensor:
     """BCE ``pos_weight`` per class from the fraction of positive pixels.
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from engine.augment import random_affine, random_intensity
-from engine.losses import segmentation_loss
+from engine.losses import distillation_loss, segmentation_loss
 from engine.metrics import dice_per_class
 from engine.unet import UNet, UNetConfig, strict_from_dict
 
@@ -90,13 +90,17 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, cfg: TrainConfig,
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                masks: torch.Tensor, class_weight: torch.Tensor | None,
                pos_weight: torch.Tensor | None, cfg: TrainConfig,
-               generator: torch.Generator) -> float:
+               generator: torch.Generator, teacher: nn.Module | None = None,
+               distill_weight: torch.Tensor | None = None) -> float:
     """One optimisation step; returns the loss as a Python float.
 
     images: float32 (N, 1, H, W) in [0, 1]; masks: float32 (N, C, H, W) in {0, 1};
     class_weight: float (N, C) (0 = ignore that class of that sample) or None;
     pos_weight: float (C,) or None. Tensors are moved to the model's device.
     generator: CPU torch.Generator driving the augmentation (used only if ``cfg.augment``).
+    teacher / distill_weight: optional; the teacher's probabilities on the same augmented images
+    are soft targets (engine.losses.distillation_loss) for the entries whose float (N, C)
+    distill_weight is > 0, added to the segmentation loss.
     """
     device = next(model.parameters()).device
     images = images.to(device=device, dtype=torch.float32)
@@ -110,6 +114,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     if pos_weight is not None:
         pos_weight = torch.as_tensor(pos_weight, dtype=torch.float32, device=device)
     loss = segmentation_loss(logits, masks, class_weight, pos_weight)
+    if teacher is not None and distill_weight is not None:
+        dw = torch.as_tensor(distill_weight, dtype=torch.float32, device=device)
+        if bool((dw > 0).any()):
+            was_training = teacher.training
+            teacher.eval()
+            with torch.no_grad():
+                soft = torch.sigmoid(teacher(images))
+            teacher.train(was_training)
+            loss = loss + distillation_loss(logits, soft, dw)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

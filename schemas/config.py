@@ -69,6 +69,16 @@ class TrainSection:
     # student only: "teacher" starts from the teacher's weights (needs the teacher's base_channels
     # and depth; measured better on JSRT, benchmarks/RESULTS.md), "scratch" from a fresh U-Net
     init: str = "teacher"
+    # which epoch is kept (engine.selection): "guarded" (with init: teacher) keeps only epochs whose
+    # per-class validation Dice is no more than selection_tolerance below the teacher's, and the
+    # teacher's weights if none is; "mean": the best mean validation Dice. Teachers and students
+    # from scratch always use the mean.
+    selection: str = "guarded"
+    selection_tolerance: float = 0.01
+    # student only: strength of distillation from the teacher's soft outputs for the (image, class)
+    # pairs without a pseudo label (dropped by the gate); 0 = off (engine.losses.distillation_loss).
+    # Measured on JSRT (benchmarks/RESULTS.md): keeps every dropped class at or above the teacher.
+    distill: float = 1.0
 
     def validate(self, path: str) -> None:
         for k in ("image_size", "base_channels", "depth", "epochs", "batch_size", "num_workers"):
@@ -77,6 +87,10 @@ class TrainSection:
                f"a multiple of 2**depth = {2 ** self.depth}")
         _check(self.lr > 0, f"{path}.lr", self.lr, "float > 0")
         _check(self.init in ("teacher", "scratch"), f"{path}.init", self.init, "teacher or scratch")
+        _check(math.isfinite(self.distill) and self.distill >= 0, f"{path}.distill", self.distill, "a number >= 0")
+        _check(self.selection in ("guarded", "mean"), f"{path}.selection", self.selection, "guarded or mean")
+        _check(math.isfinite(self.selection_tolerance) and 0 <= self.selection_tolerance <= 1,
+               f"{path}.selection_tolerance", self.selection_tolerance, "a number in [0, 1]")
 
 
 @dataclass

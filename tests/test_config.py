@@ -61,3 +61,18 @@ def test_student_init_teacher_needs_the_teachers_architecture(tmp_path):
         build(RunConfig, {"student": {"init": "imagenet"}})
     with pytest.raises(ConfigError, match=r"label.gate.prefer_on_tie: expected drop or unet"):
         build(RunConfig, {"label": {"gate": {"prefer_on_tie": "sam"}}})
+
+
+def test_student_selection_defaults_to_guarded_and_checks_its_values():
+    from schemas.config import ConfigError, RunConfig, build
+
+    cfg = build(RunConfig, {})
+    assert (cfg.student.selection, cfg.student.selection_tolerance, cfg.student.distill) == ("guarded", 0.01, 1.0)
+    assert build(RunConfig, {"student": {"selection": "mean"}}).student.selection == "mean"
+    with pytest.raises(ConfigError, match=r"student.selection: expected guarded or mean, got 'last'"):
+        build(RunConfig, {"student": {"selection": "last"}})
+    for bad in (-0.1, 2.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"student.selection_tolerance: expected a number in \[0, 1\]"):
+            build(RunConfig, {"student": {"selection_tolerance": bad}})
+    with pytest.raises(ConfigError, match=r"student.distill: expected a number >= 0, got -1"):
+        build(RunConfig, {"student": {"distill": -1}})

@@ -116,3 +116,70 @@ def test_fit_warm_start_begins_at_the_given_weights():
     other = TrainConfig(epochs=1, batch_size=2, base_channels=8, depth=2)
     with pytest.raises(RuntimeError, match="size mismatch"):
         fit_unet(images, masks, other, init_state=teacher.state_dict())
+
+
+def _val_dice(model, images, masks):
+    from engine.train_core import evaluate_batch
+
+    return evaluate_batch(model, torch.from_numpy(images)[:, None], torch.from_numpy(masks).float()).mean(axis=0)
+
+
+def test_guarded_selection_never_keeps_a_class_worse_than_the_starting_weights():
+    """selection='guarded': the reference is the starting weights' per-class validation Dice; the kept
+    weights lose no class by more than the tolerance; a destructive learning rate keeps the start."""
+    images, masks = _data(n=10)
+    teacher = fit_unet(images[:6], masks[:6], TrainConfig(epochs=15, batch_size=2, base_channels=4, depth=2,
+                                                          lr=2e-2, seed=1, augment=False)).model
+    images, masks = images[2:], masks[2:]  # 4 training images the teacher saw, 4 validation images it did not
+    ref = _val_dice(teacher, images[4:], masks[4:])
+    assert ref.min() > 0.6  # a teacher worth guarding
+    cfg = TrainConfig(epochs=4, batch_size=2, base_channels=4, depth=2, lr=5e-3, seed=2, augment=False)
+    tol = 0.01
+    g = fit_unet(images[:4], masks[:4], cfg, val_images=images[4:], val_masks=masks[4:],
+                 init_state=teacher.state_dict(), selection="guarded", tolerance=tol)
+    np.testing.assert_allclose(g.reference_val_dice, ref, atol=1e-9)
+    kept = _val_dice(g.model, images[4:], masks[4:])
+    assert np.all(kept >= ref - tol)
+    for h in g.history:  # the recorded per-class Dice
+        assert len(h["val_dice_per_class"]) == 2
+        assert h["val_dice"] == pytest.approx(np.mean(h["val_dice_per_class"]))
+    # the rule applied by hand: the best mean among the epochs that lose no class by more than tol
+    ok = [h for h in g.history if min(np.subtract(h["val_dice_per_class"], ref)) >= -tol]
+    assert 0 < len(ok) < len(g.history)  # this run has epochs of both sorts
+    expect = max(ok, key=lambda h: h["val_dice"])
+    assert expect["val_dice"] > ref.mean() and g.best_epoch == expect["epoch"]
+    np.testing.assert_allclose(kept, expect["val_dice_per_class"], atol=1e-9)
+    # a learning rate that wrecks the model: every epoch loses a class, the teacher's weights stay
+    wreck = fit_unet(images[:4], masks[:4], TrainConfig(**{**cfg.to_dict(), "lr": 5.0}), val_images=images[4:],
+                     val_masks=masks[4:], init_state=teacher.state_dict(), selection="guarded")
+    assert wreck.best_epoch == -1 and wreck.best_val_dice == pytest.approx(ref.mean())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in wreck.model.state_dict().items())
+    # the mean rule on the same run keeps a trained epoch
+    mean = fit_unet(images[:4], masks[:4], TrainConfig(**{**cfg.to_dict(), "lr": 5.0}), val_images=images[4:],
+                    val_masks=masks[4:], init_state=teacher.state_dict())
+    assert mean.best_epoch >= 0 and mean.reference_val_dice is None
+
+
+def test_distillation_keeps_a_class_without_labels_near_the_teacher():
+    """distill_weight: class 1 gets no labels (weight 0) but the teacher's soft targets; with them the
+    student's class-1 output stays closer to the teacher's than without them."""
+    images, masks = _data(n=10)
+    teacher = fit_unet(images[:6], masks[:6], TrainConfig(epochs=15, batch_size=2, base_channels=4, depth=2,
+                                                          lr=2e-2, seed=1, augment=False)).model
+    # the student is trained on wrong class-0 labels (shifted), class 1 ignored
+    wrong = np.roll(masks, 6, axis=3)
+    weight = np.tile(np.array([[1.0, 0.0]], np.float32), (10, 1))
+    cfg = TrainConfig(epochs=3, batch_size=2, base_channels=4, depth=2, lr=5e-3, seed=3, augment=False)
+    kw = dict(weight=weight, init_state=teacher.state_dict())
+    plain = fit_unet(images, wrong, cfg, **kw).model
+    distilled = fit_unet(images, wrong, cfg, distill_weight=np.tile(np.array([[0.0, 20.0]], np.float32), (10, 1)),
+                         **kw).model
+    x = torch.from_numpy(images)[:, None]
+    with torch.no_grad():
+        t, p, d = (torch.sigmoid(m.eval()(x))[:, 1] for m in (teacher, plain, distilled))
+    gap_plain, gap_distilled = float((p - t).abs().mean()), float((d - t).abs().mean())
+    assert gap_distilled < 0.5 * gap_plain, (gap_distilled, gap_plain)
+    with pytest.raises(ValueError, match="init_state"):
+        fit_unet(images, masks, cfg, distill_weight=np.ones((10, 2)))
+    with pytest.raises(ValueError, match="distill_weight must have shape"):
+        fit_unet(images, masks, cfg, init_state=teacher.state_dict(), distill_weight=np.ones((10, 3)))

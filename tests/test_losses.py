@@ -88,3 +88,25 @@ def test_positive_class_weights():
     np.testing.assert_allclose(w.numpy(), [4.0, 50.0, 0.02, 1.0], rtol=1e-6)
     with pytest.raises(ValueError):
         positive_class_weights([1.5])
+
+
+def test_distillation_loss_hand_values():
+    from engine.losses import distillation_loss
+
+    # one pixel per entry; logit 0 (p = 0.5) against teacher 0.2: BCE = log 2; logit(0.9) against 0.9: H(0.9)
+    logits = torch.tensor([[[[0.0]], [[math.log(9.0)]]]], requires_grad=True)
+    soft = torch.tensor([[[[0.2]], [[0.9]]]])
+    h09 = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    both = distillation_loss(logits, soft, torch.tensor([[1.0, 1.0]])).item()
+    assert both == pytest.approx((math.log(2) + h09) / 2)
+    # a weight is the strength of its entry; weight-0 entries are not counted
+    loss = distillation_loss(logits, soft, torch.tensor([[2.0, 0.0]]))
+    assert loss.item() == pytest.approx(2 * math.log(2))
+    loss.backward()  # d/dlogit = w * (sigmoid(logit) - target) / count
+    assert logits.grad[0, :, 0, 0].tolist() == pytest.approx([2 * (0.5 - 0.2), 0.0])
+    zero = distillation_loss(logits, soft, torch.zeros(1, 2))
+    assert zero.item() == 0.0 and zero.requires_grad
+    with pytest.raises(ValueError, match="weight"):
+        distillation_loss(logits, soft, torch.ones(2, 2))
+    with pytest.raises(ValueError, match=">= 0"):
+        distillation_loss(logits, soft, torch.tensor([[1.0, -1.0]]))

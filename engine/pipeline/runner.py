@@ -185,8 +185,12 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         val = maybe_materialize(labelled_dataset(paths(val_split), C, size), n(val_split), C, size)
         init = at("teacher.pt") if cfg.student.init == "teacher" else None
         out = train_unet(train, val, classes, cfg.student,
-                         at("student.pt"), at("ray_train"), "student", role="student", init_checkpoint=init)
+                         at("student.pt"), at("ray_train"), "student", role="student", init_checkpoint=init,
+                         distill_from=at("teacher.pt") if cfg.student.distill > 0 else None)
         out["init"] = cfg.student.init
+        out["distill"] = cfg.student.distill
+        # best_epoch -1: guarded selection kept the teacher's weights (every epoch lost a class on val)
+        out["selection"] = cfg.student.selection if init is not None else "mean"
         out["sha256"] = checkpoint_sha256(at("student.pt"))
         return out
 

@@ -137,6 +137,7 @@ def _train_loop(config: dict) -> None:
 
     from engine import storage
     from engine.losses import positive_class_weights
+    from engine.selection import EpochSelector
     from engine.train_core import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step
     from engine.unet import UNet, load_checkpoint, save_checkpoint
 
@@ -147,7 +148,8 @@ def _train_loop(config: dict) -> None:
     rank = ctx.get_world_rank()
     model, ucfg = build_model(cfg, len(classes))
     opt, sched = make_optimizer(model, cfg)
-    start_epoch, best, best_state, best_extra = 0, -1.0, None, None
+    start_epoch, best_state, best_extra, selector = 0, None, None, None
+    rule, tolerance = config.get("selection", "mean"), float(config.get("selection_tolerance", 0.005))
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # resume after a failure or an interrupted run
         with ckpt.as_directory() as d:
@@ -158,7 +160,9 @@ def _train_loop(config: dict) -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        start_epoch = int(state["epoch"]) + 1
+        selector = EpochSelector.from_state(state["selector"]) if "selector" in state else \
+            EpochSelector(None, tolerance, int(state["epoch"]), float(state["best"]))  # an older checkpoint
         if rank == 0:
             print(f"[{config['role']}] resuming from the checkpoint of epoch {start_epoch}/{cfg.epochs}", flush=True)
     elif config.get("init_checkpoint"):  # a student warm-started from its teacher (student.init)
@@ -172,6 +176,33 @@ def _train_loop(config: dict) -> None:
     device = next(model.parameters()).device
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+
+    def validate() -> np.ndarray:
+        """Per-class mean validation Dice (C,) of the current weights; (0,) without validation data."""
+        dices = [evaluate_batch(base, b["image"][:, None].to(device), b["masks"])
+                 for b in val_shard.iter_torch_batches(batch_size=8, dtypes=torch.float32)]
+        per_image = np.concatenate(dices) if dices else np.zeros((0, len(classes)))
+        return per_image.mean(axis=0) if len(per_image) else np.zeros(0)
+
+    def keep(epoch: int, per_class: np.ndarray) -> None:
+        nonlocal best_state, best_extra
+        best_state = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
+        best_extra = {"classes": classes, "image_size": config["image_size"], "epoch": epoch,
+                      "val_dice": float(per_class.mean()) if len(per_class) else None, "role": config["role"],
+                      "val_dice_per_class": per_class.tolist(), "selection": rule}
+
+    if selector is None:  # a fresh run; guarded (engine.selection): the starting weights are a candidate
+        reference = None
+        if rule == "guarded" and config.get("init_checkpoint"):
+            reference = validate()
+            if len(reference):
+                keep(-1, reference)
+                if rank == 0:
+                    print(f"[{config['role']}] starting weights: val dice per class "
+                          f"{np.round(reference, 4).tolist()} (guarded selection)", flush=True)
+            else:
+                reference = None
+        selector = EpochSelector.for_rule(rule, reference, tolerance)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
     # positive-class weights from (up to) the first 32 batches of this worker's shard
@@ -184,33 +215,34 @@ def _train_loop(config: dict) -> None:
             break
     pos_weight = positive_class_weights(np.clip(pos / np.maximum(tot, 1), 1e-4, 1.0), cfg.pos_weight_max)
 
+    # distillation (student.distill): the teacher's soft outputs for the classes without pseudo labels
+    teacher, distill = None, float(config.get("distill", 0.0))
+    if distill > 0 and config.get("distill_from"):
+        teacher = load_checkpoint(config["distill_from"])[0].to(device).eval()
+
     for epoch in range(start_epoch, cfg.epochs):
         losses = []
         for b in train_shard.iter_torch_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=64,
                                                 dtypes=torch.float32):
-            losses.append(train_step(model, opt, b["image"][:, None], b["masks"], b["weight"], pos_weight, cfg, gen))
+            dw = None if teacher is None else distill * (b["weight"] == 0).float()
+            losses.append(train_step(model, opt, b["image"][:, None], b["masks"], b["weight"], pos_weight, cfg, gen,
+                                     teacher, dw))
         sched.step()
-        dices = []
-        for b in val_shard.iter_torch_batches(batch_size=8, dtypes=torch.float32):
-            dices.append(evaluate_batch(base, b["image"][:, None].to(device), b["masks"]))
-        per_image = np.concatenate(dices) if dices else np.zeros((0, len(classes)))
-        val_dice = float(per_image.mean()) if len(per_image) else float("nan")
+        per_class = validate()
+        val_dice = float(per_class.mean()) if len(per_class) else float("nan")
         metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "val_dice": val_dice,
                    "start_epoch": start_epoch}
         if rank == 0:
             print(f"[{config['role']}] epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f}, "
                   f"val dice {val_dice:.4f}", flush=True)
-        if best_state is None or (not np.isnan(val_dice) and val_dice > best):
-            # the best-validation weights so far travel in every checkpoint as model.pt
-            best = val_dice if not np.isnan(val_dice) else best
-            best_state = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
-            best_extra = {"classes": classes, "image_size": config["image_size"], "epoch": epoch,
-                          "val_dice": None if np.isnan(val_dice) else val_dice, "role": config["role"]}
+        if selector.offer(epoch, per_class if len(per_class) else None) or best_state is None:
+            keep(epoch, per_class)  # the kept weights so far travel in every checkpoint as model.pt
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
                 torch.save({"model": base.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "epoch": epoch, "best": best}, os.path.join(d, "state.pt"))
+                            "epoch": epoch, "best": selector.best_score, "selector": selector.state()},
+                           os.path.join(d, "state.pt"))
                 best_model = UNet.from_config(ucfg)
                 best_model.load_state_dict(best_state)
                 save_checkpoint(os.path.join(d, MODEL_FILE), best_model, ucfg, best_extra)
@@ -219,11 +251,17 @@ def _train_loop(config: dict) -> None:
 
 
 def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str | Path, storage_dir: str | Path,
-               name: str, role: str = "teacher", init_checkpoint: str | None = None) -> dict:
+               name: str, role: str = "teacher", init_checkpoint: str | None = None,
+               distill_from: str | None = None) -> dict:
     """Fit a U-Net with a TorchTrainer; copies the best-validation model to out_path.
 
     init_checkpoint: a U-Net checkpoint (path or URI) of the same architecture to start from (the
     student's teacher); None: a fresh U-Net seeded by section.seed. A resumed run ignores it.
+    distill_from: a U-Net checkpoint (the teacher) whose soft outputs train the classes a sample has
+    no label for (weight 0: dropped by the gate) with strength section.distill (0: off).
+    section.selection picks the kept epoch (engine.selection): 'guarded' with an init_checkpoint
+    keeps no epoch that lost a class on the validation images, the starting weights if every one
+    did (best_epoch -1); otherwise the best mean validation Dice.
 
     section: schemas.config.TrainSection. Returns {"best_val_dice", "best_epoch", "epochs",
     "resumed_from_epoch", "wall_s"}. Every epoch ends with a checkpoint (the full training state
@@ -243,6 +281,11 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
                             augment=section.augment, seed=section.seed)
     from engine.unet import load_checkpoint
 
+    if distill_from is not None:  # fail here, before Ray starts, when the teacher cannot be read or used
+        _, d_cfg, _ = load_checkpoint(distill_from)
+        if d_cfg.num_classes != len(classes):
+            raise ValueError(f"{storage.redact(str(distill_from))}: its U-Net has {d_cfg.num_classes} classes, the "
+                             f"{role}'s data {len(classes)}; cannot distil from it")
     if init_checkpoint is not None:  # fail here, before Ray starts, when the weights cannot fit
         _, init_cfg, _ = load_checkpoint(init_checkpoint)
         want = train_cfg.unet_config(len(classes))
@@ -259,7 +302,10 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": train_cfg.to_dict(), "classes": list(classes), "image_size": section.image_size,
-                           "role": role, "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint)},
+                           "role": role, "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
+                           "selection": section.selection, "selection_tolerance": section.selection_tolerance,
+                           "distill": section.distill if distill_from is not None else 0.0,
+                           "distill_from": None if distill_from is None else str(distill_from)},
         scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
                                      resources_per_worker={"CPU": 1}),
         datasets={"train": train_ds, "val": val_ds},

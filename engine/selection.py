@@ -1,0 +1,100 @@
+"""Model selection: which epoch's weights a U-Net training run keeps, judged on the labelled
+validation images.
+
+Two rules:
+    mean     the epoch with the highest mean validation Dice (over images and classes); the
+             first one wins ties. Teachers and students trained from scratch use it.
+    guarded  for a student warm-started from its teacher: the starting weights (the teacher) are a
+             candidate, measured before the first epoch, and an epoch is a candidate only if no
+             class's mean validation Dice is more than ``tolerance`` below the starting weights'.
+             The best mean among the candidates wins, so a student never keeps weights that lost
+             a class on the validation images; if every epoch lost one, it keeps the teacher's.
+
+Per-class Dice here is the mean over the validation images of engine.metrics.dice_per_class (an
+image where truth and prediction are both empty scores 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RULES = ("mean", "guarded")
+
+
+@dataclass
+class EpochSelector:
+    """Online best-epoch bookkeeping; feed it every evaluated epoch with :meth:`offer`.
+
+    reference: float (C,) per-class validation Dice of the starting weights (the guarded rule), or
+               None (the mean rule). tolerance: how far below ``reference`` a class may fall.
+    best_epoch: the kept epoch (-1 = the starting weights, None = nothing kept yet);
+    best_score: its mean validation Dice (-1.0 before any).
+    """
+
+    reference: np.ndarray | None = None
+    tolerance: float = 0.005
+    best_epoch: int | None = None
+    best_score: float = -1.0
+
+    def __post_init__(self):
+        if not (np.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise ValueError(f"selection tolerance must be a finite number >= 0, got {self.tolerance}")
+        if self.reference is not None:
+            ref = np.asarray(self.reference, dtype=np.float64)
+            if ref.ndim != 1 or not np.all(np.isfinite(ref)):
+                raise ValueError(f"selection reference must be finite per-class Dice (C,), got {ref!r}")
+            self.reference = ref
+            if self.best_epoch is None:  # the starting weights are the first candidate
+                self.best_epoch, self.best_score = -1, float(ref.mean())
+
+    @classmethod
+    def for_rule(cls, rule: str, reference=None, tolerance: float = 0.005) -> "EpochSelector":
+        """The selector of ``rule`` ('mean' or 'guarded'; guarded needs the starting weights'
+        per-class validation Dice as ``reference``: without one it is the mean rule)."""
+        if rule not in RULES:
+            raise ValueError(f"selection rule must be one of {RULES}, got {rule!r}")
+        return cls(reference if rule == "guarded" else None, tolerance)
+
+    def admissible(self, per_class) -> bool:
+        """Whether an epoch with per-class validation Dice ``per_class`` (C,) may be kept."""
+        d = np.asarray(per_class, dtype=np.float64)
+        if not np.all(np.isfinite(d)):
+            return False
+        if self.reference is None:
+            return True
+        if d.shape != self.reference.shape:
+            raise ValueError(f"per-class validation Dice has shape {d.shape}, the reference {self.reference.shape}")
+        return bool(np.all(d >= self.reference - self.tolerance - 1e-12))
+
+    def offer(self, epoch: int, per_class) -> bool:
+        """Consider ``epoch`` with per-class validation Dice ``per_class`` (C,); True when it
+        becomes the kept epoch. Without validation data (``per_class`` None or empty) the latest
+        epoch is kept under the mean rule."""
+        if per_class is None or np.size(per_class) == 0:
+            if self.reference is None:
+                self.best_epoch = epoch
+                return True
+            return False
+        if self.best_epoch is None and self.reference is None:  # the mean rule keeps something
+            finite = bool(np.all(np.isfinite(np.asarray(per_class, dtype=np.float64))))
+            self.best_epoch, self.best_score = epoch, float(np.mean(per_class)) if finite else -1.0
+            return True
+        if not self.admissible(per_class):
+            return False
+        score = float(np.mean(per_class))
+        if score > self.best_score:
+            self.best_epoch, self.best_score = epoch, score
+            return True
+        return False
+
+    def state(self) -> dict:
+        """A plain dict to checkpoint (and :meth:`from_state` to resume)."""
+        return {"reference": None if self.reference is None else self.reference.tolist(),
+                "tolerance": self.tolerance, "best_epoch": self.best_epoch, "best_score": self.best_score}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "EpochSelector":
+        ref = state.get("reference")
+        return cls(None if ref is None else np.asarray(ref, np.float64), float(state["tolerance"]),
+                   state.get("best_epoch"), float(state["best_score"]))

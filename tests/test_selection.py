@@ -1,0 +1,70 @@
+"""engine.selection: which epoch a training run keeps (mean and guarded rules), hand-made Dice."""
+import math
+
+import numpy as np
+import pytest
+
+from engine.selection import EpochSelector
+
+
+def test_mean_rule_keeps_the_highest_mean_and_the_first_of_ties():
+    s = EpochSelector.for_rule("mean")
+    assert s.offer(0, [0.5, 0.7])  # mean 0.6: the first epoch is always kept
+    assert not s.offer(1, [0.9, 0.1])  # 0.5
+    assert s.offer(2, [0.8, 0.8])  # 0.8
+    assert not s.offer(3, [0.7, 0.9])  # 0.8 again: a tie keeps epoch 2
+    assert (s.best_epoch, s.best_score) == (2, pytest.approx(0.8))
+
+
+def test_mean_rule_ignores_a_reference_and_skips_non_finite_epochs():
+    s = EpochSelector.for_rule("mean", reference=[1.0, 1.0])
+    assert s.reference is None
+    assert s.offer(0, [math.nan, 0.5]) and s.best_score == -1.0  # something is kept...
+    assert s.offer(1, [0.2, 0.2])  # ...and the first finite epoch replaces it
+    assert not s.offer(2, [math.nan, 1.0])
+    assert s.best_epoch == 1
+
+
+def test_guarded_rule_starts_at_the_reference_and_refuses_epochs_that_lose_a_class():
+    s = EpochSelector.for_rule("guarded", reference=[0.8, 0.6], tolerance=0.01)
+    assert (s.best_epoch, s.best_score) == (-1, pytest.approx(0.7))  # the starting weights
+    assert s.offer(0, [0.9, 0.59])  # class 1 fell 0.01 = tolerance: admissible, mean 0.745
+    assert not s.offer(1, [1.0, 0.55])  # mean 0.775 but class 1 fell 0.05
+    assert not s.offer(2, [0.85, 0.6])  # admissible, mean 0.725 < 0.745
+    assert (s.best_epoch, s.best_score) == (0, pytest.approx(0.745))
+
+
+def test_guarded_rule_keeps_the_starting_weights_when_every_epoch_loses_a_class():
+    s = EpochSelector.for_rule("guarded", reference=[0.9, 0.5], tolerance=0.0)
+    for e, d in enumerate([[0.95, 0.49], [0.99, 0.3], [0.5, 0.9], [math.nan, 1.0]]):
+        assert not s.offer(e, d)
+    assert (s.best_epoch, s.best_score) == (-1, pytest.approx(0.7))
+    assert not s.offer(4, None)  # no validation data: nothing to judge by, the reference stays
+
+
+def test_guarded_rule_without_reference_is_the_mean_rule():
+    s = EpochSelector.for_rule("guarded", reference=None)
+    assert s.best_epoch is None and s.offer(0, [0.1, 0.1]) and s.best_epoch == 0
+
+
+def test_state_round_trip_resumes_the_same_decisions():
+    s = EpochSelector.for_rule("guarded", reference=[0.8, 0.6], tolerance=0.01)
+    s.offer(0, [0.9, 0.7])
+    r = EpochSelector.from_state(s.state())
+    assert (r.best_epoch, r.best_score, r.tolerance) == (0, pytest.approx(0.8), 0.01)
+    np.testing.assert_array_equal(r.reference, [0.8, 0.6])
+    assert not r.offer(1, [1.0, 0.5]) and r.offer(2, [0.9, 0.8])
+
+
+@pytest.mark.parametrize("kwargs, match", [({"rule": "best"}, "rule"),
+                                           ({"rule": "guarded", "reference": [0.5, math.nan]}, "reference"),
+                                           ({"rule": "guarded", "reference": [0.5], "tolerance": -0.1}, "tolerance")])
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EpochSelector.for_rule(**kwargs)
+
+
+def test_a_per_class_vector_of_another_length_is_refused():
+    s = EpochSelector.for_rule("guarded", reference=[0.5, 0.5])
+    with pytest.raises(ValueError, match="shape"):
+        s.offer(0, [0.5, 0.5, 0.5])

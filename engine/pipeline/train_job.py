@@ -161,8 +161,11 @@ def _train_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
-        selector = EpochSelector.from_state(state["selector"]) if "selector" in state else \
-            EpochSelector(None, tolerance, int(state["epoch"]), float(state["best"]))  # an older checkpoint
+        if "selector" in state:
+            selector = EpochSelector.from_state(state["selector"])
+        else:  # a checkpoint written before engine.selection: the mean rule it used
+            kept = best_extra.get("epoch") if best_extra else None
+            selector = EpochSelector(None, tolerance, None if kept is None else int(kept), float(state["best"]))
         if rank == 0:
             print(f"[{config['role']}] resuming from the checkpoint of epoch {start_epoch}/{cfg.epochs}", flush=True)
     elif config.get("init_checkpoint"):  # a student warm-started from its teacher (student.init)

@@ -47,8 +47,8 @@ Per (n, seed) [and SAM backend]:
              labelled images (and, with --student-init teacher, the teacher's weights).
   gated_distill (a default kind; plabel's default student): as gated, and every dropped (image,
              class) pair is trained on the teacher's soft outputs (engine.losses.distillation_loss,
-             strength --distill-weight, plabel's student.distill); needs a --student-init other
-             than scratch (the starting weights are the teacher distilled from).
+             strength --distill-weight, plabel's student.distill); trained for the --student-init
+             choices other than scratch only (the starting weights are the teacher distilled from).
   none       (a default kind) the control: no pseudo labels, the n labelled images only; from the
              teacher it is the teacher trained --student-epochs more, which a student must beat
              for its gain to be the pseudo labels'.
@@ -760,6 +760,8 @@ def run_grid(bench: Bench, grid, backends, kinds, inits=("scratch",)) -> dict:
                     for kind in kinds:
                         if kind in BACKEND_FREE or (kind == "pipeline" and "pipeline" not in bench.variants(backend)):
                             continue  # pipeline: the backend's default stages are the paper's, i.e. 'sam'
+                        if kind == "gated_distill" and init == "scratch":
+                            continue  # distils from the starting weights: a fresh U-Net has no teacher's
                         cfg["students"][student_key(kind, backend, init)] = bench.student(
                             n, seed, kind, backend, teacher, unet_key, unet_path, *keys[backend], init=init)
         if seed not in results["full"]:

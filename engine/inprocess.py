@@ -72,9 +72,9 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
     selection / tolerance: engine.selection's rule ('guarded' needs init_state and validation data,
     and may keep the starting weights: best_epoch -1). Each history entry carries the per-class
     validation Dice ('val_dice_per_class'). distill_weight: float (N, C) >= 0 or None; where > 0,
-    the starting weights (init_state, frozen) are the teacher whose probabilities that class of
-    that sample is distilled from (engine.losses.distillation_loss). Deterministic for a given cfg.seed on one machine and
-    thread count.
+    that class of that sample is distilled from the starting weights (init_state, frozen: the
+    teacher; engine.losses.distillation_loss). Deterministic for a given cfg.seed on one machine
+    and thread count.
     """
     from engine.selection import EpochSelector
     from engine.losses import positive_class_weights

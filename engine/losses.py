@@ -50,6 +50,18 @@ def soft_dice_per_entry(logits: torch.Tensor, target: torch.Tensor,
     return 1.0 - (2.0 * inter + smooth) / (denom + smooth)
 
 
+def _entry_weight(weight, logits: torch.Tensor, name: str) -> torch.Tensor:
+    """``weight`` as a float (N, C) tensor on the logits' device; ValueError naming ``name`` when
+    its shape is not the logits' (N, C) or an entry is negative."""
+    n, c = logits.shape[:2]
+    w = torch.as_tensor(weight, dtype=logits.dtype, device=logits.device)
+    if w.shape != (n, c):
+        raise ValueError(f"{name} must be (N, C)=({n}, {c}), got {tuple(w.shape)}")
+    if bool((w < 0).any()):
+        raise ValueError(f"{name} must be >= 0")
+    return w
+
+
 def _weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # where() rather than a bare product so a non-finite ignored entry cannot leak in.
     masked = torch.where(weight > 0, values * weight, torch.zeros_like(values))
@@ -72,15 +84,10 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
     still has a graph so ``backward()`` works.
     """
     _check_pair(logits, target)
-    n, c = logits.shape[:2]
     if class_weight is None:
-        w = torch.ones((n, c), dtype=logits.dtype, device=logits.device)
+        w = torch.ones(logits.shape[:2], dtype=logits.dtype, device=logits.device)
     else:
-        w = torch.as_tensor(class_weight, dtype=logits.dtype, device=logits.device)
-        if w.shape != (n, c):
-            raise ValueError(f"class_weight must be (N, C)=({n}, {c}), got {tuple(w.shape)}")
-        if bool((w < 0).any()):
-            raise ValueError("class_weight must be >= 0")
+        w = _entry_weight(class_weight, logits, "class_weight")
     if not bool((w > 0).any()):
         return 0.0 * logits.sum()
     bce = bce_per_entry(logits, target, pos_weight)
@@ -100,12 +107,7 @@ def distillation_loss(logits: torch.Tensor, teacher_probs: torch.Tensor,
     to its teacher's outputs (learning without forgetting).
     """
     _check_pair(logits, teacher_probs)
-    n, c = logits.shape[:2]
-    w = torch.as_tensor(weight, dtype=logits.dtype, device=logits.device)
-    if w.shape != (n, c):
-        raise ValueError(f"weight must be (N, C)=({n}, {c}), got {tuple(w.shape)}")
-    if bool((w < 0).any()):
-        raise ValueError("distillation weight must be >= 0")
+    w = _entry_weight(weight, logits, "distillation weight")
     if not bool((w > 0).any()):
         return 0.0 * logits.sum()
     bce = bce_per_entry(logits, teacher_probs.to(logits.dtype))

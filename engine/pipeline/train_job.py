@@ -238,7 +238,7 @@ def _train_loop(config: dict) -> None:
         if rank == 0:
             print(f"[{config['role']}] epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f}, "
                   f"val dice {val_dice:.4f}", flush=True)
-        if selector.offer(epoch, per_class if len(per_class) else None) or best_state is None:
+        if selector.offer(epoch, per_class) or best_state is None:
             keep(epoch, per_class)  # the kept weights so far travel in every checkpoint as model.pt
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None

@@ -56,9 +56,9 @@ Per (n, seed) [and SAM backend]:
              teacher's weights at peak learning rate --warm-lr; cosine schedule as every U-Net),
              guarded (the same, keeping the epoch of engine.selection's guarded rule, tolerance
              0.005) and/or scratch (a fresh U-Net, the paper's students). 'teacher' keeps the best
-             mean validation epoch; plabel's default, student.selection guarded with tolerance
-             0.01, keeps the same epoch whenever that epoch loses no class by more than 0.01 on the
-             validation images (the report gives each student's worst class against the teacher).
+             mean validation epoch; plabel's default, student.selection guarded with the same
+             tolerance, keeps the same epoch whenever that epoch loses no class by more than 0.005 on
+             the validation images (the report gives each student's worst class against the teacher).
 Per seed: full, a U-Net on all 150 pool images with their truth (--full-epochs), the upper bound.
 
 Training is in this process (engine.inprocess.fit_unet over engine.train_core, no Ray), U-Nets at

@@ -25,7 +25,10 @@ reported next to it. Equivalence: per-class Dice of (b)'s final masks against (a
 ``streaming`` labels --small and --large synthetic images (tiny random U-Net, random_tiny SAM)
 in two child processes and compares the driver's peak RSS and the actors' peak RSS.
 
-Results go to stdout (a table) and --out/speed.json.
+Results go to stdout (a table) and --out/speed.json, which is written after each of (a), (b) and
+(c), so a run stopped during (c) keeps (a) and (b); ``refine --job-only`` then measures (c) alone and
+takes (a) and (b) from that file (it refuses one from another backend, image count, teacher or batch
+size, and names the earlier run in the result as ``ab_from``).
 """
 from __future__ import annotations
 
@@ -299,6 +302,15 @@ def refine_main(args) -> int:
     stages = tuple(tuple(s) for s in SamSection(backend=args.backend).stages)
     result["stages"] = [list(s) for s in stages]
 
+    result["teacher"] = str(teacher)
+    result["batch_size"] = args.batch_size
+    if args.job_only:
+        earlier = earlier_ab(work / "speed.json", result)
+        result.update({k: earlier[k] for k in ("a", "b", "equivalence", "equivalence_held")})
+        result["ab_from"] = {"command": earlier["command"], "measured_at": earlier.get("measured_at")}
+        print(f"[speed] --job-only: (a), (b) from {work / 'speed.json'} ({result['ab_from']})", flush=True)
+        return run_c(args, result, work, bench_ids, grays, classes, teacher, checkpoint, device)
+
     # (a) reference: torch's default threads, float32, one predict call per class per stage
     torch.set_num_threads(args.reference_threads or os.cpu_count())
     model = load_sam(args.backend, checkpoint, device=device)
@@ -311,6 +323,7 @@ def refine_main(args) -> int:
     result["a"] = {"images_per_s": round(args.images / a_s, 3), "s_per_image": round(a_s / args.images, 4),
                    "threads": torch.get_num_threads()}
     print(f"[speed] (a) reference: {result['a']}", flush=True)
+    save(work, result)  # a run stopped later keeps what it measured
 
     # (b) the engine in this process
     torch.set_num_threads(args.engine_threads or os.cpu_count())
@@ -350,12 +363,38 @@ def refine_main(args) -> int:
     result["equivalence_held"] = all(v["mean_dice"] >= 0.99 for v in result["equivalence"].values())
     print(f"[speed] equivalence (b vs a, per-class mask Dice): {result['equivalence']}", flush=True)
     del model, refiner, ref, eng
+    save(work, result)
 
     if args.skip_job:
-        (work / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"[speed] (c) skipped; b/a = {result['b']['images_per_s'] / result['a']['images_per_s']:.2f}")
         return 0
+    return run_c(args, result, work, bench_ids, grays, classes, teacher, checkpoint, device)
 
+
+def save(work: Path, result: dict) -> None:
+    """Write --out/speed.json with what is measured so far (stamped with the time)."""
+    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    (work / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def earlier_ab(path: Path, now: dict) -> dict:
+    """(a) and (b) of an earlier run in the same --out, checked to be the same benchmark as ``now``."""
+    if not path.exists():
+        raise SystemExit(f"--job-only: {path} does not exist; run once without --job-only first")
+    earlier = json.loads(path.read_text())
+    missing = [k for k in ("a", "b", "equivalence") if k not in earlier]
+    if missing:
+        raise SystemExit(f"--job-only: {path} has no {', '.join(missing)}: that run stopped before measuring them")
+    keys = ("backend", "random_weights", "images", "device", "teacher", "batch_size", "classes_refined")
+    differ = [f"{k}: {earlier.get(k)!r} there, {now[k]!r} now" for k in keys if earlier.get(k) != now[k]]
+    if differ:
+        raise SystemExit(f"--job-only: {path} measured another benchmark ({'; '.join(differ)})")
+    return earlier
+
+
+def run_c(args, result: dict, work: Path, bench_ids, grays, classes, teacher, checkpoint,
+          device: str) -> int:
+    """(c): the label job on shards of the benchmark images; ratios against (a) and (b); speed.json."""
     # (c) the label job
     shards = work / "shards"
     if not (shards / "manifest.json").exists() or json.loads((shards / "manifest.json").read_text()) \
@@ -381,7 +420,7 @@ def refine_main(args) -> int:
     c_ips = c["images_per_s_steady"] or c["images_per_s_total"]
     result["ratios"] = {"b/a": round(b_ips / a_ips, 2), "c/a": round(c_ips / a_ips, 2), "c/b": round(c_ips / b_ips, 2),
                         "c_total/a": round(c["images_per_s_total"] / a_ips, 2)}
-    (work / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    save(work, result)
     print_table(result)
     return 0
 
@@ -420,6 +459,8 @@ def print_table(r: dict) -> None:
     print(f"| (c) Ray Data label job, steady state (total incl. start-up: {c['images_per_s_total']} img/s, "
           f"{c['wall_s']} s) | {c['images_per_s_steady']} | | driver {c['driver_peak_rss_mib']} MiB, actors "
           f"{c['actor_peak_rss_mib']} |")
+    if r.get("ab_from"):
+        print(f"(a) and (b) from an earlier run: {r['ab_from']}")
     print(f"ratios: {r['ratios']}; equivalence held (per-class mean Dice >= 0.99): {r['equivalence_held']}")
 
 
@@ -477,6 +518,9 @@ def main(argv=None) -> int:
     r.add_argument("--data", default=str(DEFAULT_DATA), help="JSRT-layout folder")
     r.add_argument("--synthetic", type=int, default=0, help="use N synthetic 256-px images instead of --data")
     r.add_argument("--skip-job", action="store_true", help="measure (a) and (b) only (no Ray installed)")
+    r.add_argument("--job-only", action="store_true",
+                   help="measure (c) only; (a) and (b) come from --out/speed.json of an earlier run of the same "
+                        "benchmark (backend, images, teacher, batch size), named in the result as ab_from")
     r.add_argument("--teacher", default=None, help="U-Net teacher checkpoint (default: train a small one)")
     r.add_argument("--teacher-epochs", type=int, default=40, help="epochs of the default teacher")
     r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

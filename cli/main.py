@@ -72,7 +72,7 @@ def train(
     include_labelled: bool = typer.Option(True, help="Student: also train on the labelled split."),
     init_from: Optional[str] = typer.Option(None, help="Start from this U-Net checkpoint's weights (a student from its teacher, as `plabel run` does with student.init: teacher); same base channels and depth. Default: a fresh U-Net. Local path or URI (s3://, gs://)."),
     selection: str = typer.Option("guarded", help="Which epoch is kept: guarded (with --init-from: no class may fall more than --selection-tolerance below the starting weights' validation Dice; if every epoch does, the starting weights are kept) or mean (the best mean validation Dice)."),
-    selection_tolerance: float = typer.Option(0.01, help="Guarded selection: how far (Dice, 0-1) a class may fall below the starting weights on the validation images."),
+    selection_tolerance: float = typer.Option(0.005, help="Guarded selection: how far (Dice, 0-1) a class may fall below the starting weights on the validation images."),
     distill_from: Optional[str] = typer.Option(None, help="Student: a U-Net checkpoint (its teacher) whose soft outputs train the classes an image has no pseudo label for (dropped by the gate). Local path or URI (s3://, gs://)."),
     distill: float = typer.Option(1.0, help="Strength of --distill-from's soft targets (pixel BCE per class, added to the loss)."),
     epochs: int = typer.Option(40, help="Training epochs."),

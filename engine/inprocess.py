@@ -20,7 +20,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from engine.train_core import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step
+from engine.selection import GUARD_TOLERANCE
+from engine.train_core import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step, weights_copy
 
 
 @dataclass
@@ -60,7 +61,7 @@ def positive_fraction(masks, weight) -> np.ndarray:
 
 def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_masks=None,
              progress: Callable[[dict], None] | None = None, init_state: Mapping | None = None,
-             selection: str = "mean", tolerance: float = 0.005, distill_weight=None) -> FitResult:
+             selection: str = "mean", tolerance: float = GUARD_TOLERANCE, distill_weight=None) -> FitResult:
     """Train a U-Net in this process; return the best-validation model.
 
     images: float32 (N, S, S) in [0, 1]; masks: {0, 1} (N, C, S, S); weight: float (N, C), 0 =
@@ -109,7 +110,7 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
         model.load_state_dict(init_state)  # RuntimeError naming the keys when architectures differ
         if selection == "guarded" and has_val:
             reference = validate()
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = weights_copy(model)
     selector = EpochSelector.for_rule(selection, reference, tolerance)
     teacher, dw = None, None
     if distill_weight is not None:
@@ -143,7 +144,7 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
         if progress is not None:
             progress(entry)
         if selector.offer(epoch, per_class):
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = weights_copy(model)
     final = UNet.from_config(ucfg)
     final.load_state_dict(best_state)
     final.eval()

@@ -22,6 +22,11 @@ import numpy as np
 RULES = ("mean", "guarded")
 
 
+# half a Dice point: the quality benchmark's criterion (no class more than 0.5 points below the
+# teacher); schemas.config.TrainSection.selection_tolerance and `plabel train` default to it
+GUARD_TOLERANCE = 0.005
+
+
 @dataclass
 class EpochSelector:
     """Online best-epoch bookkeeping; feed it every evaluated epoch with :meth:`offer`.
@@ -33,7 +38,7 @@ class EpochSelector:
     """
 
     reference: np.ndarray | None = None
-    tolerance: float = 0.005
+    tolerance: float = GUARD_TOLERANCE
     best_epoch: int | None = None
     best_score: float = -1.0
 
@@ -49,7 +54,7 @@ class EpochSelector:
                 self.best_epoch, self.best_score = -1, float(ref.mean())
 
     @classmethod
-    def for_rule(cls, rule: str, reference=None, tolerance: float = 0.005) -> "EpochSelector":
+    def for_rule(cls, rule: str, reference=None, tolerance: float = GUARD_TOLERANCE) -> "EpochSelector":
         """The selector of ``rule`` ('mean' or 'guarded'; guarded needs the starting weights'
         per-class validation Dice as ``reference``: without one it is the mean rule)."""
         if rule not in RULES:

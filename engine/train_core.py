@@ -67,6 +67,11 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 1
     return model, ucfg
 
 
+def weights_copy(model: nn.Module) -> dict:
+    """A detached CPU copy of ``model``'s state dict (the weights of a kept epoch)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig
                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.CosineAnnealingLR]:
     """AdamW plus a cosine schedule over ``cfg.epochs``; call ``scheduler.step()`` per epoch."""

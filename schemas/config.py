@@ -74,7 +74,7 @@ class TrainSection:
     # teacher's weights if none is; "mean": the best mean validation Dice. Teachers and students
     # from scratch always use the mean.
     selection: str = "guarded"
-    selection_tolerance: float = 0.01
+    selection_tolerance: float = 0.005  # = engine.selection.GUARD_TOLERANCE (tests/test_config.py)
     # student only: strength of distillation from the teacher's soft outputs for the (image, class)
     # pairs without a pseudo label (dropped by the gate); 0 = off (engine.losses.distillation_loss).
     # Measured on JSRT (benchmarks/RESULTS.md): keeps every dropped class at or above the teacher.

@@ -64,10 +64,17 @@ def test_student_init_teacher_needs_the_teachers_architecture(tmp_path):
 
 
 def test_student_selection_defaults_to_guarded_and_checks_its_values():
+    import inspect
+
+    from cli.main import train
+    from engine.selection import GUARD_TOLERANCE, EpochSelector
     from schemas.config import ConfigError, RunConfig, build
 
     cfg = build(RunConfig, {})
-    assert (cfg.student.selection, cfg.student.selection_tolerance, cfg.student.distill) == ("guarded", 0.01, 1.0)
+    assert (cfg.student.selection, cfg.student.selection_tolerance, cfg.student.distill) == ("guarded", 0.005, 1.0)
+    # one tolerance everywhere: the config, `plabel train` and the engine's own default
+    assert GUARD_TOLERANCE == EpochSelector().tolerance == 0.005
+    assert inspect.signature(train).parameters["selection_tolerance"].default.default == GUARD_TOLERANCE
     assert build(RunConfig, {"student": {"selection": "mean"}}).student.selection == "mean"
     with pytest.raises(ConfigError, match=r"student.selection: expected guarded or mean, got 'last'"):
         build(RunConfig, {"student": {"selection": "last"}})

@@ -137,8 +137,8 @@ def _train_loop(config: dict) -> None:
 
     from engine import storage
     from engine.losses import positive_class_weights
-    from engine.selection import EpochSelector
-    from engine.train_core import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step
+    from engine.selection import GUARD_TOLERANCE, EpochSelector
+    from engine.train_core import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step, weights_copy
     from engine.unet import UNet, load_checkpoint, save_checkpoint
 
     cfg = TrainConfig.from_dict(config["train"])
@@ -149,7 +149,7 @@ def _train_loop(config: dict) -> None:
     model, ucfg = build_model(cfg, len(classes))
     opt, sched = make_optimizer(model, cfg)
     start_epoch, best_state, best_extra, selector = 0, None, None, None
-    rule, tolerance = config.get("selection", "mean"), float(config.get("selection_tolerance", 0.005))
+    rule, tolerance = config.get("selection", "mean"), float(config.get("selection_tolerance", GUARD_TOLERANCE))
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # resume after a failure or an interrupted run
         with ckpt.as_directory() as d:
@@ -189,7 +189,7 @@ def _train_loop(config: dict) -> None:
 
     def keep(epoch: int, per_class: np.ndarray) -> None:
         nonlocal best_state, best_extra
-        best_state = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
+        best_state = weights_copy(base)
         best_extra = {"classes": classes, "image_size": config["image_size"], "epoch": epoch,
                       "val_dice": float(per_class.mean()) if len(per_class) else None, "role": config["role"],
                       "val_dice_per_class": per_class.tolist(), "selection": rule}

@@ -581,7 +581,9 @@ class Bench:
         g = self.gate_section
         objective = CalibrationObjective(drop_floor=g.drop_floor, drop_margin=g.drop_margin, min_images=g.min_images,
                                          prefer_on_tie=self.args.prefer_on_tie or g.prefer_on_tie,
-                                         break_even=self.args.break_even or g.break_even)
+                                         break_even=self.args.break_even or g.break_even,
+                                         min_sam_share=g.min_sam_share if self.args.min_sam_share is None
+                                         else self.args.min_sam_share)
         grid = GateGrid()
         base = GateConfig.from_dict(g.to_gate_dict())
         key = key_of({"step": "gate", "teacher": teacher["key"], "val": sp["val"], "backend": backend,
@@ -1097,7 +1099,7 @@ def plot_dice_vs_n(summary: dict, path: Path, title: str) -> bool:
     ns = sorted({n for s in series.values() for n, _, _ in s})
     ys = [m for s in series.values() for _, m, _ in s]
     lo, hi = math.floor((min(ys) - 0.01) * 20) / 20, math.ceil((max(ys) + 0.01) * 20) / 20
-    W, H, L, R, T, B = 1120, 620, 100, 360, 50, 70
+    W, H, L, R, T, B = 1400, 620, 100, 640, 50, 70
     img = np.full((H, W, 3), 255, np.uint8)
     lx = [math.log(n) for n in ns]
     x0, x1 = (min(lx) - 0.3, max(lx) + 0.3) if len(ns) > 1 else (lx[0] - 1, lx[0] + 1)
@@ -1259,6 +1261,9 @@ def parse(argv=None):
                     help="peak learning rate of students that start from the teacher (--student-init teacher)")
     ap.add_argument("--distill-weight", type=float, default=1.0,
                     help="kind gated_distill: strength of the teacher's soft targets for the classes the gate drops")
+    ap.add_argument("--min-sam-share", type=float, default=None,
+                    help="gate calibration: least share of a class's validation images a sam / auto gate must "
+                         "keep SAM on (default: plabel's, label.gate.min_sam_share)")
     ap.add_argument("--prefer-on-tie", choices=("drop", "unet"), default=None,
                     help="gate calibration: drop or keep (unet) a class whose cleaned U-Net masks tie with "
                          "dropping it (default: plabel's, label.gate.prefer_on_tie)")

@@ -173,6 +173,9 @@ class GateSection:
     prefer_on_tie: str = "drop"
     # calibration: a dropped image scores its own teacher Dice (image) or the class's mean (mean)
     break_even: str = "image"
+    # calibration: a sam / auto gate must keep SAM's mask on at least this share of the class's
+    # validation images (0 = no rule; engine.calibrate.CalibrationObjective.min_sam_share)
+    min_sam_share: float = 0.0
 
     GATE_KEYS = ("policy", "min_sam_iou", "min_agreement", "min_agreement_unet")
 
@@ -197,6 +200,8 @@ class GateSection:
         _check(self.min_images >= 1, f"{path}.min_images", self.min_images, "int >= 1")
         _check(self.prefer_on_tie in ("drop", "unet"), f"{path}.prefer_on_tie", self.prefer_on_tie, "drop or unet")
         _check(self.break_even in ("image", "mean"), f"{path}.break_even", self.break_even, "image or mean")
+        _check(isinstance(self.min_sam_share, (int, float)) and 0.0 <= self.min_sam_share <= 1.0,
+               f"{path}.min_sam_share", self.min_sam_share, "a number in [0, 1]")
 
     def to_gate_dict(self) -> dict:
         """engine.gate.GateConfig dict: the default gate, and per class the default with its overrides."""

@@ -384,3 +384,31 @@ def test_cli_gate_policy_option_takes_a_policy_or_a_file(tmp_path):
         _gate_option(str(path), 0.5, None)  # thresholds come from the file
     with pytest.raises(typer.Exit):
         _gate_option(str(tmp_path / "nope.json"), None, None)
+
+
+def test_min_sam_share_refuses_a_sam_gate_that_wins_on_a_few_images_only():
+    """10 images, the U-Net's masks Dice 0.8 everywhere. SAM is perfect with IoU 0.95 on 3 images
+    and poor (Dice 0.3, IoU 0.4) on 7. Without the rule the configured sam thresholds keep the 3
+    good masks (J = (3 x 1.0 + 7 x 0.8) / 10 = 0.86 against drop's 0.8); with min_sam_share 0.5 a
+    sam / auto gate must keep SAM on 5 images, which takes in poor masks, so drop wins (it ties
+    with unet at 0.8, and drop is preferred on a tie). At 0.3 the 3 of 10 are just enough."""
+    t = square()
+    images = [image(i, unet=[part(t, 0.8)], sam=[t if i < 3 else part(t, 0.3, from_end=True)],
+                    sam_iou=[0.95 if i < 3 else 0.4]) for i in range(10)]
+    free = calibrate_gate(images, ["x"])
+    assert free.gate.for_class("x") == ClassGate("sam", 0.5, 0.6, 0.3)
+    assert free.report["x"]["decisions"] == ["sam"] * 3 + ["dropped"] * 7
+    d_unet = dice(part(t, 0.8), t)
+    assert free.report["x"]["objective"] == pytest.approx((3 * 1.0 + 7 * d_unet) / 10)
+    strict = calibrate_gate(images, ["x"], objective=CalibrationObjective(min_sam_share=0.5))
+    assert strict.gate.for_class("x").policy == "drop"
+    assert strict.report["x"]["objective"] == pytest.approx(d_unet)
+    assert calibrate_gate(images, ["x"], objective=CalibrationObjective(min_sam_share=0.3)) \
+        .gate.for_class("x") == ClassGate("sam", 0.5, 0.6, 0.3)
+    # the key is written only when set (earlier policies keep their objective dict)
+    assert "min_sam_share" not in CalibrationObjective().to_dict()
+    assert CalibrationObjective(min_sam_share=0.5).to_dict()["min_sam_share"] == 0.5
+    with pytest.raises(ValueError, match=r"min_sam_share 1.5 is not a number in \[0, 1\]"):
+        CalibrationObjective(min_sam_share=1.5)
+    with pytest.raises(ConfigError, match=r"label.gate.min_sam_share: expected a number in \[0, 1\]"):
+        build(RunConfig, {"label": {"gate": {"min_sam_share": -0.1}}})

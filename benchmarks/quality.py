@@ -583,7 +583,9 @@ class Bench:
                                          prefer_on_tie=self.args.prefer_on_tie or g.prefer_on_tie,
                                          break_even=self.args.break_even or g.break_even,
                                          min_sam_share=g.min_sam_share if self.args.min_sam_share is None
-                                         else self.args.min_sam_share)
+                                         else self.args.min_sam_share,
+                                         cross_validate=g.cross_validate if self.args.cross_validate is None
+                                         else self.args.cross_validate == "on")
         grid = GateGrid()
         base = GateConfig.from_dict(g.to_gate_dict())
         key = key_of({"step": "gate", "teacher": teacher["key"], "val": sp["val"], "backend": backend,
@@ -1264,6 +1266,9 @@ def parse(argv=None):
     ap.add_argument("--min-sam-share", type=float, default=None,
                     help="gate calibration: least share of a class's validation images a sam / auto gate must "
                          "keep SAM on (default: plabel's, label.gate.min_sam_share)")
+    ap.add_argument("--cross-validate", choices=("on", "off"), default=None,
+                    help="gate calibration: keep a sam / auto gate only if it survives leave-one-out over the "
+                         "validation images (default: plabel's, label.gate.cross_validate)")
     ap.add_argument("--prefer-on-tie", choices=("drop", "unet"), default=None,
                     help="gate calibration: drop or keep (unet) a class whose cleaned U-Net masks tie with "
                          "dropping it (default: plabel's, label.gate.prefer_on_tie)")

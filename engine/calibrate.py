@@ -220,6 +220,9 @@ class CalibrationObjective:
     min_images:  a class found by the teacher on fewer validation images keeps its configured gate.
     min_sam_share: least share of the present validation images a sam / auto gate must keep SAM's
                  mask on to be a candidate (0 = no such rule).
+    cross_validate: keep a sam / auto gate only if the whole choice, repeated leaving each
+                 validation image out and scored on that image, beats the same choice among drop
+                 and unet alone by min_gain; else the best of drop and unet (see choose_gate).
     prefer_on_tie: "drop" or "unet", the simpler of the two when they tie (see the module docstring).
     break_even:  "image" (default): a dropped image scores max(drop_floor, its own cleaned U-Net
                  Dice - drop_margin); "mean": every dropped image of the class scores v_c.
@@ -232,6 +235,7 @@ class CalibrationObjective:
     prefer_on_tie: str = "drop"
     break_even: str = "image"
     min_sam_share: float = 0.0
+    cross_validate: bool = False  # plabel's config turns it on (label.gate.cross_validate)
 
     def __post_init__(self):
         if not (0.0 <= self.min_sam_share <= 1.0):
@@ -251,7 +255,8 @@ class CalibrationObjective:
         return {"drop_floor": self.drop_floor, "drop_margin": self.drop_margin, "min_gain": self.min_gain,
                 "min_images": self.min_images, "prefer_on_tie": self.prefer_on_tie, "break_even": self.break_even,
                 # written only when set, so policies and benchmark cache keys from before it stay the same
-                **({"min_sam_share": self.min_sam_share} if self.min_sam_share else {})}
+                **({"min_sam_share": self.min_sam_share} if self.min_sam_share else {}),
+                **({"cross_validate": True} if self.cross_validate else {})}
 
 
 @dataclass
@@ -344,6 +349,62 @@ def break_even(ev_dice_unet: np.ndarray, present: np.ndarray, objective: Calibra
     return np.maximum(objective.drop_floor, np.asarray(ev_dice_unet, dtype=np.float64) - objective.drop_margin)
 
 
+def _image_scores(candidates: Sequence[ClassGate], ev: _ClassEvidence, drop_value) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (K, N) each candidate's score on each image (NaN where the class is absent: 'empty')
+    and float64 (K, N) 1.0 where it keeps SAM's mask, for the K candidates and N images."""
+    v = np.broadcast_to(np.asarray(drop_value, dtype=np.float64), ev.present.shape)
+    score = np.full((len(candidates), len(v)), np.nan)
+    sam = np.zeros_like(score)
+    for k, g in enumerate(candidates):
+        for i, d in enumerate(_decisions(g, ev)):
+            if d != "empty":
+                score[k, i] = ev.dice_sam[i] if d == "sam" else ev.dice_unet[i] if d == "unet" else v[i]
+                sam[k, i] = d == "sam"
+    return score, sam
+
+
+def _pick(score: np.ndarray, sam: np.ndarray, allowed: np.ndarray, cols: np.ndarray,
+          objective: CalibrationObjective) -> int:
+    """Index of the simplest allowed candidate within min_gain of the best mean score over the images
+    ``cols`` (bool (N,)); sam / auto candidates keeping SAM on less than min_sam_share of them are out."""
+    j = np.nanmean(score[:, cols], axis=1) if cols.any() else np.zeros(len(score))
+    j = np.where(allowed, j, -np.inf)
+    if objective.min_sam_share > 0 and cols.any():
+        j = np.where(sam[:, cols].mean(axis=1) < objective.min_sam_share - 1e-12, np.where(
+            sam[:, cols].any(axis=1), -np.inf, j), j)
+    return int(np.flatnonzero(j >= np.max(j) - objective.min_gain - 1e-12)[0])
+
+
+def choose_gate(candidates: Sequence[ClassGate], ev: _ClassEvidence, drop_value,
+                objective: CalibrationObjective) -> tuple[ClassGate, dict]:
+    """The calibrated gate of one class and a dict (empty, or the cross-validation's numbers).
+
+    The simplest candidate within min_gain of the best objective (min_sam_share applied). With
+    cross_validate, a chosen sam / auto gate must also survive leave-one-out: for each present
+    image i the choice is repeated on the other images, once among all candidates and once among
+    drop / unet only, and each choice is scored on image i; unless the first mean beats the second
+    by min_gain, the best of drop / unet is kept instead."""
+    score, sam = _image_scores(candidates, ev, drop_value)
+    everything = np.ones(len(candidates), bool)
+    simple = np.array([g.policy in ("drop", "unet") for g in candidates])
+    present = np.asarray(ev.present, bool)
+    k = _pick(score, sam, everything, present, objective)
+    if not (objective.cross_validate and candidates[k].policy in ("sam", "auto") and present.sum() >= 2):
+        return candidates[k], {}
+    held_search, held_simple = [], []
+    for i in np.flatnonzero(present):
+        rest = present.copy()
+        rest[i] = False
+        held_search.append(score[_pick(score, sam, everything, rest, objective), i])
+        held_simple.append(score[_pick(score, sam, simple, rest, objective), i])
+    cv = {"search": float(np.mean(held_search)), "simple": float(np.mean(held_simple))}
+    if cv["search"] >= cv["simple"] + objective.min_gain - 1e-12:
+        return candidates[k], cv
+    cv["reason"] = (f"{candidates[k].policy} gate not kept: left-one-out score {cv['search']:.3f} vs "
+                    f"{cv['simple']:.3f} for drop / unet alone")
+    return candidates[_pick(score, sam, simple, present, objective)], cv
+
+
 def _report(gate: ClassGate, ev: _ClassEvidence, v, objective_base: float, calibrated: bool,
             reason: str | None) -> dict:
     decisions = _decisions(gate, ev)
@@ -418,15 +479,11 @@ def calibrate_gate(
                                 "kept the configured gate")
             continue
         candidates = candidate_gates(own, grid, objective.policy_order)
-        scores = np.array([_objective(_decisions(g, ev), ev, v) for g in candidates])
-        if objective.min_sam_share > 0:
-            share = np.array([_decisions(g, ev).count("sam") / n_present for g in candidates])
-            keeps_sam = np.array([g.policy in ("sam", "auto") for g in candidates])
-            scores[keeps_sam & (share < objective.min_sam_share - 1e-12)] = -np.inf
-        best = float(scores.max())
-        chosen = candidates[int(np.flatnonzero(scores >= best - objective.min_gain - 1e-12)[0])]
+        chosen, cv = choose_gate(candidates, ev, v, objective)
         per_class[c] = chosen
-        report[c] = _report(chosen, ev, v, j_base, True, None)
+        report[c] = _report(chosen, ev, v, j_base, True, cv.pop("reason", None))
+        if cv:
+            report[c]["cross_validation"] = cv
     gate = GateConfig(default=base.default, per_class=per_class)
     return Calibration(gate=gate, report=report, ids=[im.id for im in images], objective=objective)
 

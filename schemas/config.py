@@ -176,6 +176,9 @@ class GateSection:
     # calibration: a sam / auto gate must keep SAM's mask on at least this share of the class's
     # validation images (0 = no rule; engine.calibrate.CalibrationObjective.min_sam_share)
     min_sam_share: float = 0.0
+    # calibration: keep a sam / auto gate only if it survives leave-one-out over the validation
+    # images (engine.calibrate.choose_gate); measured on JSRT, benchmarks/RESULTS.md
+    cross_validate: bool = True
 
     GATE_KEYS = ("policy", "min_sam_iou", "min_agreement", "min_agreement_unet")
 
@@ -202,6 +205,7 @@ class GateSection:
         _check(self.break_even in ("image", "mean"), f"{path}.break_even", self.break_even, "image or mean")
         _check(isinstance(self.min_sam_share, (int, float)) and 0.0 <= self.min_sam_share <= 1.0,
                f"{path}.min_sam_share", self.min_sam_share, "a number in [0, 1]")
+        _check(isinstance(self.cross_validate, bool), f"{path}.cross_validate", self.cross_validate, "true or false")
 
     def to_gate_dict(self) -> dict:
         """engine.gate.GateConfig dict: the default gate, and per class the default with its overrides."""

@@ -327,6 +327,7 @@ def test_gate_config_errors_name_the_key(gate, message):
 def test_gate_section_defaults_and_configured_overrides_win():
     g = build(RunConfig, {"data": {"source": "x"}}).label.gate
     assert (g.calibrate, g.drop_floor, g.drop_margin, g.min_images) == (True, 0.5, 0.0, 3)
+    assert (g.cross_validate, g.min_sam_share) == (True, 0.0)
     section = GateSection(min_sam_iou=0.4, per_class={"heart": {"policy": "unet"}})
     merged = section.with_calibrated({"heart": ClassGate("sam", 0.9, 0.9, 0.1).to_dict(),
                                       "lung": ClassGate("drop").to_dict()})
@@ -412,3 +413,29 @@ def test_min_sam_share_refuses_a_sam_gate_that_wins_on_a_few_images_only():
         CalibrationObjective(min_sam_share=1.5)
     with pytest.raises(ConfigError, match=r"label.gate.min_sam_share: expected a number in \[0, 1\]"):
         build(RunConfig, {"label": {"gate": {"min_sam_share": -0.1}}})
+
+
+def test_cross_validation_rejects_a_gain_that_rests_on_one_image():
+    """U-Net masks Dice ~0.8 on 10 images; SAM perfect with IoU 0.95 on the first `good` images,
+    poor (IoU 0.4) on the rest. The plain search keeps SAM (iou >= 0.5) in both cases. Left-one-out:
+    with one good image, leaving it out leaves nothing to gain, so its own score is drop's, and
+    leaving out a poor image keeps it dropped either way: search and simple both score the U-Net's
+    Dice, no gain, so drop is kept. With three good images each left-out good image is still kept
+    by the search made on the other two: (3 x 1.0 + 7 x 0.8) / 10 against 0.8."""
+    t = square()
+    d_unet = dice(part(t, 0.8), t)
+    cv = CalibrationObjective(cross_validate=True)
+    for good, policy in ((1, "drop"), (3, "sam")):
+        images = [image(i, unet=[part(t, 0.8)], sam=[t if i < good else part(t, 0.3, from_end=True)],
+                        sam_iou=[0.95 if i < good else 0.4]) for i in range(10)]
+        assert calibrate_gate(images, ["x"]).gate.for_class("x") == ClassGate("sam", 0.5, 0.6, 0.3)
+        r = calibrate_gate(images, ["x"], objective=cv).report["x"]
+        assert r["gate"]["policy"] == policy
+        search = (good * 1.0 + (10 - good) * d_unet) / 10 if good > 1 else d_unet
+        assert r["cross_validation"] == {"search": pytest.approx(search), "simple": pytest.approx(d_unet)}
+        assert (r["reason"] is None) == (policy == "sam")
+    assert CalibrationObjective(cross_validate=True).to_dict()["cross_validate"] is True
+    assert "cross_validate" not in CalibrationObjective().to_dict()
+    with pytest.raises(ConfigError, match=r"label.gate.cross_validate: expected true or false, got 'yes'"):
+        build(RunConfig, {"label": {"gate": {"cross_validate": "yes"}}})
+    assert build(RunConfig, {"label": {"gate": {"cross_validate": True}}}).label.gate.cross_validate is True

@@ -579,13 +579,10 @@ class Bench:
         gv = self.gate_variant(backend)
         stages = self.variants(backend)[gv]
         g = self.gate_section
-        objective = CalibrationObjective(drop_floor=g.drop_floor, drop_margin=g.drop_margin, min_images=g.min_images,
-                                         prefer_on_tie=self.args.prefer_on_tie or g.prefer_on_tie,
-                                         break_even=self.args.break_even or g.break_even,
-                                         min_sam_share=g.min_sam_share if self.args.min_sam_share is None
-                                         else self.args.min_sam_share,
-                                         cross_validate=g.cross_validate if self.args.cross_validate is None
-                                         else self.args.cross_validate == "on")
+        a = self.args
+        objective = CalibrationObjective.from_gate_section(
+            g, prefer_on_tie=a.prefer_on_tie, break_even=a.break_even, min_sam_share=a.min_sam_share,
+            cross_validate=None if a.cross_validate is None else a.cross_validate == "on")
         grid = GateGrid()
         base = GateConfig.from_dict(g.to_gate_dict())
         key = key_of({"step": "gate", "teacher": teacher["key"], "val": sp["val"], "backend": backend,

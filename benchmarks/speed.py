@@ -517,8 +517,9 @@ def main(argv=None) -> int:
     r.add_argument("--images", type=int, default=100, help="images to refine (JSRT images, cycled)")
     r.add_argument("--data", default=str(DEFAULT_DATA), help="JSRT-layout folder")
     r.add_argument("--synthetic", type=int, default=0, help="use N synthetic 256-px images instead of --data")
-    r.add_argument("--skip-job", action="store_true", help="measure (a) and (b) only (no Ray installed)")
-    r.add_argument("--job-only", action="store_true",
+    parts = r.add_mutually_exclusive_group()
+    parts.add_argument("--skip-job", action="store_true", help="measure (a) and (b) only (no Ray installed)")
+    parts.add_argument("--job-only", action="store_true",
                    help="measure (c) only; (a) and (b) come from --out/speed.json of an earlier run of the same "
                         "benchmark (backend, images, teacher, batch size), named in the result as ab_from")
     r.add_argument("--teacher", default=None, help="U-Net teacher checkpoint (default: train a small one)")

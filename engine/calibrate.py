@@ -48,11 +48,12 @@ prefer_on_tie unet), then sam, then auto; within a
 policy, thresholds closest to the configured gate first, then lower ones. So a sam or auto gate
 that drops every image loses to drop. With a handful of validation images this keeps the
 configured gate or a simple policy unless a more elaborate one is clearly better. A class found on fewer than ``min_images``
-validation images keeps its configured gate. With ``min_sam_share`` > 0, a sam or auto gate is a
-candidate only if it keeps SAM's mask on at least that share of the class's present validation
-images: a gain measured on a few images that thresholds picked out of a grid does not generalise
-(JSRT n = 10 seed 2: SAM kept for a clavicle on 3 of 10 images, +0.02 there, -7 Dice on the
-unlabelled images it was kept for; benchmarks/RESULTS.md). (The teacher checkpoint is selected on the same
+validation images keeps its configured gate. A gain measured on the few images that a threshold
+search picks out of the grid need not generalise (JSRT n = 10 seed 2: SAM kept for a clavicle on 3
+of 10 images, +0.02 there, -7 Dice on the unlabelled images it was kept for; benchmarks/RESULTS.md):
+with ``cross_validate`` (plabel's default) a chosen sam / auto gate must also win leave-one-out
+(choose_gate); ``min_sam_share`` > 0 asks it to keep SAM on at least that share of the class's
+present validation images (it did not fix that case). (The teacher checkpoint is selected on the same
 validation images, so v_c is slightly optimistic: the calibration errs toward dropping.)
 """
 from __future__ import annotations
@@ -245,6 +246,15 @@ class CalibrationObjective:
         if self.break_even not in ("image", "mean"):
             raise ValueError(f"break_even {self.break_even!r} is not one of ('image', 'mean')")
 
+    @classmethod
+    def from_gate_section(cls, section, **overrides) -> "CalibrationObjective":
+        """The objective of a schemas.config.GateSection (label.gate); ``overrides`` not None win."""
+        keys = ("drop_floor", "drop_margin", "min_images", "prefer_on_tie", "break_even", "min_sam_share",
+                "cross_validate")
+        values = {k: getattr(section, k) for k in keys}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
     @property
     def policy_order(self) -> tuple[str, ...]:
         """Candidate policies, simplest first."""
@@ -325,13 +335,19 @@ def _decisions(gate: ClassGate, ev: _ClassEvidence) -> list[str]:
             for p, q, a in zip(ev.present, ev.sam_iou, ev.agreement)]
 
 
-def _objective(decisions: Sequence[str], ev: _ClassEvidence, drop_value) -> float:
-    """J of the module docstring: mean over present images (NaN when there are none).
+def _image_scores(decisions: Sequence[str], ev: _ClassEvidence, drop_value) -> np.ndarray:
+    """float64 (N,) each image's score under ``decisions``: SAM's or the cleaned U-Net's Dice where
+    kept, the break-even where dropped, NaN where the class is absent ('empty').
     drop_value: the break-even score of a dropped image, one float or float64 (N,) per image."""
     v = np.broadcast_to(np.asarray(drop_value, dtype=np.float64), (len(decisions),))
-    scores = [ev.dice_sam[i] if d == "sam" else ev.dice_unet[i] if d == "unet" else v[i]
-              for i, d in enumerate(decisions) if d != "empty"]
-    return float(np.mean(scores)) if scores else float("nan")
+    return np.array([np.nan if d == "empty" else ev.dice_sam[i] if d == "sam" else ev.dice_unet[i] if d == "unet"
+                     else v[i] for i, d in enumerate(decisions)], dtype=np.float64)
+
+
+def _objective(decisions: Sequence[str], ev: _ClassEvidence, drop_value) -> float:
+    """J of the module docstring: mean over present images (NaN when there are none)."""
+    scores = _image_scores(decisions, ev, drop_value)
+    return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
 
 
 def drop_value(ev_dice_unet: np.ndarray, present: np.ndarray, objective: CalibrationObjective) -> float:
@@ -349,29 +365,15 @@ def break_even(ev_dice_unet: np.ndarray, present: np.ndarray, objective: Calibra
     return np.maximum(objective.drop_floor, np.asarray(ev_dice_unet, dtype=np.float64) - objective.drop_margin)
 
 
-def _image_scores(candidates: Sequence[ClassGate], ev: _ClassEvidence, drop_value) -> tuple[np.ndarray, np.ndarray]:
-    """float64 (K, N) each candidate's score on each image (NaN where the class is absent: 'empty')
-    and float64 (K, N) 1.0 where it keeps SAM's mask, for the K candidates and N images."""
-    v = np.broadcast_to(np.asarray(drop_value, dtype=np.float64), ev.present.shape)
-    score = np.full((len(candidates), len(v)), np.nan)
-    sam = np.zeros_like(score)
-    for k, g in enumerate(candidates):
-        for i, d in enumerate(_decisions(g, ev)):
-            if d != "empty":
-                score[k, i] = ev.dice_sam[i] if d == "sam" else ev.dice_unet[i] if d == "unet" else v[i]
-                sam[k, i] = d == "sam"
-    return score, sam
-
-
 def _pick(score: np.ndarray, sam: np.ndarray, allowed: np.ndarray, cols: np.ndarray,
           objective: CalibrationObjective) -> int:
-    """Index of the simplest allowed candidate within min_gain of the best mean score over the images
-    ``cols`` (bool (N,)); sam / auto candidates keeping SAM on less than min_sam_share of them are out."""
-    j = np.nanmean(score[:, cols], axis=1) if cols.any() else np.zeros(len(score))
-    j = np.where(allowed, j, -np.inf)
-    if objective.min_sam_share > 0 and cols.any():
-        j = np.where(sam[:, cols].mean(axis=1) < objective.min_sam_share - 1e-12, np.where(
-            sam[:, cols].any(axis=1), -np.inf, j), j)
+    """Index of the simplest allowed candidate within min_gain of the best mean score over the
+    images ``cols`` (bool (N,), at least one; the class is present on all of them). score: float64
+    (K, N); sam: bool (K, N), where a candidate keeps SAM's mask. A candidate that keeps SAM on some
+    but less than min_sam_share of the images is out."""
+    j = np.where(allowed, score[:, cols].mean(axis=1), -np.inf)
+    share = sam[:, cols].mean(axis=1)
+    j[(share > 0) & (share < objective.min_sam_share - 1e-12)] = -np.inf
     return int(np.flatnonzero(j >= np.max(j) - objective.min_gain - 1e-12)[0])
 
 
@@ -384,7 +386,9 @@ def choose_gate(candidates: Sequence[ClassGate], ev: _ClassEvidence, drop_value,
     image i the choice is repeated on the other images, once among all candidates and once among
     drop / unet only, and each choice is scored on image i; unless the first mean beats the second
     by min_gain, the best of drop / unet is kept instead."""
-    score, sam = _image_scores(candidates, ev, drop_value)
+    decisions = [_decisions(g, ev) for g in candidates]
+    score = np.stack([_image_scores(d, ev, drop_value) for d in decisions])  # (K, N)
+    sam = np.array([[x == "sam" for x in d] for d in decisions], dtype=bool)  # (K, N)
     everything = np.ones(len(candidates), bool)
     simple = np.array([g.policy in ("drop", "unet") for g in candidates])
     present = np.asarray(ev.present, bool)

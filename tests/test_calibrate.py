@@ -328,6 +328,10 @@ def test_gate_section_defaults_and_configured_overrides_win():
     g = build(RunConfig, {"data": {"source": "x"}}).label.gate
     assert (g.calibrate, g.drop_floor, g.drop_margin, g.min_images) == (True, 0.5, 0.0, 3)
     assert (g.cross_validate, g.min_sam_share) == (True, 0.0)
+    # the objective plabel calibrates with; overrides that are None keep the section's values
+    assert CalibrationObjective.from_gate_section(g) == CalibrationObjective(cross_validate=True)
+    assert CalibrationObjective.from_gate_section(g, break_even="mean", prefer_on_tie=None, min_sam_share=0.5) \
+        == CalibrationObjective(cross_validate=True, break_even="mean", min_sam_share=0.5)
     section = GateSection(min_sam_iou=0.4, per_class={"heart": {"policy": "unet"}})
     merged = section.with_calibrated({"heart": ClassGate("sam", 0.9, 0.9, 0.1).to_dict(),
                                       "lung": ClassGate("drop").to_dict()})

@@ -285,10 +285,7 @@ def calibrate_stage(cfg: RunConfig, val_shards, classes, teacher_path: str, teac
     images, nonfinite = validation_evidence(
         model, int(extra.get("image_size", cfg.teacher.image_size)), refiner, grays, truths, ids, classes,
         CleaningConfig(**dataclasses.asdict(cfg.label.cleaning)), batch_size=cfg.label.sam.batch_size)
-    objective = CalibrationObjective(drop_floor=gate_cfg.drop_floor, drop_margin=gate_cfg.drop_margin,
-                                     min_images=gate_cfg.min_images, prefer_on_tie=gate_cfg.prefer_on_tie,
-                                     break_even=gate_cfg.break_even, min_sam_share=gate_cfg.min_sam_share,
-                                     cross_validate=gate_cfg.cross_validate)
+    objective = CalibrationObjective.from_gate_section(gate_cfg)
     grid = GateGrid()
     cal = calibrate_gate(images, classes, GateConfig.from_dict(gate_cfg.to_gate_dict()), objective, grid)
     effective = gate_cfg.with_calibrated({c: g.to_dict() for c, g in cal.gate.per_class.items()})

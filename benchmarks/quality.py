@@ -59,7 +59,8 @@ Per (n, seed) [and SAM backend]:
              mean validation epoch; plabel's default, student.selection guarded with the same
              tolerance, keeps the same epoch whenever that epoch loses no class by more than 0.005 on
              the validation images (the report gives each student's worst class against the teacher).
-Per seed: full, a U-Net on all 150 pool images with their truth (--full-epochs), the upper bound.
+Per seed: full, a U-Net on all 150 pool images with their truth, the upper bound (--full-epochs;
+default the teacher's 80, so that it is trained as the teachers are and bounds them).
 
 Training is in this process (engine.inprocess.fit_unet over engine.train_core, no Ray), U-Nets at
 --image-size (default 128, base 16, depth 4, batch 4, lr 0.002: benchmarks/jsrt_n10.yaml), seeded
@@ -1026,7 +1027,7 @@ def timing_summary(bench: Bench) -> dict:
     if train_rate:
         r = sum(s["wall_s"] for s in train_rate) / sum(s["units"] for s in train_rate)
         teacher = sum(n * TEACHER_EPOCHS for n, _ in ISSUE_GRID)
-        full = 3 * 150 * STUDENT_EPOCHS
+        full = 3 * 150 * TEACHER_EPOCHS
         per_student = len(ISSUE_GRID) * 150 * STUDENT_EPOCHS  # n labelled + (150 - n) pseudo-labelled images
         est["one student kind over the grid (U-Net training)"] = r * per_student
         est["teachers + full models"] = r * (teacher + full)
@@ -1046,7 +1047,7 @@ def timing_summary(bench: Bench) -> dict:
                     g = gate["per_unit"] if gate and gate["per_unit"] else sam["per_unit"]
                     cost += sam["per_unit"] * (150 - n) + g * N_VAL + 3 * r * 150 * STUDENT_EPOCHS
             est[f"one configuration n = {n} (teacher, SAM + gate, 2 + 3 per backend students; without full)"] = cost
-        est["one full-supervision model (per seed)"] = r * 150 * STUDENT_EPOCHS
+        est["one full-supervision model (per seed)"] = r * 150 * TEACHER_EPOCHS
         n_sam = sum(1 for b in BACKENDS if f"sam {b}" in steps)
         if n_sam:
             est["total (2 backend-free students, teachers, full, the backends measured here)"] = sum(
@@ -1284,7 +1285,7 @@ def parse(argv=None):
                          "mean (default: plabel's, label.gate.break_even)")
     ap.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
     ap.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS)
-    ap.add_argument("--full-epochs", type=int, default=None, help="full-supervision model (default: student epochs)")
+    ap.add_argument("--full-epochs", type=int, default=None, help="full-supervision model (default: the teacher's epochs, so that it bounds the teacher)")
     ap.add_argument("--image-size", type=int, default=128, help="U-Net input side")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.002)
@@ -1311,7 +1312,7 @@ def parse(argv=None):
         args.kinds = args.kinds or list(KINDS)
     args.kinds = args.kinds or list(DEFAULT_KINDS)
     args.student_init = args.student_init or ["teacher"]
-    args.full_epochs = args.full_epochs or args.student_epochs
+    args.full_epochs = args.full_epochs or args.teacher_epochs
     args.backend = args.backend or list(BACKENDS)
     if args.n is None and args.seeds is None:
         args.grid = list(ISSUE_GRID)

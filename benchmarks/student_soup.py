@@ -6,8 +6,8 @@ Takes students that benchmarks/quality.py trained (their .json next to their .pt
 split, the teacher and the starting weights (warm-started students differ only in their training
 seed, --student-seed-offset), and prints the test Dice (x100, 40 test images, > 0.5 on the 256-px
 grid, as quality.py) of: the teacher, each student, the uniform average of the students' weights
-(one U-Net, a "soup": parameters and batch-norm statistics averaged) and the ensemble (the students'
-probabilities averaged, k U-Nets at test time); per class as the difference to the teacher.
+(one U-Net, a "soup": engine.train_core.average_weights, as plabel's student.soup) and the
+ensemble (the students' probabilities averaged, k U-Nets at test time); per class as the difference to the teacher.
 Refuses students of different splits, teachers or architectures, and scratch students (their
 weights have no common start, so their average is no model).
 """
@@ -26,21 +26,6 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import quality  # noqa: E402  (the benchmark's data loading, split and Dice)
-
-
-def average_state(states: list[dict]) -> dict:
-    """The element-wise mean of state dicts with the same keys and shapes (integer buffers such as
-    batch-norm's num_batches_tracked: the mean rounded down)."""
-    keys = list(states[0])
-    for i, sd in enumerate(states[1:], 1):
-        if list(sd) != keys:
-            raise ValueError(f"student {i}: its weights have other keys than student 0's")
-    out = {}
-    for k in keys:
-        stack = torch.stack([sd[k].float() for sd in states])
-        mean = stack.mean(0)
-        out[k] = mean.to(states[0][k].dtype) if states[0][k].is_floating_point() else mean.floor().to(states[0][k].dtype)
-    return out
 
 
 def load_group(paths: list[Path]) -> tuple[list[dict], Path]:
@@ -78,6 +63,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from engine.labelling import teacher_probs
     from engine.metrics import dice_per_class
+    from engine.train_core import average_weights
     from engine.unet import load_checkpoint
 
     metas, teacher_json = load_group(args.students)
@@ -99,7 +85,7 @@ def main(argv=None) -> int:
     ref = dice(probs(teacher))
     models = [load_checkpoint(p.with_suffix(".pt"))[0].eval() for p in args.students]
     soup = load_checkpoint(args.students[0].with_suffix(".pt"))[0]
-    soup.load_state_dict(average_state([m.state_dict() for m in models]))
+    soup.load_state_dict(average_weights([m.state_dict() for m in models]))
     soup.eval()
     each = [probs(m) for m in models]
     rows = [("teacher", ref)]

@@ -79,6 +79,11 @@ class TrainSection:
     # pairs without a pseudo label (dropped by the gate); 0 = off (engine.losses.distillation_loss).
     # Measured on JSRT (benchmarks/RESULTS.md): keeps every dropped class at or above the teacher.
     distill: float = 1.0
+    # student only, with init: teacher: train this many students with seeds seed, seed + 1, ... and
+    # keep the average of their weights (engine.train_core.average_checkpoints). Measured post hoc on
+    # JSRT (benchmarks/RESULTS.md, quality): averages out the per-class training noise; costs that
+    # many student trainings. 1 = one student.
+    soup: int = 1
 
     def validate(self, path: str) -> None:
         for k in ("image_size", "base_channels", "depth", "epochs", "batch_size", "num_workers"):
@@ -89,6 +94,10 @@ class TrainSection:
         _check(self.init in ("teacher", "scratch"), f"{path}.init", self.init, "teacher or scratch")
         _check(math.isfinite(self.distill) and self.distill >= 0, f"{path}.distill", self.distill, "a number >= 0")
         _check(self.selection in ("guarded", "mean"), f"{path}.selection", self.selection, "guarded or mean")
+        _check(isinstance(self.soup, int) and not isinstance(self.soup, bool) and self.soup >= 1, f"{path}.soup",
+               self.soup, "an int >= 1")
+        _check(self.soup == 1 or self.init == "teacher", f"{path}.soup", self.soup,
+               "1 unless init is teacher (students from scratch share no starting weights to average around)")
         _check(math.isfinite(self.selection_tolerance) and 0 <= self.selection_tolerance <= 1,
                f"{path}.selection_tolerance", self.selection_tolerance, "a number in [0, 1]")
 
@@ -266,6 +275,7 @@ class RunConfig:
                 f"student.init: 'teacher' starts the student from the teacher's weights, so student.base_channels "
                 f"and student.depth must equal the teacher's: got {s.base_channels} / {s.depth}, teacher "
                 f"{t.base_channels} / {t.depth}; match them or set student.init: scratch")
+        _check(t.soup == 1, "teacher.soup", t.soup, "1 (an average of several models is a student option)")
 
     def to_dict(self) -> dict:
         return asdict(self)

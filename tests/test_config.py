@@ -83,3 +83,17 @@ def test_student_selection_defaults_to_guarded_and_checks_its_values():
             build(RunConfig, {"student": {"selection_tolerance": bad}})
     with pytest.raises(ConfigError, match=r"student.distill: expected a number >= 0, got -1"):
         build(RunConfig, {"student": {"distill": -1}})
+
+
+def test_student_soup_values():
+    assert build(RunConfig, {}).student.soup == 1
+    assert build(RunConfig, {"student": {"soup": 3}}).student.soup == 3
+    for bad, msg in ((0, "student.soup: expected an int >= 1, got 0"),
+                     (True, "student.soup: expected an integer, got True")):  # the type check (_convert)
+        with pytest.raises(ConfigError) as e:
+            build(RunConfig, {"student": {"soup": bad}})
+        assert msg in str(e.value)
+    with pytest.raises(ConfigError, match=r"student.soup: expected 1 unless init is teacher .*, got 2"):
+        build(RunConfig, {"student": {"soup": 2, "init": "scratch"}})
+    with pytest.raises(ConfigError, match=r"teacher.soup: expected 1 \(an average of several models"):
+        build(RunConfig, {"teacher": {"soup": 2}})

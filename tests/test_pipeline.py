@@ -210,3 +210,43 @@ def test_bad_samples_become_error_rows_naming_the_input(tiny_run, tmp_path):
         assert str(shard) in rows[key]["message"] and key in rows[key]["message"]
     with pytest.raises(FileExistsError, match="exists already"):
         run_label_job([str(shard)], tmp_path / "table", classes, str(run / "teacher.pt"), LabelSection())
+
+
+def test_student_soup_averages_students_of_consecutive_seeds(tiny_run, tmp_path):
+    """student.soup: 2 on a copy of the tiny run: only the student and evaluate stages run again."""
+    import shutil
+
+    import torch
+
+    from engine.train_core import average_weights
+    from engine.unet import checkpoint_sha256, load_checkpoint
+
+    run, _ = tiny_run
+    root = tmp_path / "soup"
+    shutil.copytree(run.parent.parent / "data", root / "data")
+    shutil.copytree(run, root / "runs" / "tiny", ignore=shutil.ignore_patterns("student*", "ray_train"))
+    results = json.loads((root / "runs" / "tiny" / "results.json").read_text())
+    for stage in ("student", "evaluate"):
+        del results["stages"][stage]
+    (root / "runs" / "tiny" / "results.json").write_text(json.dumps(results))
+    # selection mean: with one epoch, guarded selection may hand back the teacher's weights to both
+    (root / "cfg.yaml").write_text(CONFIG.replace("student: {epochs: 1,", "student: {epochs: 1, soup: 2, selection: mean,"))
+    result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for stage in ("ingest", "teacher", "calibrate", "label"):
+        assert f"[{stage}] done in an earlier run, skipped" in result.output
+    assert "soup member 2 of 2 (seed 1)" in result.output
+    out = root / "runs" / "tiny"
+    st = json.loads((out / "results.json").read_text())["stages"]["student"]
+    assert [m["seed"] for m in st["soup"]] == [0, 1] and st["best_epoch"] == [0, 0]
+    assert [m["checkpoint"] for m in st["soup"]] == ["student-0.pt", "student-1.pt"]
+    members = [load_checkpoint(out / f"student-{k}.pt")[0] for k in (0, 1)]
+    assert [m["sha256"] for m in st["soup"]] == [checkpoint_sha256(out / f"student-{k}.pt") for k in (0, 1)]
+    assert not torch.equal(members[0].head.weight, members[1].head.weight)  # different seeds, different students
+    soup, _, meta = load_checkpoint(out / "student.pt")
+    assert meta["averaged_from"] == 2 and meta["soup"] == [m["sha256"] for m in st["soup"]]
+    want = average_weights([m.state_dict() for m in members])
+    for k, v in soup.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    ev = json.loads((out / "results.json").read_text())["stages"]["evaluate"]
+    assert ev["student"]["n_images"] == 4

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.train_core import (TrainConfig, build_model, evaluate_batch, make_optimizer,
-                               train_step)
+from engine.train_core import (TrainConfig, average_checkpoints, average_weights, build_model, evaluate_batch,
+                               make_optimizer, train_step)
 
 
 def _two_square_image(h=32):
@@ -87,3 +87,47 @@ def test_augmented_steps_are_seeded_and_weight_zero_blocks_class(one_thread):
     head = model.head
     assert torch.all(head.weight.grad[1] == 0) and torch.all(head.bias.grad[1] == 0)
     assert head.weight.grad[0].abs().sum() > 0
+
+
+def test_average_weights_hand_values():
+    a = {"w": torch.tensor([1.0, 2.0, 4.0]), "n": torch.tensor(3, dtype=torch.long),
+         "h": torch.tensor([1.0], dtype=torch.float16)}
+    b = {"w": torch.tensor([3.0, 2.0, -4.0]), "n": torch.tensor(4, dtype=torch.long),
+         "h": torch.tensor([2.0], dtype=torch.float16)}
+    out = average_weights([a, b])
+    assert out["w"].tolist() == [2.0, 2.0, 0.0]
+    assert out["n"].dtype == torch.long and int(out["n"]) == 3  # floor of 3.5
+    assert out["h"].dtype == torch.float16 and out["h"].tolist() == [1.5]
+    assert average_weights([a])["w"].tolist() == [1.0, 2.0, 4.0]
+    with pytest.raises(ValueError, match="state dict 1 has other keys"):
+        average_weights([a, {"w": b["w"], "n": b["n"]}])
+    with pytest.raises(ValueError, match=r"w has shape \(2,\) in state dict 1"):
+        average_weights([a, {**b, "w": torch.zeros(2)}])
+    with pytest.raises(ValueError, match="no state dicts"):
+        average_weights([])
+
+
+def test_average_checkpoints_is_the_mean_model(tmp_path, one_thread):
+    from engine.unet import load_checkpoint, save_checkpoint
+
+    paths = []
+    for seed in (1, 2):
+        model, ucfg = build_model(TrainConfig(base_channels=4, depth=2, seed=seed), 2)
+        paths.append(tmp_path / f"s{seed}.pt")
+        save_checkpoint(paths[-1], model, ucfg, {"role": "student", "epoch": seed})
+    meta = average_checkpoints(paths, tmp_path / "soup.pt", {"soup": ["a", "b"]})
+    assert meta == {"role": "student", "epoch": 1, "soup": ["a", "b"], "averaged_from": 2}
+    soup, scfg, smeta = load_checkpoint(tmp_path / "soup.pt")
+    m1, m2 = load_checkpoint(paths[0])[0], load_checkpoint(paths[1])[0]
+    assert scfg == load_checkpoint(paths[0])[1] and smeta == meta
+    for k, v in soup.state_dict().items():
+        want = (m1.state_dict()[k].double() + m2.state_dict()[k].double()) / 2
+        torch.testing.assert_close(v.double(), want.floor() if not v.is_floating_point() else want,
+                                   rtol=1e-6, atol=1e-7)
+    assert not torch.equal(soup.head.weight, m1.head.weight)
+
+    other, ocfg = build_model(TrainConfig(base_channels=8, depth=2, seed=3), 2)
+    save_checkpoint(tmp_path / "other.pt", other, ocfg)
+    with pytest.raises(ValueError, match="other.pt is a U-Net .* only checkpoints of one architecture"):
+        average_checkpoints([paths[0], tmp_path / "other.pt"], tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()

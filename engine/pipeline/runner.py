@@ -8,7 +8,8 @@
       gate_policy.json      the quality gate calibrated per class on the validation split
                             (engine.calibrate; when label.gate.calibrate and a val split exist)
       pseudo_labels/        the pseudo-label Parquet table
-      student.pt            best-validation student
+      student.pt            best-validation student (student.soup > 1: the weight average of
+                            student-0.pt, student-1.pt, ..., students trained with seeds seed, seed + 1, ...)
       results.json          stage wall times, model hashes, label counts, Dice summaries
       dice_table.txt        teacher vs student test Dice (when a test split exists)
       ray_train/            Ray Train checkpoints (resume)
@@ -78,6 +79,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     from engine.pipeline.label_job import run_label_job
     from engine.pipeline.table_commit import table_marker
     from engine.pipeline.train_job import labelled_dataset, maybe_materialize, pseudo_labelled_dataset, train_unet
+    from engine.train_core import average_checkpoints
     from engine.unet import checkpoint_sha256
 
     run = storage.join(cfg.run_dir, cfg.name) if storage.is_uri(cfg.run_dir) else str(Path(cfg.run_dir) / cfg.name)
@@ -184,9 +186,24 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         train = maybe_materialize(train, n_train, C, size)
         val = maybe_materialize(labelled_dataset(paths(val_split), C, size), n(val_split), C, size)
         init = at("teacher.pt") if cfg.student.init == "teacher" else None
-        out = train_unet(train, val, classes, cfg.student,
-                         at("student.pt"), at("ray_train"), "student", role="student", init_checkpoint=init,
-                         distill_from=at("teacher.pt") if cfg.student.distill > 0 else None)
+        distill = at("teacher.pt") if cfg.student.distill > 0 else None
+        if cfg.student.soup == 1:
+            out = train_unet(train, val, classes, cfg.student, at("student.pt"), at("ray_train"), "student",
+                             role="student", init_checkpoint=init, distill_from=distill)
+        else:  # student.soup: k students, seeds seed .. seed + k - 1, then the average of their weights
+            members = []
+            for k in range(cfg.student.soup):
+                section = dataclasses.replace(cfg.student, seed=cfg.student.seed + k)
+                echo(f"[student] soup member {k + 1} of {cfg.student.soup} (seed {section.seed})")
+                member = train_unet(train, val, classes, section, at(f"student-{k}.pt"), at("ray_train"),
+                                    f"student-{k}", role="student", init_checkpoint=init, distill_from=distill)
+                members.append({**member, "seed": section.seed, "checkpoint": f"student-{k}.pt",
+                                "sha256": checkpoint_sha256(at(f"student-{k}.pt"))})
+            average_checkpoints([at(m["checkpoint"]) for m in members], at("student.pt"),
+                                {"soup": [m["sha256"] for m in members]})
+            out = {"soup": members, "epochs": cfg.student.epochs,
+                   "best_epoch": [m["best_epoch"] for m in members],
+                   "best_val_dice": [m["best_val_dice"] for m in members]}
         out["init"] = cfg.student.init
         out["distill"] = cfg.student.distill
         # best_epoch -1: guarded selection kept the teacher's weights (every epoch lost a class on val)

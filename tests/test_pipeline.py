@@ -250,3 +250,19 @@ def test_student_soup_averages_students_of_consecutive_seeds(tiny_run, tmp_path)
         assert torch.equal(v, want[k]), k
     ev = json.loads((out / "results.json").read_text())["stages"]["evaluate"]
     assert ev["student"]["n_images"] == 4
+
+    # a run that stopped after the members were written: they are reused, the average is the same
+    results = json.loads((out / "results.json").read_text())
+    del results["stages"]["student"]
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "student.pt").unlink()
+    result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for k in (1, 2):
+        assert f"soup member {k} of 2: student-{k - 1}.pt of an earlier run, reused" in result.output
+    st2 = json.loads((out / "results.json").read_text())["stages"]["student"]
+    assert [m.get("reused") for m in st2["soup"]] == [True, True] and st2["best_epoch"] == [0, 0]
+    assert [m["sha256"] for m in st2["soup"]] == [m["sha256"] for m in st["soup"]]
+    again = load_checkpoint(out / "student.pt")[0]
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, want[k]), k

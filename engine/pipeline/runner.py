@@ -80,7 +80,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     from engine.pipeline.table_commit import table_marker
     from engine.pipeline.train_job import labelled_dataset, maybe_materialize, pseudo_labelled_dataset, train_unet
     from engine.train_core import average_checkpoints
-    from engine.unet import checkpoint_sha256
+    from engine.unet import checkpoint_sha256, load_checkpoint
 
     run = storage.join(cfg.run_dir, cfg.name) if storage.is_uri(cfg.run_dir) else str(Path(cfg.run_dir) / cfg.name)
     run_name = storage.redact(run)  # how messages name it
@@ -194,9 +194,16 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
             members = []
             for k in range(cfg.student.soup):
                 section = dataclasses.replace(cfg.student, seed=cfg.student.seed + k)
-                echo(f"[student] soup member {k + 1} of {cfg.student.soup} (seed {section.seed})")
-                member = train_unet(train, val, classes, section, at(f"student-{k}.pt"), at("ray_train"),
-                                    f"student-{k}", role="student", init_checkpoint=init, distill_from=distill)
+                ckpt = at(f"student-{k}.pt")
+                if storage.exists(ckpt):  # written once its training finished: an earlier run got this far
+                    echo(f"[student] soup member {k + 1} of {cfg.student.soup}: student-{k}.pt of an earlier run, reused")
+                    extra = load_checkpoint(ckpt)[2]
+                    member = {"best_val_dice": extra.get("val_dice"), "best_epoch": extra.get("epoch"),
+                              "epochs": section.epochs, "reused": True}
+                else:
+                    echo(f"[student] soup member {k + 1} of {cfg.student.soup} (seed {section.seed})")
+                    member = train_unet(train, val, classes, section, ckpt, at("ray_train"), f"student-{k}",
+                                        role="student", init_checkpoint=init, distill_from=distill)
                 members.append({**member, "seed": section.seed, "checkpoint": f"student-{k}.pt",
                                 "sha256": checkpoint_sha256(at(f"student-{k}.pt"))})
             average_checkpoints([at(m["checkpoint"]) for m in members], at("student.pt"),

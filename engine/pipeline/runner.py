@@ -205,7 +205,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
                     member = train_unet(train, val, classes, section, ckpt, at("ray_train"), f"student-{k}",
                                         role="student", init_checkpoint=init, distill_from=distill)
                 members.append({**member, "seed": section.seed, "checkpoint": f"student-{k}.pt",
-                                "sha256": checkpoint_sha256(at(f"student-{k}.pt"))})
+                                "sha256": checkpoint_sha256(ckpt)})
             average_checkpoints([at(m["checkpoint"]) for m in members], at("student.pt"),
                                 {"soup": [m["sha256"] for m in members]})
             out = {"soup": members, "epochs": cfg.student.epochs,

@@ -64,9 +64,10 @@ default the teacher's 80, so that it is trained as the teachers are and bounds t
 
 Training is in this process (engine.inprocess.fit_unet over engine.train_core, no Ray), U-Nets at
 --image-size (default 128, base 16, depth 4, batch 4, lr 0.002: benchmarks/jsrt_n10.yaml), seeded
-by the split seed (students: plus --student-seed-offset, to measure the spread of training alone). Test Dice: each model's probabilities back on the 256-px grid, > 0.5, against
-the truth (engine.metrics.dice_per_class; as engine.pipeline.evaluate_job). Gap closed =
-(student - teacher) / (full - teacher) of the mean test Dice.
+by the split seed (students: plus --student-seed-offset, to measure the spread of training
+alone). Test Dice: each model's probabilities back on the 256-px grid, > 0.5, against the truth
+(engine.metrics.dice_per_class; as engine.pipeline.evaluate_job). Gap closed = (student - teacher)
+/ (full - teacher) of the mean test Dice.
 
 Cache (WORKDIR = --out, default runs/quality; runs/ is git-ignored). Every step's file name holds
 a key: the first 12 hex of the SHA-256 of its inputs (data fingerprint, image ids, training
@@ -1285,7 +1286,8 @@ def parse(argv=None):
                          "mean (default: plabel's, label.gate.break_even)")
     ap.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
     ap.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS)
-    ap.add_argument("--full-epochs", type=int, default=None, help="full-supervision model (default: the teacher's epochs, so that it bounds the teacher)")
+    ap.add_argument("--full-epochs", type=int, default=None, help="full-supervision model (default: the teacher's epochs, so that it "
+                         "bounds the teacher)")
     ap.add_argument("--image-size", type=int, default=128, help="U-Net input side")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.002)

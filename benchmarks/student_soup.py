@@ -7,13 +7,15 @@ split, the teacher and the starting weights (warm-started students differ only i
 seed, --student-seed-offset), and prints the test Dice (x100, 40 test images, > 0.5 on the 256-px
 grid, as quality.py) of: the teacher, each student, the uniform average of the students' weights
 (one U-Net, a "soup": engine.train_core.average_weights, as plabel's student.soup) and the
-ensemble (the students' probabilities averaged, k U-Nets at test time); per class as the difference to the teacher.
+ensemble (the students' probabilities averaged, k U-Nets at test time); per class as the
+difference to the teacher.
 Refuses students of different splits, teachers or architectures, and scratch students (their
 weights have no common start, so their average is no model).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -61,7 +63,6 @@ def main(argv=None) -> int:
     if len(args.students) < 2:
         ap.error("give at least two students")
     torch.set_num_threads(args.threads)
-    from engine.labelling import teacher_probs
     from engine.metrics import dice_per_class
     from engine.train_core import average_weights
     from engine.unet import load_checkpoint
@@ -69,14 +70,13 @@ def main(argv=None) -> int:
     metas, teacher_json = load_group(args.students)
     data = quality.load_data(Path(args.data))
     ids = metas[0]["spec"]["test_ids"]
-    size = metas[0]["spec"]["image_size"]
     classes = data.classes
+    # quality.py's own prediction (its U-Net input size, batches of 8, back on each image's grid)
+    bench = quality.Bench(quality.parse(["--data", args.data, "--image-size", str(metas[0]["spec"]["image_size"])]),
+                          data)
 
     def probs(model):
-        out = []
-        for k in range(0, len(ids), 8):
-            out += teacher_probs(model, [data.grays[i] for i in ids[k:k + 8]], size, names=ids[k:k + 8])
-        return out
+        return bench.predict(model, ids)
 
     def dice(prob_list):
         return 100 * np.mean([dice_per_class(p > 0.5, data.truths[i]) for i, p in zip(ids, prob_list)], axis=0)
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     teacher = load_checkpoint(teacher_json.with_suffix(".pt"))[0].eval()
     ref = dice(probs(teacher))
     models = [load_checkpoint(p.with_suffix(".pt"))[0].eval() for p in args.students]
-    soup = load_checkpoint(args.students[0].with_suffix(".pt"))[0]
+    soup = copy.deepcopy(models[0])
     soup.load_state_dict(average_weights([m.state_dict() for m in models]))
     soup.eval()
     each = [probs(m) for m in models]

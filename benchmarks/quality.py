@@ -59,6 +59,10 @@ Per (n, seed) [and SAM backend]:
              mean validation epoch; plabel's default, student.selection guarded with the same
              tolerance, keeps the same epoch whenever that epoch loses no class by more than 0.005 on
              the validation images (the report gives each student's worst class against the teacher).
+  student soup --student-soup k (default: plabel's student.soup) > 1: every warm-started student is
+             k students (training seed offsets --student-seed-offset .. + k - 1, each cached as a
+             student of its own) whose weights are averaged (engine.train_core.average_weights, as
+             plabel run does); the average is what the tables report. Scratch students stay single.
 Per seed: full, a U-Net on all 150 pool images with their truth, the upper bound (--full-epochs;
 default the teacher's 80, so that it is trained as the teachers are and bounds them).
 
@@ -680,7 +684,49 @@ class Bench:
                 gate_key=None, policy=None, init="scratch"):
         """A student on kind's pseudo labels; init "scratch" (a fresh U-Net, as the paper) or
         "teacher" (warm start from the teacher's weights) or "guarded" (from the teacher, keeping
-        the epoch engine.selection's guarded rule picks: no class worse on validation)."""
+        the epoch engine.selection's guarded rule picks: no class worse on validation).
+        --student-soup k > 1 (warm-started students): k students with training seed offsets
+        offset .. offset + k - 1 (each cached as a student of its own), their weights averaged."""
+        args = (n, seed, kind, backend, teacher, unet_key, unet_path, sam_key, sam_path, gate_key, policy, init)
+        k = self.args.student_soup
+        if k == 1 or init == "scratch":  # scratch students share no starting weights: no average
+            return self.one_student(*args, offset=self.args.student_seed_offset)
+        members = [self.one_student(*args, offset=self.args.student_seed_offset + j) for j in range(k)]
+        return None if any(m is None for m in members) else self.soup(members, self.split(n, seed)["test"])
+
+    def soup(self, members: list[dict], test_ids) -> dict | None:
+        """The uniform average of the members' weights (engine.train_core.average_weights, as
+        plabel's student.soup), scored on the test images; cached by the members' keys."""
+        from engine.train_core import average_weights
+        from engine.unet import load_checkpoint, save_checkpoint
+
+        keys = [m["key"] for m in members]
+        key = key_of({"step": "soup", "members": keys, "v": CODE_VERSION})
+        name = f"{members[0]['name']}-soup{len(members)}"
+        meta_path, ckpt = self.path("student", name, key, "json"), self.path("student", name, key, "pt")
+        meta = self.done(meta_path)
+        if meta is None or not ckpt.exists():
+            if self.args.report_only:
+                return None
+            loaded = [load_checkpoint(m["checkpoint"]) for m in members]
+            model, cfg, extra = loaded[0]
+            model.load_state_dict(average_weights([m[0].state_dict() for m in loaded]))
+            save_checkpoint(ckpt, model, cfg, {**extra, "key": key, "soup": keys})
+            meta = {"name": name, "key": key, "spec": {**members[0]["spec"], "soup": keys},
+                    "members": [f"{m['name']}-{m['key']}" for m in members],
+                    "best_epoch": [m["best_epoch"] for m in members],
+                    "best_val_dice": [m["best_val_dice"] for m in members],
+                    "wall_s": round(sum(m["wall_s"] for m in members), 1),
+                    "image_epochs": sum(m["image_epochs"] for m in members), "test_ids": list(test_ids),
+                    "test_dice": self.test_dice(model, list(test_ids))}
+            write_json(meta_path, meta)
+            log(f"{name}: average of {len(members)} students, test Dice {np.mean(meta['test_dice']):.4f}")
+        meta["checkpoint"] = str(ckpt)
+        return meta
+
+    def one_student(self, n, seed, kind, backend, teacher, unet_key, unet_path, sam_key, sam_path, gate_key, policy,
+                    init, offset: int = 0):
+        """One student (Bench.student); offset: its training seed is the split seed + offset."""
         sp = self.split(n, seed)
         spec = {"step": "student", "seed": seed, "kind": kind, "teacher": teacher["key"], "unet": unet_key}
         name = f"n{n}-s{seed}-{kind}"
@@ -690,9 +736,9 @@ class Bench:
         if init == "guarded":  # from the teacher, engine.selection's guarded rule
             spec["selection"] = "guarded"
             name += "-guarded"
-        if self.args.student_seed_offset:  # the same student with another training seed (keys of 0 unchanged)
-            spec["train_seed_offset"] = self.args.student_seed_offset
-            name += f"-ts{self.args.student_seed_offset}"
+        if offset:  # the same student with another training seed (keys of 0 unchanged)
+            spec["train_seed_offset"] = offset
+            name += f"-ts{offset}"
         if kind not in BACKEND_FREE:
             spec.update(backend=backend, sam=sam_key)
             name += f"-{backend}"
@@ -898,8 +944,14 @@ def markdown(bench: Bench, summary: dict, args, timing: dict) -> str:
              + (" (SMOKE: 4 test, 4 val, 6 unlabelled images)" if args.smoke else "") + ".  ",
              f"U-Nets at {bench.S} px; epochs teacher {args.teacher_epochs}, students {args.student_epochs}, "
              f"full {args.full_epochs}; batch {args.batch_size}, lr {args.lr}; students start from "
-             f"{' and from '.join(INIT_TEXT[i] for i in args.student_init)}. "
-             "Gate: calibrated on the validation "
+             f"{' and from '.join(INIT_TEXT[i] for i in args.student_init)}"
+             + (f"; each warm-started student is the average of the weights of {args.student_soup} students "
+                f"(training seed offsets {args.student_seed_offset} .. "
+                f"{args.student_seed_offset + args.student_soup - 1}, plabel's student.soup)"
+                if args.student_soup > 1 else "")
+             + (f"; training seed = split seed + {args.student_seed_offset}"
+                if args.student_seed_offset and args.student_soup == 1 else "")
+             + ". Gate: calibrated on the validation "
              f"images over the '{args.gate_stages}' stages. Dice x100.\n"]
     head = "| n | seeds | {} | " + " | ".join(classes) + " | mean |"
     rule = "|---|---|---|" + "---|" * (len(classes) + 1)
@@ -1270,6 +1322,9 @@ def parse(argv=None):
     ap.add_argument("--student-seed-offset", type=int, default=0,
                     help="train every student with training seed = split seed + this (same split, teacher and pseudo "
                          "labels): measures how much a student's test Dice varies with its training seed alone")
+    ap.add_argument("--student-soup", type=int, default=None,
+                    help="warm-started students: train this many with training seed offsets offset, offset + 1, ... "
+                         "and report the average of their weights as the student (default: plabel's student.soup)")
     ap.add_argument("--distill-weight", type=float, default=1.0,
                     help="kind gated_distill: strength of the teacher's soft targets for the classes the gate drops")
     ap.add_argument("--min-sam-share", type=float, default=None,
@@ -1315,6 +1370,12 @@ def parse(argv=None):
     args.kinds = args.kinds or list(DEFAULT_KINDS)
     args.student_init = args.student_init or ["teacher"]
     args.full_epochs = args.full_epochs or args.teacher_epochs
+    if args.student_soup is None:
+        from schemas.config import StudentSection
+
+        args.student_soup = StudentSection().soup
+    if args.student_soup < 1:
+        ap.error(f"--student-soup must be >= 1, got {args.student_soup}")
     args.backend = args.backend or list(BACKENDS)
     if args.n is None and args.seeds is None:
         args.grid = list(ISSUE_GRID)

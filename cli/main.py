@@ -89,7 +89,9 @@ def train(
 ):
     """Train a U-Net teacher (labelled shards) or student (pseudo labels) with Ray Train."""
     from engine.ingest import load_manifest, shard_paths
-    from engine.pipeline.train_job import labelled_dataset, maybe_materialize, pseudo_labelled_dataset, train_unet
+    from engine.pipeline.train_job import (labelled_dataset, maybe_materialize, pseudo_label_rows,
+                                          pseudo_labelled_dataset, train_unet)
+    from engine.storage import dirname, is_uri, join, redact
     from schemas.config import ConfigError, TrainSection, build
 
     if role not in ("teacher", "student"):
@@ -112,20 +114,21 @@ def train(
     val_split = "val" if n.get("val", 0) else "labelled"
     if role == "teacher":
         train_ds, n_train = labelled_dataset(shard_paths(shards, "labelled"), C, S), n.get("labelled", 0)
+        rows, what = n_train, "labelled split"
     else:
         train_ds = pseudo_labelled_dataset(str(pseudo_labels), shard_paths(shards, "unlabelled"), classes, S)
-        n_train = n.get("unlabelled", 0)
+        n_train, rows = n.get("unlabelled", 0), pseudo_label_rows(str(pseudo_labels))
+        what = f"{redact(str(pseudo_labels))} joined with the unlabelled shards of {redact(str(shards))}"
         if include_labelled:
             train_ds = train_ds.union(labelled_dataset(shard_paths(shards, "labelled"), C, S))
-            n_train += n.get("labelled", 0)
-    val_ds = maybe_materialize(labelled_dataset(shard_paths(shards, val_split), C, S), n.get(val_split, 0), C, S)
-    from engine.storage import dirname, is_uri, join, redact
-
+            n_train, rows = n_train + n.get("labelled", 0), rows + n.get("labelled", 0)
     storage = storage or (join(dirname(out), "ray_train") if is_uri(out) else Path(out).resolve().parent / "ray_train")
     try:
-        result = train_unet(maybe_materialize(train_ds, n_train, C, S), val_ds, classes, section, out,
-                            storage, Path(redact(out)).stem, role=role, init_checkpoint=init_from,
-                            distill_from=distill_from)
+        val_ds = maybe_materialize(labelled_dataset(shard_paths(shards, val_split), C, S), n.get(val_split, 0), C, S,
+                                   expected_rows=n.get(val_split, 0), what=f"{val_split} split of {redact(str(shards))}")
+        train_ds = maybe_materialize(train_ds, n_train, C, S, expected_rows=rows, what=what)
+        result = train_unet(train_ds, val_ds, classes, section, out, storage, Path(redact(out)).stem, role=role,
+                            init_checkpoint=init_from, distill_from=distill_from)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(json.dumps(result, indent=2))

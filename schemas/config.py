@@ -81,9 +81,8 @@ class TrainSection:
     # they stay near the teacher (within the training noise, -0.8..+1.8 on the heart).
     distill: float = 1.0
     # student only, with init: teacher: train this many students with seeds seed, seed + 1, ... and
-    # keep the average of their weights (engine.train_core.average_checkpoints). Measured post hoc on
-    # JSRT (benchmarks/RESULTS.md, quality): averages out the per-class training noise; costs that
-    # many student trainings. 1 = one student.
+    # keep the average of their weights (engine.train_core.average_checkpoints); 1 = one student.
+    # The student's default is StudentSection's; a teacher is always one model.
     soup: int = 1
 
     def validate(self, path: str) -> None:
@@ -101,6 +100,23 @@ class TrainSection:
                "1 unless init is teacher (students from scratch share no starting weights to average around)")
         _check(math.isfinite(self.selection_tolerance) and 0 <= self.selection_tolerance <= 1,
                f"{path}.selection_tolerance", self.selection_tolerance, "a number in [0, 1]")
+
+
+# Students a soup averages by default (student.init: teacher). Measured on JSRT (benchmarks/RESULTS.md,
+# quality): a single student loses up to 0.8 Dice points on one class against its teacher by
+# training noise alone; the average of 3 averages that noise out, at 3 student trainings.
+DEFAULT_STUDENT_SOUP = 3
+
+
+@dataclass
+class StudentSection(TrainSection):
+    """TrainSection of the student: ``soup`` left unset is DEFAULT_STUDENT_SOUP with init: teacher and
+    1 with init: scratch (students from scratch share no starting weights to average around)."""
+    soup: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.soup is None:
+            self.soup = DEFAULT_STUDENT_SOUP if self.init == "teacher" else 1
 
 
 @dataclass
@@ -265,7 +281,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TrainSection = field(default_factory=TrainSection)
     label: LabelSection = field(default_factory=LabelSection)
-    student: TrainSection = field(default_factory=TrainSection)
+    student: StudentSection = field(default_factory=StudentSection)
     ray: RaySection = field(default_factory=RaySection)
 
     def validate(self, path: str = "") -> None:

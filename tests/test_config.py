@@ -86,7 +86,12 @@ def test_student_selection_defaults_to_guarded_and_checks_its_values():
 
 
 def test_student_soup_values():
-    assert build(RunConfig, {}).student.soup == 1
+    from schemas.config import DEFAULT_STUDENT_SOUP
+
+    assert DEFAULT_STUDENT_SOUP == 3 and build(RunConfig, {}).student.soup == 3  # the measured default
+    assert build(RunConfig, {}).teacher.soup == 1
+    assert build(RunConfig, {"student": {"init": "scratch"}}).student.soup == 1  # no common start to average
+    assert build(RunConfig, {"student": {"soup": 1}}).student.soup == 1
     assert build(RunConfig, {"student": {"soup": 3}}).student.soup == 3
     for bad, msg in ((0, "student.soup: expected an int >= 1, got 0"),
                      (True, "student.soup: expected an integer, got True")):  # the type check (_convert)

@@ -14,7 +14,9 @@ name: tiny
 run_dir: runs
 data: {source: data, labelled: 6, val: 2, test: 4, shard_size: 5}
 teacher: {epochs: 25, image_size: 64, base_channels: 8, depth: 3, lr: 0.005, batch_size: 3}
-student: {epochs: 1, image_size: 64, base_channels: 8, depth: 3}
+# student.soup: the default 3; selection mean: with one epoch, guarded selection may hand the teacher's
+# weights back to every soup member, and the soup test needs members that differ
+student: {epochs: 1, image_size: 64, base_channels: 8, depth: 3, selection: mean}
 label:
   cleaning: {threshold: 0.3}
   sam: {batch_size: 4}
@@ -213,56 +215,94 @@ def test_bad_samples_become_error_rows_naming_the_input(tiny_run, tmp_path):
 
 
 def test_student_soup_averages_students_of_consecutive_seeds(tiny_run, tmp_path):
-    """student.soup: 2 on a copy of the tiny run: only the student and evaluate stages run again."""
+    """The default student.soup (3): members of seeds 0, 1, 2, student.pt their average, the average
+    scored on the validation split; a run that stops after the members reuses them."""
     import shutil
 
     import torch
 
+    from engine.ingest import shard_paths
+    from engine.labelling import teacher_probs
+    from engine.metrics import dice_per_class
+    from engine.pipeline.runner import read_labelled_images
     from engine.train_core import average_weights
     from engine.unet import checkpoint_sha256, load_checkpoint
+    from schemas.config import DEFAULT_STUDENT_SOUP
 
-    run, _ = tiny_run
+    run, output = tiny_run
+    assert DEFAULT_STUDENT_SOUP == 3
+    for k in (1, 2, 3):
+        assert f"soup member {k} of 3 (seed {k - 1})" in output
+    st = json.loads((run / "results.json").read_text())["stages"]["student"]
+    assert [m["seed"] for m in st["soup"]] == [0, 1, 2] and st["best_epoch"] == [0, 0, 0]
+    assert [m["checkpoint"] for m in st["soup"]] == ["student-0.pt", "student-1.pt", "student-2.pt"]
+    members = [load_checkpoint(run / f"student-{k}.pt")[0] for k in range(3)]
+    assert [m["sha256"] for m in st["soup"]] == [checkpoint_sha256(run / f"student-{k}.pt") for k in range(3)]
+    for a, b in ((0, 1), (1, 2)):  # different seeds, different students
+        assert not torch.equal(members[a].head.weight, members[b].head.weight)
+    soup, _, meta = load_checkpoint(run / "student.pt")
+    assert meta["averaged_from"] == 3 and meta["soup"] == [m["sha256"] for m in st["soup"]]
+    want = average_weights([m.state_dict() for m in members])
+    for k, v in soup.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    # the average itself is scored on the validation split: recomputed here without Ray
+    _, grays, truths, skipped = read_labelled_images(shard_paths(str(run / "shards"), "val"), 4)
+    assert len(grays) == 2 and not skipped
+    by_hand = np.array([dice_per_class(p > 0.5, t) for p, t in zip(teacher_probs(soup, grays, 64), truths)])
+    sv = st["soup_val_dice"]
+    assert sv["split"] == "val" and sv["n_images"] == 2
+    assert sv["mean_dice"] == pytest.approx(by_hand.mean(axis=1).mean())
+    classes = json.loads((run / "shards" / "manifest.json").read_text())["classes"]
+    assert [sv["per_class"][c] for c in classes] == pytest.approx(list(by_hand.mean(axis=0)))
+    assert "[student] soup of 3: validation Dice" in output
+
+    # a copy of the run that stopped after the members were written: they are reused, the average is the same
     root = tmp_path / "soup"
     shutil.copytree(run.parent.parent / "data", root / "data")
-    shutil.copytree(run, root / "runs" / "tiny", ignore=shutil.ignore_patterns("student*", "ray_train"))
-    results = json.loads((root / "runs" / "tiny" / "results.json").read_text())
+    shutil.copytree(run, root / "runs" / "tiny", ignore=shutil.ignore_patterns("student.pt", "ray_train"))
+    out = root / "runs" / "tiny"
+    results = json.loads((out / "results.json").read_text())
     for stage in ("student", "evaluate"):
         del results["stages"][stage]
-    (root / "runs" / "tiny" / "results.json").write_text(json.dumps(results))
-    # selection mean: with one epoch, guarded selection may hand back the teacher's weights to both
-    (root / "cfg.yaml").write_text(CONFIG.replace("student: {epochs: 1,", "student: {epochs: 1, soup: 2, selection: mean,"))
+    (out / "results.json").write_text(json.dumps(results))
+    (root / "cfg.yaml").write_text(CONFIG)
     result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     for stage in ("ingest", "teacher", "calibrate", "label"):
         assert f"[{stage}] done in an earlier run, skipped" in result.output
-    assert "soup member 2 of 2 (seed 1)" in result.output
-    out = root / "runs" / "tiny"
-    st = json.loads((out / "results.json").read_text())["stages"]["student"]
-    assert [m["seed"] for m in st["soup"]] == [0, 1] and st["best_epoch"] == [0, 0]
-    assert [m["checkpoint"] for m in st["soup"]] == ["student-0.pt", "student-1.pt"]
-    members = [load_checkpoint(out / f"student-{k}.pt")[0] for k in (0, 1)]
-    assert [m["sha256"] for m in st["soup"]] == [checkpoint_sha256(out / f"student-{k}.pt") for k in (0, 1)]
-    assert not torch.equal(members[0].head.weight, members[1].head.weight)  # different seeds, different students
-    soup, _, meta = load_checkpoint(out / "student.pt")
-    assert meta["averaged_from"] == 2 and meta["soup"] == [m["sha256"] for m in st["soup"]]
-    want = average_weights([m.state_dict() for m in members])
-    for k, v in soup.state_dict().items():
+    for k in (1, 2, 3):
+        assert f"soup member {k} of 3: student-{k - 1}.pt of an earlier run, reused" in result.output
+    st2 = json.loads((out / "results.json").read_text())["stages"]["student"]
+    assert [m.get("reused") for m in st2["soup"]] == [True] * 3 and st2["best_epoch"] == [0, 0, 0]
+    assert [m["sha256"] for m in st2["soup"]] == [m["sha256"] for m in st["soup"]]
+    assert st2["soup_val_dice"]["mean_dice"] == pytest.approx(sv["mean_dice"])
+    again = load_checkpoint(out / "student.pt")[0]
+    for k, v in again.state_dict().items():
         assert torch.equal(v, want[k]), k
     ev = json.loads((out / "results.json").read_text())["stages"]["evaluate"]
     assert ev["student"]["n_images"] == 4
 
-    # a run that stopped after the members were written: they are reused, the average is the same
-    results = json.loads((out / "results.json").read_text())
-    del results["stages"]["student"]
-    (out / "results.json").write_text(json.dumps(results))
-    (out / "student.pt").unlink()
-    result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    for k in (1, 2):
-        assert f"soup member {k} of 2: student-{k - 1}.pt of an earlier run, reused" in result.output
-    st2 = json.loads((out / "results.json").read_text())["stages"]["student"]
-    assert [m.get("reused") for m in st2["soup"]] == [True, True] and st2["best_epoch"] == [0, 0]
-    assert [m["sha256"] for m in st2["soup"]] == [m["sha256"] for m in st["soup"]]
-    again = load_checkpoint(out / "student.pt")[0]
-    for k, v in again.state_dict().items():
-        assert torch.equal(v, want[k]), k
+
+def test_student_training_set_refuses_rows_lost_in_the_join(tiny_run):
+    """Pseudo-label rows whose image is missing from the unlabelled shards do not leave training silently."""
+    import pyarrow.dataset as pads
+
+    from engine.ingest import load_manifest, shard_paths
+    from engine.pipeline.train_job import maybe_materialize, pseudo_label_rows, pseudo_labelled_dataset
+
+    run, _ = tiny_run
+    table = str(run / "pseudo_labels")
+    classes = load_manifest(str(run / "shards"))["classes"]
+    status = pads.dataset(table, format="parquet").to_table(columns=["status"])["status"].to_pylist()
+    lab = json.loads((run / "results.json").read_text())["stages"]["label"]
+    assert len(status) == 14 and pseudo_label_rows(table) == sum(s != "error" for s in status) == lab["ok"] + lab["empty"]
+    shards = shard_paths(str(run / "shards"), "unlabelled")
+    assert len(shards) == 3  # 5 + 5 + 4 images
+    rows = pseudo_label_rows(table)
+    full = maybe_materialize(pseudo_labelled_dataset(table, shards, classes, 64), 14, len(classes), 64,
+                             expected_rows=rows, what="whole table")
+    assert full.count() == rows
+    # the last shard (4 images) is gone: its rows find no image, and the count says so
+    with pytest.raises(ValueError, match=rf"^the table: {rows - 4} training rows were prepared, expected {rows}$"):
+        maybe_materialize(pseudo_labelled_dataset(table, shards[:-1], classes, 64), 14, len(classes), 64,
+                          expected_rows=rows, what="the table")

@@ -10,7 +10,8 @@
       pseudo_labels/        the pseudo-label Parquet table
       student.pt            best-validation student (student.soup > 1: the weight average of
                             student-0.pt, student-1.pt, ..., students trained with seeds seed, seed + 1, ...)
-      results.json          stage wall times, model hashes, label counts, Dice summaries
+      results.json          stage wall times, model hashes, label counts, Dice summaries (student.soup > 1:
+                            each member's best validation Dice and the average's, soup_val_dice)
       dice_table.txt        teacher vs student test Dice (when a test split exists)
       ray_train/            Ray Train checkpoints (resume)
 
@@ -78,7 +79,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     from engine.pipeline.evaluate_job import evaluate_checkpoint
     from engine.pipeline.label_job import run_label_job
     from engine.pipeline.table_commit import table_marker
-    from engine.pipeline.train_job import labelled_dataset, maybe_materialize, pseudo_labelled_dataset, train_unet
+    from engine.pipeline.train_job import (labelled_dataset, maybe_materialize, pseudo_label_rows,
+                                          pseudo_labelled_dataset, train_unet)
     from engine.train_core import average_checkpoints
     from engine.unet import checkpoint_sha256, load_checkpoint
 
@@ -136,8 +138,10 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     # 2. teacher
     def teacher():
         size, C = cfg.teacher.image_size, len(classes)
-        train = maybe_materialize(labelled_dataset(paths("labelled"), C, size), n("labelled"), C, size)
-        val = maybe_materialize(labelled_dataset(paths(val_split), C, size), n(val_split), C, size)
+        train = maybe_materialize(labelled_dataset(paths("labelled"), C, size), n("labelled"), C, size,
+                                  expected_rows=n("labelled"), what="labelled split")
+        val = maybe_materialize(labelled_dataset(paths(val_split), C, size), n(val_split), C, size,
+                                expected_rows=n(val_split), what=f"{val_split} split")
         out = train_unet(train, val, classes, cfg.teacher, at("teacher.pt"), at("ray_train"), "teacher", role="teacher")
         out["sha256"] = checkpoint_sha256(at("teacher.pt"))
         return out
@@ -179,12 +183,14 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     def student():
         size, C = cfg.student.image_size, len(classes)
         train = pseudo_labelled_dataset(at("pseudo_labels"), paths("unlabelled"), classes, size)
-        n_train = n("unlabelled")
+        n_train, rows = n("unlabelled"), pseudo_label_rows(at("pseudo_labels"))
         if cfg.student.include_labelled:
             train = train.union(labelled_dataset(paths("labelled"), C, size))
-            n_train += n("labelled")
-        train = maybe_materialize(train, n_train, C, size)
-        val = maybe_materialize(labelled_dataset(paths(val_split), C, size), n(val_split), C, size)
+            n_train, rows = n_train + n("labelled"), rows + n("labelled")
+        train = maybe_materialize(train, n_train, C, size, expected_rows=rows,
+                                  what=f"{run_name}/pseudo_labels joined with the unlabelled shards")
+        val = maybe_materialize(labelled_dataset(paths(val_split), C, size), n(val_split), C, size,
+                                expected_rows=n(val_split), what=f"{val_split} split")
         init = at("teacher.pt") if cfg.student.init == "teacher" else None
         distill = at("teacher.pt") if cfg.student.distill > 0 else None
         if cfg.student.soup == 1:
@@ -208,9 +214,15 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
                                 "sha256": checkpoint_sha256(ckpt)})
             average_checkpoints([at(m["checkpoint"]) for m in members], at("student.pt"),
                                 {"soup": [m["sha256"] for m in members]})
+            # the average is a model none of the members' validation passes has seen: score it there too
+            soup_val = evaluate_checkpoint(at("student.pt"), paths(val_split), classes)
             out = {"soup": members, "epochs": cfg.student.epochs,
                    "best_epoch": [m["best_epoch"] for m in members],
-                   "best_val_dice": [m["best_val_dice"] for m in members]}
+                   "best_val_dice": [m["best_val_dice"] for m in members],
+                   "soup_val_dice": {"mean_dice": soup_val["mean_dice"], "per_class": soup_val["per_class"],
+                                     "split": val_split, "n_images": soup_val["n_images"]}}
+            echo(f"[student] soup of {len(members)}: validation Dice {soup_val['mean_dice']:.4f} (members' best: "
+                 + ", ".join(f"{m['best_val_dice']:.4f}" for m in members if m["best_val_dice"] is not None) + ")")
         out["init"] = cfg.student.init
         out["distill"] = cfg.student.distill
         # best_epoch -1: guarded selection kept the teacher's weights (every epoch lost a class on val)

@@ -118,15 +118,36 @@ def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], cl
 MATERIALIZE_LIMIT_BYTES = 2 * 1024**3
 
 
-def maybe_materialize(ds, n_images: int, num_classes: int, image_size: int, limit: int = MATERIALIZE_LIMIT_BYTES):
+def maybe_materialize(ds, n_images: int, num_classes: int, image_size: int, limit: int = MATERIALIZE_LIMIT_BYTES,
+                      expected_rows: int | None = None, what: str = "training set"):
     """Materialize a prepared training dataset in the Ray object store when it is small.
 
     Each epoch otherwise re-runs the whole read / decode (/ join) pipeline; a small dataset
     (n_images x bytes per prepared image below ``limit``) is computed once and then read from the
     distributed object store. Larger datasets keep streaming. Nothing is collected on the driver.
+    expected_rows: a materialized dataset must hold exactly this many rows, else ValueError naming
+    ``what`` (an image that lost its join partner would otherwise leave training silently); a
+    streaming dataset is not counted (that would run its whole pipeline once more).
     """
     per_image = image_size * image_size * (4 + num_classes) + 4 * num_classes
-    return ds.materialize() if n_images * per_image <= limit else ds
+    if n_images * per_image > limit:
+        return ds
+    ds = ds.materialize()
+    if expected_rows is not None and ds.count() != expected_rows:
+        raise ValueError(f"{what}: {ds.count()} training rows were prepared, expected {expected_rows}")
+    return ds
+
+
+def pseudo_label_rows(table_dir: str) -> int:
+    """Rows of a finished pseudo-label table that train a student (status ok or empty)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from engine.pipeline.table_commit import table_files
+
+    fs, files = table_files(table_dir)
+    status = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=["status"])["status"]
+    return len(status) - pc.sum(pc.equal(status, "error")).as_py() if len(status) else 0
 
 
 def _train_loop(config: dict) -> None:

@@ -303,6 +303,6 @@ def test_student_training_set_refuses_rows_lost_in_the_join(tiny_run):
                              expected_rows=rows, what="whole table")
     assert full.count() == rows
     # the last shard (4 images) is gone: its rows find no image, and the count says so
-    with pytest.raises(ValueError, match=rf"^the table: {rows - 4} training rows were prepared, expected {rows}$"):
+    with pytest.raises(ValueError, match=rf"^the table: {rows - 4} rows were prepared for training, expected {rows}$"):
         maybe_materialize(pseudo_labelled_dataset(table, shards[:-1], classes, 64), 14, len(classes), 64,
                           expected_rows=rows, what="the table")

@@ -133,8 +133,8 @@ def maybe_materialize(ds, n_images: int, num_classes: int, image_size: int, limi
     if n_images * per_image > limit:
         return ds
     ds = ds.materialize()
-    if expected_rows is not None and ds.count() != expected_rows:
-        raise ValueError(f"{what}: {ds.count()} training rows were prepared, expected {expected_rows}")
+    if expected_rows is not None and (got := ds.count()) != expected_rows:
+        raise ValueError(f"{what}: {got} rows were prepared for training, expected {expected_rows}")
     return ds
 
 

@@ -1081,8 +1081,10 @@ def timing_summary(bench: Bench) -> dict:
         r = sum(s["wall_s"] for s in train_rate) / sum(s["units"] for s in train_rate)
         teacher = sum(n * TEACHER_EPOCHS for n, _ in ISSUE_GRID)
         full = 3 * 150 * TEACHER_EPOCHS
-        per_student = len(ISSUE_GRID) * 150 * STUDENT_EPOCHS  # n labelled + (150 - n) pseudo-labelled images
-        est["one student kind over the grid (U-Net training)"] = r * per_student
+        k = bench.args.student_soup if "scratch" not in bench.args.student_init else 1  # students per row
+        # n labelled + (150 - n) pseudo-labelled images, k trainings for a soup
+        per_student = len(ISSUE_GRID) * 150 * STUDENT_EPOCHS * k
+        est[f"one student kind over the grid (U-Net training; {k} per student: --student-soup)"] = r * per_student
         est["teachers + full models"] = r * (teacher + full)
         for b in BACKENDS:
             sam = steps.get(f"sam {b}")
@@ -1093,12 +1095,12 @@ def timing_summary(bench: Bench) -> dict:
                 est[f"{b}: SAM on the unlabelled + validation images"] = sam["per_unit"] * imgs + g
                 est[f"{b}: 3 SAM-kind students (box, sam, gated)"] = 3 * r * per_student
         for n in DEFAULT_NS:  # one configuration (n, seed) with every backend measured here
-            cost = r * n * TEACHER_EPOCHS + 2 * r * 150 * STUDENT_EPOCHS
+            cost = r * n * TEACHER_EPOCHS + 2 * k * r * 150 * STUDENT_EPOCHS
             for b in BACKENDS:
                 sam, gate = steps.get(f"sam {b}"), steps.get(f"gate {b}")
                 if sam and sam["per_unit"]:
                     g = gate["per_unit"] if gate and gate["per_unit"] else sam["per_unit"]
-                    cost += sam["per_unit"] * (150 - n) + g * N_VAL + 3 * r * 150 * STUDENT_EPOCHS
+                    cost += sam["per_unit"] * (150 - n) + g * N_VAL + 3 * k * r * 150 * STUDENT_EPOCHS
             est[f"one configuration n = {n} (teacher, SAM + gate, 2 + 3 per backend students; without full)"] = cost
         est["one full-supervision model (per seed)"] = r * 150 * TEACHER_EPOCHS
         n_sam = sum(1 for b in BACKENDS if f"sam {b}" in steps)

@@ -695,10 +695,10 @@ class Bench:
         return None if any(m is None for m in members) else self.soup(members, self.split(n, seed)["test"])
 
     def soup(self, members: list[dict], test_ids) -> dict | None:
-        """The uniform average of the members' weights (engine.train_core.average_weights, as
+        """The uniform average of the members' weights (engine.train_core.average_checkpoints, as
         plabel's student.soup), scored on the test images; cached by the members' keys."""
-        from engine.train_core import average_weights
-        from engine.unet import load_checkpoint, save_checkpoint
+        from engine.train_core import average_checkpoints
+        from engine.unet import load_checkpoint
 
         keys = [m["key"] for m in members]
         key = key_of({"step": "soup", "members": keys, "v": CODE_VERSION})
@@ -708,10 +708,8 @@ class Bench:
         if meta is None or not ckpt.exists():
             if self.args.report_only:
                 return None
-            loaded = [load_checkpoint(m["checkpoint"]) for m in members]
-            model, cfg, extra = loaded[0]
-            model.load_state_dict(average_weights([m[0].state_dict() for m in loaded]))
-            save_checkpoint(ckpt, model, cfg, {**extra, "key": key, "soup": keys})
+            average_checkpoints([m["checkpoint"] for m in members], ckpt, {"key": key, "soup": keys})
+            model = load_checkpoint(ckpt)[0]
             meta = {"name": name, "key": key, "spec": {**members[0]["spec"], "soup": keys},
                     "members": [f"{m['name']}-{m['key']}" for m in members],
                     "best_epoch": [m["best_epoch"] for m in members],

@@ -81,6 +81,7 @@ def train(
     depth: int = typer.Option(4, help="U-Net down-sampling steps."),
     batch_size: int = typer.Option(4, help="Images per optimisation step and worker."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate (cosine schedule)."),
+    augment: bool = typer.Option(True, help="Random affine and intensity augmentation of every training batch (engine.train_core.augment_batch)."),
     workers: int = typer.Option(1, help="Ray Train workers."),
     gpu: bool = typer.Option(False, help="Give each Ray Train worker a GPU."),
     storage: Optional[str] = typer.Option(None, help="Ray Train storage for checkpoints and resume (default: next to --out). Local path or URI (s3://, gs://)."),
@@ -100,7 +101,7 @@ def train(
         _fail("--role student needs --pseudo-labels")
     try:
         section = build(TrainSection, dict(epochs=epochs, image_size=image_size, base_channels=base_channels, depth=depth,
-                                           batch_size=batch_size, lr=lr, num_workers=workers, use_gpu=gpu,
+                                           batch_size=batch_size, lr=lr, augment=augment, num_workers=workers, use_gpu=gpu,
                                            include_labelled=include_labelled, selection=selection,
                                            selection_tolerance=selection_tolerance,
                                            distill=distill if distill_from else 0.0), "train")

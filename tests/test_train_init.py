@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -68,24 +69,66 @@ def test_init_from_another_architecture_is_refused_before_training(shards):
     assert r.exit_code != 0 and "missing.pt" in r.output
 
 
-def test_guarded_selection_keeps_the_starting_weights_when_training_loses_a_class(shards):
+@pytest.fixture(scope="module")
+def lost_class(tmp_path_factory, ray_local):
+    """A dataset on which warm-started training gains on the mean but must lose a class, and the
+    weights to start from.
+
+    Every class covers every whole labelled image; on the validation images every class but the
+    last covers the whole image and the last is absent. The starting U-Net's head has zero weights
+    and bias -1: it predicts nothing, so its validation Dice is 0 for the first classes and 1 for
+    the last (truth and prediction both empty). Trained without augmentation (no zero-padded
+    borders) every pixel of every batch asks for every class, so each AdamW step raises the head's
+    biases (the first by exactly lr) and its weights, which read ReLU features (>= 0): with lr 2
+    every class covers every validation pixel after the first step: Dice 1 for the first classes
+    (a better mean) and 0 for the last (a lost class)."""
+    import cv2
+
+    from engine.ingest import make_splits
+    from engine.synthetic import SYNTHETIC_CLASSES
+    from engine.unet import UNet, UNetConfig, save_checkpoint
+
+    root = tmp_path_factory.mktemp("lost")
+    data = make_synthetic_dataset(root / "data", n_images=8, size=32, seed=5)
+    counts = {"labelled": 4, "val": 2}
+    splits = make_splits(sorted(p.stem for p in (data / "images").glob("*.png")), counts, seed=0)  # ingest's
+    full, empty = np.full((32, 32), 255, np.uint8), np.zeros((32, 32), np.uint8)
+    for i in splits["labelled"] + splits["val"]:
+        for c in SYNTHETIC_CLASSES:
+            lost = c == SYNTHETIC_CLASSES[-1] and i in splits["val"]
+            assert cv2.imwrite(str(data / "masks" / c / f"{i}.png"), empty if lost else full)
+    ingest(data, root / "shards", counts, seed=0, shard_size=4)
+    cfg = UNetConfig(in_channels=1, num_classes=len(SYNTHETIC_CLASSES), base_channels=4, depth=2)
+    torch.manual_seed(0)
+    start = UNet.from_config(cfg)
+    with torch.no_grad():
+        start.head.weight.zero_()
+        start.head.bias.fill_(-1.0)
+    save_checkpoint(root / "start.pt", start, cfg)
+    return root
+
+
+def test_guarded_selection_keeps_the_starting_weights_when_training_loses_a_class(lost_class):
     """--selection guarded (the default) with --init-from: the starting weights are measured on the
-    validation images first; a learning rate that wrecks the model loses classes in every epoch, so
-    the starting weights come back (best_epoch -1). --selection mean keeps a trained epoch."""
-    root = shards
-    if not (root / "t.pt").exists():
-        assert train(root, "t.pt", "--epochs", "2", "--lr", "0.01").exit_code == 0
-    r = train(root, "guarded.pt", "--epochs", "2", "--lr", "5.0", "--init-from", str(root / "t.pt"))
+    validation images first; training that raises the mean but loses a class in every epoch (see
+    ``lost_class``) gives the starting weights back (best_epoch -1, buffers included).
+    --selection mean keeps a trained epoch."""
+    root = lost_class
+    run = ("--epochs", "2", "--lr", "2.0", "--no-augment", "--init-from", str(root / "start.pt"))
+    r = train(root, "guarded.pt", *run)
     assert r.exit_code == 0, r.output
     assert result(r.output)["best_epoch"] == -1
-    t, g = load_checkpoint(root / "t.pt"), load_checkpoint(root / "guarded.pt")
-    ts = t[0].state_dict()
-    assert all(torch.equal(v, ts[k]) for k, v in g[0].state_dict().items())  # buffers included
-    assert g[2]["selection"] == "guarded" and len(g[2]["val_dice_per_class"]) == len(g[2]["classes"])
-    r = train(root, "mean.pt", "--epochs", "2", "--lr", "5.0", "--init-from", str(root / "t.pt"),
-              "--selection", "mean")
+    start, g = load_checkpoint(root / "start.pt"), load_checkpoint(root / "guarded.pt")
+    ss = start[0].state_dict()
+    assert all(torch.equal(v, ss[k]) for k, v in g[0].state_dict().items())  # buffers included
+    assert g[2]["selection"] == "guarded" and g[2]["epoch"] == -1
+    assert g[2]["val_dice_per_class"] == [0.0, 0.0, 0.0, 1.0]  # the starting weights' validation Dice
+    r = train(root, "mean.pt", *run, "--selection", "mean")
     assert r.exit_code == 0, r.output
     assert result(r.output)["best_epoch"] in (0, 1)
+    m = load_checkpoint(root / "mean.pt")
+    assert m[2]["val_dice_per_class"] == [1.0, 1.0, 1.0, 0.0]  # a better mean, the last class lost
+    assert bool((m[0].head.bias > 0).all())
     r = train(root, "bad.pt", "--epochs", "1", "--selection", "best")
     assert r.exit_code != 0 and "train.selection" in r.output and "'best'" in r.output
 

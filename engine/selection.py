@@ -10,6 +10,10 @@ Two rules:
              The best mean among the candidates wins, so a student never keeps weights that lost
              a class on the validation images; if every epoch lost one, it keeps the teacher's.
 
+A weight average of students (student.soup) is held to the guarded rule too: :func:`lost_classes`
+against the teacher's validation Dice; plabel run keeps the best member instead of an average
+that lost a class.
+
 Per-class Dice here is the mean over the validation images of engine.metrics.dice_per_class (an
 image where truth and prediction are both empty scores 1).
 """
@@ -25,6 +29,15 @@ RULES = ("mean", "guarded")
 # half a Dice point: the quality benchmark's criterion (no class more than 0.5 points below the
 # teacher); schemas.config.TrainSection.selection_tolerance and `plabel train` default to it
 GUARD_TOLERANCE = 0.005
+
+
+def lost_classes(per_class, reference, tolerance: float = GUARD_TOLERANCE) -> list[int]:
+    """Indices of the classes whose Dice ``per_class`` (C,) is more than ``tolerance`` below
+    ``reference`` (C,), or is not finite; [] when no class was lost."""
+    d, ref = np.asarray(per_class, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if d.ndim != 1 or d.shape != ref.shape:
+        raise ValueError(f"per-class validation Dice has shape {d.shape}, the reference {ref.shape}")
+    return [int(i) for i in np.flatnonzero(~np.isfinite(d) | (d < ref - tolerance - 1e-12))]
 
 
 @dataclass
@@ -68,9 +81,7 @@ class EpochSelector:
             return False
         if self.reference is None:
             return True
-        if d.shape != self.reference.shape:
-            raise ValueError(f"per-class validation Dice has shape {d.shape}, the reference {self.reference.shape}")
-        return bool(np.all(d >= self.reference - self.tolerance - 1e-12))
+        return not lost_classes(d, self.reference, self.tolerance)
 
     def offer(self, epoch: int, per_class) -> bool:
         """Consider ``epoch`` with per-class validation Dice ``per_class`` (C,); True when it

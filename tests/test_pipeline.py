@@ -1,5 +1,6 @@
 """End to end: `plabel run` on a tiny synthetic config through Ray Data and Ray Train."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -255,6 +256,7 @@ def test_student_soup_averages_students_of_consecutive_seeds(tiny_run, tmp_path)
     classes = json.loads((run / "shards" / "manifest.json").read_text())["classes"]
     assert [sv["per_class"][c] for c in classes] == pytest.approx(list(by_hand.mean(axis=0)))
     assert "[student] soup of 3: validation Dice" in output
+    assert "soup_guard" not in st  # selection mean: the average is kept as it is
 
     # a copy of the run that stopped after the members were written: they are reused, the average is the same
     root = tmp_path / "soup"
@@ -281,6 +283,79 @@ def test_student_soup_averages_students_of_consecutive_seeds(tiny_run, tmp_path)
         assert torch.equal(v, want[k]), k
     ev = json.loads((out / "results.json").read_text())["stages"]["evaluate"]
     assert ev["student"]["n_images"] == 4
+
+
+def _rerun_student_with_members(tiny_run, root, members) -> tuple[Path, str]:
+    """A copy of tiny_run without its student and evaluate stages, rerun with guarded selection and
+    the soup members ``members`` [(state_dict, recorded best validation Dice)] in place."""
+    import shutil
+
+    from engine.unet import load_checkpoint, save_checkpoint
+
+    run, _ = tiny_run
+    shutil.copytree(run.parent.parent / "data", root / "data")
+    out = root / "runs" / "tiny"
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("student*.pt", "ray_train"))
+    results = json.loads((out / "results.json").read_text())
+    for stage in ("student", "evaluate"):
+        del results["stages"][stage]
+    (out / "results.json").write_text(json.dumps(results))
+    model, cfg, _ = load_checkpoint(out / "teacher.pt")
+    for k, (state, val_dice) in enumerate(members):
+        model.load_state_dict(state)
+        save_checkpoint(out / f"student-{k}.pt", model, cfg, {"val_dice": val_dice, "epoch": 0})
+    assert "selection: mean" in CONFIG
+    (root / "cfg.yaml").write_text(CONFIG.replace("selection: mean", "selection: guarded"))
+    result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_a_soup_that_loses_a_class_on_validation_gives_way_to_its_best_member(tiny_run, tmp_path):
+    """Guarded selection holds the average to the teacher's per-class validation Dice: members 1 and
+    2 predict nothing (head bias -20), so their average with the teacher's weights (member 0) predicts
+    nothing and loses every class the teacher finds; student.pt becomes member 0, the best one on
+    validation, and scores exactly the teacher's test Dice."""
+    import torch
+
+    from engine.selection import GUARD_TOLERANCE
+    from engine.unet import checkpoint_sha256, load_checkpoint
+
+    teacher = load_checkpoint(tiny_run[0] / "teacher.pt")[0].state_dict()
+    blind = {k: v.clone() for k, v in teacher.items()}
+    blind["head.weight"].zero_()
+    blind["head.bias"].fill_(-20.0)
+    out, output = _rerun_student_with_members(tiny_run, tmp_path, [(teacher, 0.6), (blind, 0.1), (blind, 0.2)])
+    res = json.loads((out / "results.json").read_text())
+    st, classes = res["stages"]["student"], json.loads((out / "shards" / "manifest.json").read_text())["classes"]
+    guard = st["soup_guard"]
+    soup, ref = st["soup_val_dice"]["per_class"], guard["teacher_val_dice"]
+    assert all(soup[c] == 0.0 for c in classes if ref[c] > 0)  # the average predicts nothing
+    by_hand = [c for c in classes if soup[c] < ref[c] - GUARD_TOLERANCE]
+    assert by_hand and guard["lost_classes"] == by_hand and guard["tolerance"] == GUARD_TOLERANCE
+    assert guard["kept"] == "student-0.pt"
+    assert f"[student] the soup lost {', '.join(by_hand)} on the val split" in output
+    assert "student.pt is student-0.pt (seed 0)" in output
+    assert st["sha256"] == checkpoint_sha256(out / "student.pt") == st["soup"][0]["sha256"]
+    kept = load_checkpoint(out / "student.pt")[0].state_dict()
+    assert all(torch.equal(v, teacher[k]) for k, v in kept.items())
+    ev = res["stages"]["evaluate"]
+    assert ev["student"]["per_image"] == ev["teacher"]["per_image"]
+
+
+def test_a_soup_that_loses_no_class_is_kept(tiny_run, tmp_path):
+    """The same guard with three copies of the teacher's weights: their average loses nothing."""
+    from engine.unet import load_checkpoint
+
+    teacher = load_checkpoint(tiny_run[0] / "teacher.pt")[0].state_dict()
+    out, output = _rerun_student_with_members(tiny_run, tmp_path, [(teacher, 0.5), (teacher, 0.7), (teacher, 0.6)])
+    st = json.loads((out / "results.json").read_text())["stages"]["student"]
+    guard = st["soup_guard"]
+    assert guard["lost_classes"] == [] and guard["kept"] == "soup"
+    for c, d in st["soup_val_dice"]["per_class"].items():
+        assert d == pytest.approx(guard["teacher_val_dice"][c], abs=1e-6)
+    assert load_checkpoint(out / "student.pt")[2]["averaged_from"] == 3
+    assert "the soup lost" not in output
 
 
 def test_student_training_set_refuses_rows_lost_in_the_join(tiny_run):

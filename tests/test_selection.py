@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from engine.selection import EpochSelector
+from engine.selection import EpochSelector, lost_classes
 
 
 def test_mean_rule_keeps_the_highest_mean_and_the_first_of_ties():
@@ -68,3 +68,13 @@ def test_a_per_class_vector_of_another_length_is_refused():
     s = EpochSelector.for_rule("guarded", reference=[0.5, 0.5])
     with pytest.raises(ValueError, match="shape"):
         s.offer(0, [0.5, 0.5, 0.5])
+
+
+def test_lost_classes_names_every_class_below_the_reference_by_more_than_the_tolerance():
+    ref = [0.80, 0.60, 0.90, 0.50]
+    assert lost_classes([0.80, 0.60, 0.90, 0.50], ref, 0.01) == []
+    assert lost_classes([0.795, 0.59, 0.95, 0.40], ref, 0.01) == [3]  # 0.005 and exactly 0.01 below: kept
+    assert lost_classes([0.70, 0.60, math.nan, 0.49], ref, 0.005) == [0, 2, 3]
+    assert lost_classes([0.70, 0.55, 0.90, 0.50], ref, 0.0) == [0, 1]
+    with pytest.raises(ValueError, match=r"shape \(3,\), the reference \(4,\)"):
+        lost_classes([0.8, 0.6, 0.9], ref)

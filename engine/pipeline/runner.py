@@ -9,9 +9,11 @@
                             (engine.calibrate; when label.gate.calibrate and a val split exist)
       pseudo_labels/        the pseudo-label Parquet table
       student.pt            best-validation student (student.soup > 1: the weight average of
-                            student-0.pt, student-1.pt, ..., students trained with seeds seed, seed + 1, ...)
+                            student-0.pt, student-1.pt, ..., students trained with seeds seed, seed + 1, ...;
+                            with guarded selection, the best member instead when the average lost a class
+                            on the validation split against the teacher)
       results.json          stage wall times, model hashes, label counts, Dice summaries (student.soup > 1:
-                            each member's best validation Dice and the average's, soup_val_dice)
+                            each member's best validation Dice and the average's, soup_val_dice, soup_guard)
       dice_table.txt        teacher vs student test Dice (when a test split exists)
       ray_train/            Ray Train checkpoints (resume)
 
@@ -81,6 +83,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     from engine.pipeline.table_commit import table_marker
     from engine.pipeline.train_job import (labelled_dataset, maybe_materialize, pseudo_label_rows,
                                           pseudo_labelled_dataset, train_unet)
+    from engine.selection import lost_classes
     from engine.train_core import average_checkpoints
     from engine.unet import checkpoint_sha256, load_checkpoint
 
@@ -193,6 +196,23 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
                                 expected_rows=n(val_split), what=f"{val_split} split")
         init = at("teacher.pt") if cfg.student.init == "teacher" else None
         distill = at("teacher.pt") if cfg.student.distill > 0 else None
+        def guard_soup(soup_val: dict, members: list) -> dict:
+            """Guarded selection for the average (engine.selection.lost_classes): it may lose no class
+            on the validation split by more than selection_tolerance against the teacher; if it does,
+            student.pt becomes the member with the best validation Dice (each member is guarded)."""
+            tol = cfg.student.selection_tolerance
+            teacher_val = evaluate_checkpoint(at("teacher.pt"), paths(val_split), classes)["per_class"]
+            lost = [classes[i] for i in lost_classes([soup_val["per_class"][c] for c in classes],
+                                                     [teacher_val[c] for c in classes], tol)]
+            kept = "soup"
+            if lost:
+                best = max(members, key=lambda m: -1.0 if m["best_val_dice"] is None else m["best_val_dice"])
+                storage.copy_file(at(best["checkpoint"]), at("student.pt"))
+                kept = best["checkpoint"]
+                echo(f"[student] the soup lost {', '.join(lost)} on the {val_split} split (more than {tol} below the "
+                     f"teacher): student.pt is {kept} (seed {best['seed']}), the member with the best validation Dice")
+            return {"teacher_val_dice": teacher_val, "tolerance": tol, "lost_classes": lost, "kept": kept}
+
         if cfg.student.soup == 1:
             out = train_unet(train, val, classes, cfg.student, at("student.pt"), at("ray_train"), "student",
                              role="student", init_checkpoint=init, distill_from=distill)
@@ -223,6 +243,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
                                      "split": val_split, "n_images": soup_val["n_images"]}}
             echo(f"[student] soup of {len(members)}: validation Dice {soup_val['mean_dice']:.4f} (members' best: "
                  + ", ".join(f"{m['best_val_dice']:.4f}" for m in members if m["best_val_dice"] is not None) + ")")
+            if init is not None and cfg.student.selection == "guarded":
+                out["soup_guard"] = guard_soup(soup_val, members)
         out["init"] = cfg.student.init
         out["distill"] = cfg.student.distill
         # best_epoch -1: guarded selection kept the teacher's weights (every epoch lost a class on val)

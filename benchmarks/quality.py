@@ -692,16 +692,27 @@ class Bench:
         if k == 1 or init == "scratch":  # scratch students share no starting weights: no average
             return self.one_student(*args, offset=self.args.student_seed_offset)
         members = [self.one_student(*args, offset=self.args.student_seed_offset + j) for j in range(k)]
-        return None if any(m is None for m in members) else self.soup(members, self.split(n, seed)["test"])
+        sp = self.split(n, seed)
+        return None if any(m is None for m in members) else self.soup(members, sp["test"], sp["val"])
 
-    def soup(self, members: list[dict], test_ids) -> dict | None:
+    def soup(self, members: list[dict], test_ids, val_ids) -> dict | None:
         """The uniform average of the members' weights (engine.train_core.average_checkpoints, as
-        plabel's student.soup), scored on the test images; cached by the members' keys."""
-        from engine.train_core import average_checkpoints
+        plabel's student.soup), scored on the test images; cached by the members' keys. Guarded
+        members (a teacher reference): as `plabel run`, an average that loses a class on the
+        validation images against the teacher (engine.selection.lost_classes) gives way to the
+        member with the best validation Dice, whose test Dice is reported ("guard" in the JSON)."""
+        import torch
+
+        from engine.selection import GUARD_TOLERANCE, lost_classes
+        from engine.train_core import average_checkpoints, evaluate_batch
         from engine.unet import load_checkpoint
 
         keys = [m["key"] for m in members]
-        key = key_of({"step": "soup", "members": keys, "v": CODE_VERSION})
+        reference = members[0].get("reference_val_dice")
+        spec = {"step": "soup", "members": keys, "v": CODE_VERSION}
+        if reference is not None:
+            spec["guard"] = GUARD_TOLERANCE
+        key = key_of(spec)
         name = f"{members[0]['name']}-soup{len(members)}"
         meta_path, ckpt = self.path("student", name, key, "json"), self.path("student", name, key, "pt")
         meta = self.done(meta_path)
@@ -717,6 +728,18 @@ class Bench:
                     "wall_s": round(sum(m["wall_s"] for m in members), 1),
                     "image_epochs": sum(m["image_epochs"] for m in members), "test_ids": list(test_ids),
                     "test_dice": self.test_dice(model, list(test_ids))}
+            if reference is not None:  # the members' validation pass, on the average
+                vx, vy = (torch.from_numpy(a) for a in self.arrays(list(val_ids)))
+                val = np.concatenate([evaluate_batch(model, vx[k:k + 8, None], vy[k:k + 8].float())
+                                      for k in range(0, len(vx), 8)]).mean(axis=0)
+                lost = [self.classes[i] for i in lost_classes(val, reference, GUARD_TOLERANCE)]
+                meta["guard"] = {"soup_val_dice": val.tolist(), "teacher_val_dice": list(reference), "lost_classes": lost,
+                                 "kept": "soup"}
+                if lost:
+                    best = max(members, key=lambda m: -1.0 if m["best_val_dice"] is None else m["best_val_dice"])
+                    meta["guard"]["kept"] = f"{best['name']}-{best['key']}"
+                    meta["test_dice"] = best["test_dice"]
+                    log(f"{name}: the average lost {', '.join(lost)} on validation; kept {meta['guard']['kept']}")
             write_json(meta_path, meta)
             log(f"{name}: average of {len(members)} students, test Dice {np.mean(meta['test_dice']):.4f}")
         meta["checkpoint"] = str(ckpt)

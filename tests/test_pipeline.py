@@ -300,10 +300,10 @@ def _rerun_student_with_members(tiny_run, root, members) -> tuple[Path, str]:
     for stage in ("student", "evaluate"):
         del results["stages"][stage]
     (out / "results.json").write_text(json.dumps(results))
-    model, cfg, _ = load_checkpoint(out / "teacher.pt")
+    model, cfg, meta = load_checkpoint(out / "teacher.pt")
     for k, (state, val_dice) in enumerate(members):
         model.load_state_dict(state)
-        save_checkpoint(out / f"student-{k}.pt", model, cfg, {"val_dice": val_dice, "epoch": 0})
+        save_checkpoint(out / f"student-{k}.pt", model, cfg, {**meta, "role": "student", "val_dice": val_dice, "epoch": 0})
     assert "selection: mean" in CONFIG
     (root / "cfg.yaml").write_text(CONFIG.replace("selection: mean", "selection: guarded"))
     result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)

@@ -63,6 +63,8 @@ Per (n, seed) [and SAM backend]:
              k students (training seed offsets --student-seed-offset .. + k - 1, each cached as a
              student of its own) whose weights are averaged (engine.train_core.average_weights, as
              plabel run does); the average is what the tables report. Scratch students stay single.
+             Guarded students' averages are guarded as in plabel run: one that loses a class on the
+             validation images against the teacher gives way to the best member ("guard" in its JSON).
 Per seed: full, a U-Net on all 150 pool images with their truth, the upper bound (--full-epochs;
 default the teacher's 80, so that it is trained as the teachers are and bounds them).
 
@@ -737,12 +739,15 @@ class Bench:
                                  "kept": "soup"}
                 if lost:
                     best = max(members, key=lambda m: -1.0 if m["best_val_dice"] is None else m["best_val_dice"])
-                    meta["guard"]["kept"] = f"{best['name']}-{best['key']}"
+                    meta["guard"].update(kept=f"{best['name']}-{best['key']}", kept_checkpoint=best["checkpoint"])
                     meta["test_dice"] = best["test_dice"]
                     log(f"{name}: the average lost {', '.join(lost)} on validation; kept {meta['guard']['kept']}")
             write_json(meta_path, meta)
-            log(f"{name}: average of {len(members)} students, test Dice {np.mean(meta['test_dice']):.4f}")
-        meta["checkpoint"] = str(ckpt)
+            what = f"average of {len(members)} students" if meta.get("guard", {}).get("kept", "soup") == "soup" \
+                else f"the guard kept {meta['guard']['kept']}"
+            log(f"{name}: {what}, test Dice {np.mean(meta['test_dice']):.4f}")
+        # the model the tables report: the average, or the member the guard kept instead
+        meta["checkpoint"] = meta.get("guard", {}).get("kept_checkpoint") or str(ckpt)
         return meta
 
     def one_student(self, n, seed, kind, backend, teacher, unet_key, unet_path, sam_key, sam_path, gate_key, policy,
@@ -969,6 +974,8 @@ def markdown(bench: Bench, summary: dict, args, timing: dict) -> str:
              + (f"; each warm-started student is the average of the weights of {args.student_soup} students "
                 f"(training seed offsets {args.student_seed_offset} .. "
                 f"{args.student_seed_offset + args.student_soup - 1}, plabel's student.soup)"
+                + (" or, for guarded students whose average lost a class on the validation images, the member "
+                   "with the best validation Dice (plabel's soup guard)" if "guarded" in args.student_init else "")
                 if args.student_soup > 1 else "")
              + (f"; training seed = split seed + {args.student_seed_offset}"
                 if args.student_seed_offset and args.student_soup == 1 else "")

@@ -152,6 +152,10 @@ class SamSection:
     compile: bool = False
     # extra Ray resources per SAM actor, e.g. {"sam_node": 1} to pin SAM to a node group
     resources: dict[str, float] = field(default_factory=dict)
+    # host memory (GiB) Ray reserves per SAM actor (its `memory` resource), so that a node runs no
+    # more SAM actors than its memory holds; None: no reservation. Peak RSS measured on CPU:
+    # LiteMedSAM 2.7 GB (benchmarks/RESULTS.md, refinement speed)
+    memory_gb: float | None = None
 
     def __post_init__(self):
         if self.stages is None:
@@ -175,9 +179,13 @@ class SamSection:
         _check(self.autocast in AUTOCAST, f"{path}.autocast", self.autocast, f"one of {AUTOCAST}")
         _check(isinstance(self.compile, bool), f"{path}.compile", self.compile, "true or false")
         _check(self.device in SAM_DEVICES, f"{path}.device", self.device, f"one of {SAM_DEVICES}")
+        if self.memory_gb is not None:
+            _check(isinstance(self.memory_gb, (int, float)) and not isinstance(self.memory_gb, bool)
+                   and math.isfinite(self.memory_gb) and self.memory_gb > 0, f"{path}.memory_gb", self.memory_gb,
+                   "a number of GiB > 0, or null (no reservation)")
         for k, v in self.resources.items():
             _check(k not in ("CPU", "GPU", "memory"), f"{path}.resources", k,
-                   "custom resource names (CPU and GPU come from cpus / num_gpus)")
+                   "custom resource names (CPU and GPU come from cpus / num_gpus, memory from memory_gb)")
             _check(isinstance(v, (int, float)) and v > 0, f"{path}.resources.{k}", v, "a number > 0")
 
 

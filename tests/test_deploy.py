@@ -210,6 +210,16 @@ def cpu_quantity(q) -> float:
     return float(s[:-1]) / 1000 if s.endswith("m") else float(s)
 
 
+_MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def memory_quantity(q) -> float:
+    """A Kubernetes memory quantity ("32Gi", "512Mi", "16G", "1000") in bytes."""
+    s = str(q)
+    unit = next((u for u in sorted(_MEMORY_UNITS, key=len, reverse=True) if s.endswith(u)), "")
+    return float(s[:len(s) - len(unit)]) * _MEMORY_UNITS.get(unit, 1)
+
+
 def custom_resources(param: str | None) -> dict[str, float]:
     """rayStartParams `resources`: a JSON object, usually wrapped in quotes for the shell."""
     if not param:
@@ -221,8 +231,9 @@ def custom_resources(param: str | None) -> dict[str, float]:
 
 
 def ray_resources(params: dict, container: dict) -> dict[str, float]:
-    """What `ray start` advertises for a pod, as KubeRay computes it: num-cpus / num-gpus from
-    rayStartParams, else from the container limits (cpu rounded up, the first *gpu limit)."""
+    """What `ray start` advertises for a pod, as KubeRay computes it: num-cpus / num-gpus / memory
+    from rayStartParams, else from the container limits (cpu rounded up, the first *gpu limit,
+    the memory limit in bytes)."""
     limits = container.get("resources", {}).get("limits", {})
     if "num-cpus" in params:
         cpu = float(params["num-cpus"])
@@ -232,7 +243,10 @@ def ray_resources(params: dict, container: dict) -> dict[str, float]:
         gpu = float(params["num-gpus"])
     else:
         gpu = next((float(v) for k, v in limits.items() if k.endswith("gpu")), 0.0)
-    return {"CPU": cpu, "GPU": gpu, **custom_resources(params.get("resources"))}
+    # no memory limit: Ray takes the node's memory, which the manifests do not bound
+    memory = float(params["memory"]) if "memory" in params else \
+        memory_quantity(limits["memory"]) if "memory" in limits else math.inf
+    return {"CPU": cpu, "GPU": gpu, "memory": memory, **custom_resources(params.get("resources"))}
 
 
 def groups(spec: dict) -> list[Group]:
@@ -574,9 +588,42 @@ def test_fit_check_reports_a_label_stage_beyond_max_replicas(tmp_path):
     cfg.label.sam.actors = gpu_pods + 1
     problems = fit_problems(cfg, spec)
     assert len(problems) == 1, problems
-    assert problems[0].startswith(f"label stage: refine needs {gpu_pods + 1} x {{'GPU': 1.0}}, only {gpu_pods} fit"), problems
+    request = f"{{'GPU': 1.0, 'memory': {float(cfg.label.sam.memory_gb * 2**30)}}}"
+    assert problems[0].startswith(f"label stage: refine needs {gpu_pods + 1} x {request}, only {gpu_pods} fit"), problems
     cfg.label.sam.actors, cfg.label.sam.num_gpus = 2 * gpu_pods, 0.5  # two actors share a GPU
     assert fit_problems(cfg, spec) == []
+
+
+@needs_kubectl
+def test_fit_check_counts_the_memory_of_sam_actors(tmp_path):
+    """label.sam.memory_gb is Ray's `memory` resource: KubeRay advertises a pod's memory limit, so
+    actors that share a GPU must also fit its memory."""
+    docs = render("base")
+    spec = one(docs, "RayCluster")["spec"]
+    cfg = run_config(docs, tmp_path)
+    gpu_group = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+    gpu_pods, limit = gpu_group["maxReplicas"], gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert cfg.label.sam.memory_gb and memory_quantity(limit) >= cfg.label.sam.memory_gb * 2**30  # the deployed config
+    cfg.label.sam.actors, cfg.label.sam.num_gpus = 2 * gpu_pods, 0.5  # two actors per GPU: GPUs suffice...
+    cfg.label.sam.memory_gb = 0.6 * memory_quantity(limit) / 2**30  # ...but one actor's memory per pod
+    problems = fit_problems(cfg, spec)
+    assert len(problems) == 1 and problems[0].startswith(f"label stage: refine needs {2 * gpu_pods} x "), problems
+    assert f"only {gpu_pods} fit" in problems[0] and "'memory'" in problems[0], problems
+    cfg.label.sam.memory_gb = 2 * memory_quantity(limit) / 2**30  # larger than any pod
+    assert any(p.startswith("refine: one task/actor asks for") for p in fit_problems(cfg, spec))
+
+
+def test_memory_request_of_a_sam_actor():
+    from engine.pipeline.resources import refine_resources, ray_remote_args
+    from schemas.config import SamSection
+
+    sam = SamSection(memory_gb=2.5, resources={"sam_node": 1})
+    req = refine_resources(sam, cluster_has_gpu=True)
+    assert req == {"GPU": 1.0, "memory": 2.5 * 2**30, "sam_node": 1.0}
+    assert ray_remote_args(req) == {"num_gpus": 1.0, "memory": 2.5 * 2**30, "resources": {"sam_node": 1.0}}
+    assert refine_resources(SamSection(), cluster_has_gpu=False) == {"CPU": 1.0}  # no reservation by default
+    assert memory_quantity("32Gi") == 32 * 2**30 and memory_quantity("512Mi") == 2**29
+    assert memory_quantity("16G") == 16e9 and memory_quantity("1000") == 1000.0
 
 
 def test_custom_resources_param():
@@ -584,7 +631,9 @@ def test_custom_resources_param():
     assert custom_resources('{"a": 2}') == {"a": 2.0}
     assert ray_resources({"resources": '"{\\"sam_node\\": 1}"'},
                          {"resources": {"limits": {"cpu": "1500m", "nvidia.com/gpu": 2}}}) == \
-        {"CPU": 2.0, "GPU": 2.0, "sam_node": 1.0}
+        {"CPU": 2.0, "GPU": 2.0, "memory": math.inf, "sam_node": 1.0}  # no memory limit: not bounded here
+    assert ray_resources({}, {"resources": {"limits": {"cpu": "2", "memory": "8Gi"}}})["memory"] == 8 * 2**30
+    assert ray_resources({"memory": "1000"}, {"resources": {"limits": {"cpu": "2", "memory": "8Gi"}}})["memory"] == 1000
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def test_submit_runs_the_demo_with_sam_on_the_gpu_node(two_node_cluster, tmp_pat
     cfg = demo_config(src, tmp_path, n_images=16, size=64).to_dict()
     cfg["teacher"].update(epochs=2, depth=3, base_channels=8)
     cfg["student"].update(epochs=1, depth=3, base_channels=8)
-    cfg["label"]["sam"].update(batch_size=4)
+    cfg["label"]["sam"].update(batch_size=4, memory_gb=0.25)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
 
     result = CliRunner().invoke(app, ["submit", str(tmp_path / "demo.yaml"), "--address", cluster.dashboard_url,
@@ -110,6 +110,8 @@ def test_submit_runs_the_demo_with_sam_on_the_gpu_node(two_node_cluster, tmp_pat
     assert refine and teacher
     assert {a.node_id for a in refine} == {gpu_nodes[0]}  # SAM actors asked for the (fake) GPU
     assert all(a.required_resources.get("GPU") == 1.0 for a in refine)
+    assert all(a.required_resources.get("memory") == 0.25 * 2**30 for a in refine)  # label.sam.memory_gb, bytes
+    assert all("memory" not in a.required_resources for a in teacher)
 
 
 def test_submit_reports_a_failed_run(two_node_cluster, tmp_path):

@@ -2,13 +2,14 @@
 
 One place for "what does a SAM actor need", used by the jobs when they schedule actors and by
 the deployment tests when they check that every request fits a worker group of the cluster.
-A request is a dict in Ray's resource names: {"CPU": 1.0, "GPU": 0.5, "<custom>": 1.0}.
+A request is a dict in Ray's resource names: {"CPU": 1.0, "GPU": 0.5, "memory": bytes, "<custom>": 1.0}.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 DECODE_CPUS = 0.5  # one image-decoding task of the label job
+GIB = 2**30  # bytes: Ray's `memory` resource is counted in bytes
 
 
 @dataclass(frozen=True)
@@ -26,19 +27,24 @@ def sam_on_gpu(sam, cluster_has_gpu: bool) -> bool:
 
 
 def refine_resources(sam, cluster_has_gpu: bool) -> dict[str, float]:
-    """One SAM actor: sam.num_gpus GPUs when on GPU, else sam.cpus CPUs; plus sam.resources."""
+    """One SAM actor: sam.num_gpus GPUs when on GPU, else sam.cpus CPUs; sam.memory_gb GiB of
+    memory (bytes, Ray's `memory` resource) when set; plus sam.resources."""
     base = {"GPU": float(sam.num_gpus)} if sam_on_gpu(sam, cluster_has_gpu) else {"CPU": float(sam.cpus)}
+    if sam.memory_gb is not None:
+        base["memory"] = float(round(sam.memory_gb * GIB))
     return {**base, **{k: float(v) for k, v in sam.resources.items()}}
 
 
 def ray_remote_args(resources: dict[str, float]) -> dict:
-    """Ray's keyword form of a request: num_cpus / num_gpus / resources={custom}."""
+    """Ray's keyword form of a request: num_cpus / num_gpus / memory (bytes) / resources={custom}."""
     args: dict = {}
-    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
     if "CPU" in resources:
         args["num_cpus"] = resources["CPU"]
     if "GPU" in resources:
         args["num_gpus"] = resources["GPU"]
+    if "memory" in resources:
+        args["memory"] = resources["memory"]
     if custom:
         args["resources"] = custom
     return args

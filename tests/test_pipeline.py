@@ -313,8 +313,9 @@ def _rerun_student_with_members(tiny_run, root, members) -> tuple[Path, str]:
 
 def test_a_soup_that_loses_a_class_on_validation_gives_way_to_its_best_member(tiny_run, tmp_path):
     """Guarded selection holds the average to the teacher's per-class validation Dice: members 1 and
-    2 predict nothing (head bias -20), so their average with the teacher's weights (member 0) predicts
-    nothing and loses every class the teacher finds; student.pt becomes member 0, the best one on
+    2 predict nothing (the teacher's body, head weights 0 and bias -1000), so their average with the
+    teacher's weights (member 0), whose logits are (the teacher's - 2000) / 3, predicts nothing and
+    loses every class the teacher finds; student.pt becomes member 0, the best one on
     validation, and scores exactly the teacher's test Dice."""
     import torch
 
@@ -324,7 +325,7 @@ def test_a_soup_that_loses_a_class_on_validation_gives_way_to_its_best_member(ti
     teacher = load_checkpoint(tiny_run[0] / "teacher.pt")[0].state_dict()
     blind = {k: v.clone() for k, v in teacher.items()}
     blind["head.weight"].zero_()
-    blind["head.bias"].fill_(-20.0)
+    blind["head.bias"].fill_(-1000.0)
     out, output = _rerun_student_with_members(tiny_run, tmp_path, [(teacher, 0.6), (blind, 0.1), (blind, 0.2)])
     res = json.loads((out / "results.json").read_text())
     st, classes = res["stages"]["student"], json.loads((out / "shards" / "manifest.json").read_text())["classes"]

@@ -82,6 +82,7 @@ def train(
     batch_size: int = typer.Option(4, help="Images per optimisation step and worker."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate (cosine schedule)."),
     augment: bool = typer.Option(True, help="Random affine and intensity augmentation of every training batch (engine.train_core.augment_batch)."),
+    seed: int = typer.Option(0, help="Training seed: initial weights, augmentation and the order of the training images (same seed, data and settings -> the same weights)."),
     workers: int = typer.Option(1, help="Ray Train workers."),
     gpu: bool = typer.Option(False, help="Give each Ray Train worker a GPU."),
     storage: Optional[str] = typer.Option(None, help="Ray Train storage for checkpoints and resume (default: next to --out). Local path or URI (s3://, gs://)."),
@@ -90,7 +91,7 @@ def train(
 ):
     """Train a U-Net teacher (labelled shards) or student (pseudo labels) with Ray Train."""
     from engine.ingest import load_manifest, shard_paths
-    from engine.pipeline.train_job import (labelled_dataset, maybe_materialize, pseudo_label_rows,
+    from engine.pipeline.train_job import (is_materialized, labelled_dataset, maybe_materialize, pseudo_label_rows,
                                           pseudo_labelled_dataset, train_unet)
     from engine.storage import dirname, is_uri, join, redact
     from schemas.config import ConfigError, TrainSection, build
@@ -101,7 +102,7 @@ def train(
         _fail("--role student needs --pseudo-labels")
     try:
         section = build(TrainSection, dict(epochs=epochs, image_size=image_size, base_channels=base_channels, depth=depth,
-                                           batch_size=batch_size, lr=lr, augment=augment, num_workers=workers, use_gpu=gpu,
+                                           batch_size=batch_size, lr=lr, augment=augment, seed=seed, num_workers=workers, use_gpu=gpu,
                                            include_labelled=include_labelled, selection=selection,
                                            selection_tolerance=selection_tolerance,
                                            distill=distill if distill_from else 0.0), "train")
@@ -117,7 +118,8 @@ def train(
         train_ds, n_train = labelled_dataset(shard_paths(shards, "labelled"), C, S), n.get("labelled", 0)
         rows, what = n_train, "labelled split"
     else:
-        train_ds = pseudo_labelled_dataset(str(pseudo_labels), shard_paths(shards, "unlabelled"), classes, S)
+        train_ds = pseudo_labelled_dataset(str(pseudo_labels), shard_paths(shards, "unlabelled"), classes, S,
+                                           ordered=is_materialized(n.get("unlabelled", 0) + n.get("labelled", 0), C, S))
         n_train, rows = n.get("unlabelled", 0), pseudo_label_rows(str(pseudo_labels))
         what = f"{redact(str(pseudo_labels))} joined with the unlabelled shards of {redact(str(shards))}"
         if include_labelled:

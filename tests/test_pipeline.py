@@ -378,6 +378,11 @@ def test_student_training_set_refuses_rows_lost_in_the_join(tiny_run):
     full = maybe_materialize(pseudo_labelled_dataset(table, shards, classes, 64), 14, len(classes), 64,
                              expected_rows=rows, what="whole table")
     assert full.count() == rows
+    # the join's output order varies between executions; ordered (the default) sorts it by id, so a
+    # student's training set, and with it the student, is the same in every run
+    sums = [[float(np.asarray(r["image"]).sum()) for r in maybe_materialize(
+        pseudo_labelled_dataset(table, shards, classes, 64), 14, len(classes), 64).iter_rows()] for _ in range(2)]
+    assert sums[0] == sums[1] == [float(np.asarray(r["image"]).sum()) for r in full.iter_rows()]
     # the last shard (4 images) is gone: its rows find no image, and the count says so
     with pytest.raises(ValueError, match=rf"^the table: {rows - 4} rows were prepared for training, expected {rows}$"):
         maybe_materialize(pseudo_labelled_dataset(table, shards[:-1], classes, 64), 14, len(classes), 64,

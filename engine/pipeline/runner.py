@@ -81,7 +81,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     from engine.pipeline.evaluate_job import evaluate_checkpoint
     from engine.pipeline.label_job import run_label_job
     from engine.pipeline.table_commit import table_marker
-    from engine.pipeline.train_job import (labelled_dataset, maybe_materialize, pseudo_label_rows,
+    from engine.pipeline.train_job import (is_materialized, labelled_dataset, maybe_materialize, pseudo_label_rows,
                                           pseudo_labelled_dataset, train_unet)
     from engine.selection import lost_classes
     from engine.train_core import average_checkpoints
@@ -185,8 +185,9 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     # 5. student
     def student():
         size, C = cfg.student.image_size, len(classes)
-        train = pseudo_labelled_dataset(at("pseudo_labels"), paths("unlabelled"), classes, size)
         n_train, rows = n("unlabelled"), pseudo_label_rows(at("pseudo_labels"))
+        train = pseudo_labelled_dataset(at("pseudo_labels"), paths("unlabelled"), classes, size,
+                                        ordered=is_materialized(n_train + n("labelled"), C, size))
         if cfg.student.include_labelled:
             train = train.union(labelled_dataset(paths("labelled"), C, size))
             n_train, rows = n_train + n("labelled"), rows + n("labelled")

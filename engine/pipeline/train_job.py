@@ -93,11 +93,15 @@ def labelled_dataset(shards: Sequence[str], num_classes: int, image_size: int):
                           batch_format="numpy", batch_size=16)
 
 
-def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], classes: Sequence[str], image_size: int):
+def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], classes: Sequence[str], image_size: int,
+                            ordered: bool = True):
     """Pseudo-label rows (status ok/empty) joined with their images by id.
 
     table_dir (local or a URI) must hold a finished table: one without its completion marker in
-    object storage raises table_commit.IncompleteTableError."""
+    object storage raises table_commit.IncompleteTableError. ordered: sort the joined rows by id (the
+    join's output order varies from run to run), so that a training run is reproducible; a sort is
+    one more shuffle, which a streamed set (not materialized, see :func:`is_materialized`) would
+    repeat every epoch."""
     import ray
     from engine.pipeline.table_commit import table_files
     from engine.pipeline.shard_reader import read_shards
@@ -111,11 +115,19 @@ def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], cl
     images = read_shards(unlabelled_shards).map_batches(
         prepare_unlabelled_images, fn_kwargs=dict(image_size=image_size), batch_format="numpy", batch_size=16)
     joined = table.join(images, join_type="inner", num_partitions=max(1, min(8, len(unlabelled_shards))), on=("id",))
+    if ordered:
+        joined = joined.sort("id")
     return joined.map_batches(prepare_pseudo, fn_kwargs=dict(classes=list(classes), image_size=image_size),
                               batch_format="numpy", batch_size=16)
 
 
 MATERIALIZE_LIMIT_BYTES = 2 * 1024**3
+
+
+def is_materialized(n_images: int, num_classes: int, image_size: int, limit: int = MATERIALIZE_LIMIT_BYTES) -> bool:
+    """Whether :func:`maybe_materialize` keeps a training set of ``n_images`` prepared images in the
+    object store (their float32 image, masks and weights below ``limit`` bytes) rather than streaming it."""
+    return n_images * (image_size * image_size * (4 + num_classes) + 4 * num_classes) <= limit
 
 
 def maybe_materialize(ds, n_images: int, num_classes: int, image_size: int, limit: int = MATERIALIZE_LIMIT_BYTES,
@@ -129,9 +141,9 @@ def maybe_materialize(ds, n_images: int, num_classes: int, image_size: int, limi
     ``what`` (an image that lost its join partner would otherwise leave training silently); a
     streaming dataset is not counted (that would run its whole pipeline once more).
     """
-    per_image = image_size * image_size * (4 + num_classes) + 4 * num_classes
-    if n_images * per_image > limit:
+    if not is_materialized(n_images, num_classes, image_size, limit):
         return ds
+    ds.context.execution_options.preserve_order = True  # the same block order in every run (reproducible)
     ds = ds.materialize()
     if expected_rows is not None and (got := ds.count()) != expected_rows:
         raise ValueError(f"{what}: {got} rows were prepared for training, expected {expected_rows}")
@@ -247,6 +259,7 @@ def _train_loop(config: dict) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         losses = []
         for b in train_shard.iter_torch_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=64,
+                                                local_shuffle_seed=(cfg.seed * 1009 + rank) * 1009 + epoch,
                                                 dtypes=torch.float32):
             dw = None if teacher is None else distill * (b["weight"] == 0).float()
             losses.append(train_step(model, opt, b["image"][:, None], b["masks"], b["weight"], pos_weight, cfg, gen,
@@ -272,6 +285,16 @@ def _train_loop(config: dict) -> None:
                 save_checkpoint(os.path.join(d, MODEL_FILE), best_model, ucfg, best_extra)
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _data_config():
+    """Ray Train's data config: the training set split over the workers; blocks reach each worker in
+    the dataset's order (preserve_order), so that with a seeded local shuffle a run is reproducible."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
 def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str | Path, storage_dir: str | Path,
@@ -333,7 +356,7 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
         scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
                                      resources_per_worker={"CPU": 1}),
         datasets={"train": train_ds, "val": val_ds},
-        dataset_config=__import__("ray.train", fromlist=["DataConfig"]).DataConfig(datasets_to_split=["train"]),
+        dataset_config=_data_config(),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=2)),

@@ -82,7 +82,7 @@ def train(
     batch_size: int = typer.Option(4, help="Images per optimisation step and worker."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate (cosine schedule)."),
     augment: bool = typer.Option(True, help="Random affine and intensity augmentation of every training batch (engine.train_core.augment_batch)."),
-    seed: int = typer.Option(0, help="Training seed: initial weights, augmentation and the order of the training images (same seed, data and settings -> the same weights)."),
+    seed: int = typer.Option(0, help="Training seed: initial weights, augmentation and the order of the training images (with one worker, the same seed, data and settings give the same weights)."),
     workers: int = typer.Option(1, help="Ray Train workers."),
     gpu: bool = typer.Option(False, help="Give each Ray Train worker a GPU."),
     storage: Optional[str] = typer.Option(None, help="Ray Train storage for checkpoints and resume (default: next to --out). Local path or URI (s3://, gs://)."),

@@ -705,8 +705,8 @@ class Bench:
         member with the best validation Dice, whose test Dice is reported ("guard" in the JSON)."""
         import torch
 
-        from engine.selection import GUARD_TOLERANCE, lost_classes
-        from engine.train_core import average_checkpoints, evaluate_batch
+        from engine.selection import GUARD_TOLERANCE, guard_average
+        from engine.train_core import average_checkpoints, mean_dice_per_class
         from engine.unet import load_checkpoint
 
         keys = [m["key"] for m in members]
@@ -732,13 +732,13 @@ class Bench:
                     "test_dice": self.test_dice(model, list(test_ids))}
             if reference is not None:  # the members' validation pass, on the average
                 vx, vy = (torch.from_numpy(a) for a in self.arrays(list(val_ids)))
-                val = np.concatenate([evaluate_batch(model, vx[k:k + 8, None], vy[k:k + 8].float())
-                                      for k in range(0, len(vx), 8)]).mean(axis=0)
-                lost = [self.classes[i] for i in lost_classes(val, reference, GUARD_TOLERANCE)]
+                val = mean_dice_per_class(model, vx[:, None], vy.float())
+                lost, k = guard_average(val, reference, [m["best_val_dice"] for m in members], GUARD_TOLERANCE)
+                lost = [self.classes[i] for i in lost]
                 meta["guard"] = {"soup_val_dice": val.tolist(), "teacher_val_dice": list(reference), "lost_classes": lost,
                                  "kept": "soup"}
-                if lost:
-                    best = max(members, key=lambda m: -1.0 if m["best_val_dice"] is None else m["best_val_dice"])
+                if k is not None:
+                    best = members[k]
                     meta["guard"].update(kept=f"{best['name']}-{best['key']}", kept_checkpoint=best["checkpoint"])
                     meta["test_dice"] = best["test_dice"]
                     log(f"{name}: the average lost {', '.join(lost)} on validation; kept {meta['guard']['kept']}")

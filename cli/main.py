@@ -91,8 +91,7 @@ def train(
 ):
     """Train a U-Net teacher (labelled shards) or student (pseudo labels) with Ray Train."""
     from engine.ingest import load_manifest, shard_paths
-    from engine.pipeline.train_job import (is_materialized, labelled_dataset, maybe_materialize, pseudo_label_rows,
-                                          pseudo_labelled_dataset, train_unet)
+    from engine.pipeline.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
     from engine.storage import dirname, is_uri, join, redact
     from schemas.config import ConfigError, TrainSection, build
 
@@ -114,22 +113,19 @@ def train(
     C, S = len(classes), section.image_size
     n = {k: v["n_samples"] for k, v in manifest["splits"].items()}
     val_split = "val" if n.get("val", 0) else "labelled"
-    if role == "teacher":
-        train_ds, n_train = labelled_dataset(shard_paths(shards, "labelled"), C, S), n.get("labelled", 0)
-        rows, what = n_train, "labelled split"
-    else:
-        train_ds = pseudo_labelled_dataset(str(pseudo_labels), shard_paths(shards, "unlabelled"), classes, S,
-                                           ordered=is_materialized(n.get("unlabelled", 0) + n.get("labelled", 0), C, S))
-        n_train, rows = n.get("unlabelled", 0), pseudo_label_rows(str(pseudo_labels))
-        what = f"{redact(str(pseudo_labels))} joined with the unlabelled shards of {redact(str(shards))}"
-        if include_labelled:
-            train_ds = train_ds.union(labelled_dataset(shard_paths(shards, "labelled"), C, S))
-            n_train, rows = n_train + n.get("labelled", 0), rows + n.get("labelled", 0)
     storage = storage or (join(dirname(out), "ray_train") if is_uri(out) else Path(out).resolve().parent / "ray_train")
     try:
         val_ds = maybe_materialize(labelled_dataset(shard_paths(shards, val_split), C, S), n.get(val_split, 0), C, S,
                                    expected_rows=n.get(val_split, 0), what=f"{val_split} split of {redact(str(shards))}")
-        train_ds = maybe_materialize(train_ds, n_train, C, S, expected_rows=rows, what=what)
+        if role == "teacher":
+            train_ds = maybe_materialize(labelled_dataset(shard_paths(shards, "labelled"), C, S), n.get("labelled", 0), C,
+                                         S, expected_rows=n.get("labelled", 0), what="labelled split")
+        else:
+            labelled = shard_paths(shards, "labelled") if include_labelled else []
+            train_ds = student_dataset(str(pseudo_labels), shard_paths(shards, "unlabelled"), labelled, classes, S,
+                                       n.get("unlabelled", 0), n.get("labelled", 0) if labelled else 0,
+                                       what=f"{redact(str(pseudo_labels))} joined with the unlabelled shards of "
+                                            f"{redact(str(shards))}")
         result = train_unet(train_ds, val_ds, classes, section, out, storage, Path(redact(out)).stem, role=role,
                             init_checkpoint=init_from, distill_from=distill_from)
     except (ValueError, FileNotFoundError) as e:

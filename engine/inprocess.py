@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from engine.selection import GUARD_TOLERANCE
-from engine.train_core import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step, weights_copy
+from engine.train_core import TrainConfig, build_model, make_optimizer, mean_dice_per_class, train_step, weights_copy
 
 
 @dataclass
@@ -102,8 +102,7 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
     model, ucfg = build_model(cfg, C)
 
     def validate():
-        per_image = np.concatenate([evaluate_batch(model, vx[k:k + 8], vy[k:k + 8]) for k in range(0, len(vx), 8)])
-        return per_image.mean(axis=0)
+        return mean_dice_per_class(model, vx, vy)
 
     reference, best_state = None, None
     if init_state is not None:

@@ -40,6 +40,20 @@ def lost_classes(per_class, reference, tolerance: float = GUARD_TOLERANCE) -> li
     return [int(i) for i in np.flatnonzero(~np.isfinite(d) | (d < ref - tolerance - 1e-12))]
 
 
+def guard_average(average_per_class, reference, member_val_dice, tolerance: float = GUARD_TOLERANCE
+                  ) -> tuple[list[int], int | None]:
+    """The guarded rule for a weight average of students (student.soup).
+
+    average_per_class / reference: per-class validation Dice (C,) of the average and the teacher;
+    member_val_dice: each member's best validation Dice (None counts lowest). Returns (lost classes,
+    None) to keep the average, or, when it lost a class (:func:`lost_classes`), (lost classes, index
+    of the member with the best validation Dice, the first of ties) to keep instead."""
+    lost = lost_classes(average_per_class, reference, tolerance)
+    if not lost:
+        return lost, None
+    return lost, int(np.argmax([-1.0 if v is None else float(v) for v in member_val_dice]))
+
+
 @dataclass
 class EpochSelector:
     """Online best-epoch bookkeeping; feed it every evaluated epoch with :meth:`offer`.

@@ -157,6 +157,15 @@ def evaluate_batch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
         np.zeros((0, truth.shape[1]), dtype=np.float64)
 
 
+def mean_dice_per_class(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, batch_size: int = 8,
+                        threshold: float = 0.5) -> np.ndarray:
+    """Per-class Dice averaged over images (:func:`evaluate_batch`, ``batch_size`` images at a time):
+    the validation score of model selection. images: float (N, 1, H, W), N >= 1; masks: (N, C, H, W).
+    Returns float64 (C,)."""
+    return np.concatenate([evaluate_batch(model, images[k:k + batch_size], masks[k:k + batch_size], threshold)
+                           for k in range(0, len(images), batch_size)]).mean(axis=0)
+
+
 def average_weights(states) -> dict:
     """The element-wise mean of state dicts with the same keys and shapes: a weight "soup".
 

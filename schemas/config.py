@@ -180,8 +180,7 @@ class SamSection:
         _check(isinstance(self.compile, bool), f"{path}.compile", self.compile, "true or false")
         _check(self.device in SAM_DEVICES, f"{path}.device", self.device, f"one of {SAM_DEVICES}")
         if self.memory_gb is not None:
-            _check(isinstance(self.memory_gb, (int, float)) and not isinstance(self.memory_gb, bool)
-                   and math.isfinite(self.memory_gb) and self.memory_gb > 0, f"{path}.memory_gb", self.memory_gb,
+            _check(math.isfinite(self.memory_gb) and self.memory_gb > 0, f"{path}.memory_gb", self.memory_gb,
                    "a number of GiB > 0, or null (no reservation)")
         for k, v in self.resources.items():
             _check(k not in ("CPU", "GPU", "memory"), f"{path}.resources", k,

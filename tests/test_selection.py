@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from engine.selection import EpochSelector, lost_classes
+from engine.selection import EpochSelector, guard_average, lost_classes
 
 
 def test_mean_rule_keeps_the_highest_mean_and_the_first_of_ties():
@@ -78,3 +78,10 @@ def test_lost_classes_names_every_class_below_the_reference_by_more_than_the_tol
     assert lost_classes([0.70, 0.55, 0.90, 0.50], ref, 0.0) == [0, 1]
     with pytest.raises(ValueError, match=r"shape \(3,\), the reference \(4,\)"):
         lost_classes([0.8, 0.6, 0.9], ref)
+
+
+def test_guard_average_keeps_the_average_or_the_best_member():
+    ref = [0.80, 0.60]
+    assert guard_average([0.81, 0.596], ref, [0.7, 0.9], 0.005) == ([], None)  # nothing lost: the average
+    assert guard_average([0.81, 0.59], ref, [0.7, 0.9, 0.9], 0.005) == ([1], 1)  # lost: the best, first of ties
+    assert guard_average([math.nan, 0.7], ref, [None, 0.2], 0.005) == ([0], 1)  # None counts lowest

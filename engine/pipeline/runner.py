@@ -81,9 +81,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     from engine.pipeline.evaluate_job import evaluate_checkpoint
     from engine.pipeline.label_job import run_label_job
     from engine.pipeline.table_commit import table_marker
-    from engine.pipeline.train_job import (is_materialized, labelled_dataset, maybe_materialize, pseudo_label_rows,
-                                          pseudo_labelled_dataset, train_unet)
-    from engine.selection import lost_classes
+    from engine.pipeline.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
+    from engine.selection import guard_average
     from engine.train_core import average_checkpoints
     from engine.unet import checkpoint_sha256, load_checkpoint
 
@@ -185,29 +184,25 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     # 5. student
     def student():
         size, C = cfg.student.image_size, len(classes)
-        n_train, rows = n("unlabelled"), pseudo_label_rows(at("pseudo_labels"))
-        train = pseudo_labelled_dataset(at("pseudo_labels"), paths("unlabelled"), classes, size,
-                                        ordered=is_materialized(n_train + n("labelled"), C, size))
-        if cfg.student.include_labelled:
-            train = train.union(labelled_dataset(paths("labelled"), C, size))
-            n_train, rows = n_train + n("labelled"), rows + n("labelled")
-        train = maybe_materialize(train, n_train, C, size, expected_rows=rows,
-                                  what=f"{run_name}/pseudo_labels joined with the unlabelled shards")
+        labelled = paths("labelled") if cfg.student.include_labelled else []
+        train = student_dataset(at("pseudo_labels"), paths("unlabelled"), labelled, classes, size, n("unlabelled"),
+                                n("labelled") if labelled else 0,
+                                what=f"{run_name}/pseudo_labels joined with the unlabelled shards")
         val = maybe_materialize(labelled_dataset(paths(val_split), C, size), n(val_split), C, size,
                                 expected_rows=n(val_split), what=f"{val_split} split")
         init = at("teacher.pt") if cfg.student.init == "teacher" else None
         distill = at("teacher.pt") if cfg.student.distill > 0 else None
         def guard_soup(soup_val: dict, members: list) -> dict:
-            """Guarded selection for the average (engine.selection.lost_classes): it may lose no class
+            """Guarded selection for the average (engine.selection.guard_average): it may lose no class
             on the validation split by more than selection_tolerance against the teacher; if it does,
             student.pt becomes the member with the best validation Dice (each member is guarded)."""
             tol = cfg.student.selection_tolerance
             teacher_val = evaluate_checkpoint(at("teacher.pt"), paths(val_split), classes)["per_class"]
-            lost = [classes[i] for i in lost_classes([soup_val["per_class"][c] for c in classes],
-                                                     [teacher_val[c] for c in classes], tol)]
-            kept = "soup"
-            if lost:
-                best = max(members, key=lambda m: -1.0 if m["best_val_dice"] is None else m["best_val_dice"])
+            lost, k = guard_average([soup_val["per_class"][c] for c in classes], [teacher_val[c] for c in classes],
+                                    [m["best_val_dice"] for m in members], tol)
+            lost, kept = [classes[i] for i in lost], "soup"
+            if k is not None:
+                best = members[k]
                 storage.copy_file(at(best["checkpoint"]), at("student.pt"))
                 kept = best["checkpoint"]
                 echo(f"[student] the soup lost {', '.join(lost)} on the {val_split} split (more than {tol} below the "

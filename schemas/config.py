@@ -15,12 +15,13 @@ from typing import Any
 import yaml
 
 SAM_BACKENDS = ("lite_medsam", "vit_h", "vit_l", "vit_b", "medsam", "mobile_sam", "random_tiny")
-# random weights: for plumbing tests and soak runs, never for pseudo labels (engine.sam.backends)
+# random weights: for plumbing tests and soak runs, never for pseudo labels (plabel.method.sam.backends)
 RANDOM_SAM_BACKENDS = ("random_tiny",)
 STAGE_PROMPTS = ("box", "points", "mask")
 SAM_DEVICES = ("auto", "gpu", "cpu")
 AUTOCAST = ("none", "bf16", "fp16")
-MIN_IMAGE_PIXELS = 64  # engine.imageio.MIN_SIDE ** 2 (schemas stays free of engine imports)
+POLICIES = ("auto", "sam", "unet", "drop")  # the quality gate's per-class policies (plabel.method.gate)
+MIN_IMAGE_PIXELS = 64  # plabel.data.imageio.MIN_SIDE ** 2 (schemas stays free of engine imports)
 # The paper: stage 1 box; stage 2 positive/negative points plus stage 1's low-res logits.
 PAPER_STAGES = (("box",), ("points", "mask"))
 # LiteMedSAM was trained with box prompts: measured on JSRT images, adding points in stage 2 drops
@@ -69,19 +70,19 @@ class TrainSection:
     # student only: "teacher" starts from the teacher's weights (needs the teacher's base_channels
     # and depth; measured better on JSRT, benchmarks/RESULTS.md), "scratch" from a fresh U-Net
     init: str = "teacher"
-    # which epoch is kept (engine.selection): "guarded" (with init: teacher) keeps only epochs whose
+    # which epoch is kept (plabel.training.selection): "guarded" (with init: teacher) keeps only epochs whose
     # per-class validation Dice is no more than selection_tolerance below the teacher's, and the
     # teacher's weights if none is; "mean": the best mean validation Dice. Teachers and students
     # from scratch always use the mean.
     selection: str = "guarded"
-    selection_tolerance: float = 0.005  # = engine.selection.GUARD_TOLERANCE (tests/test_config.py)
+    selection_tolerance: float = 0.005  # = plabel.training.selection.GUARD_TOLERANCE (tests/test_config.py)
     # student only: strength of distillation from the teacher's soft outputs for the (image, class)
-    # pairs without a pseudo label (dropped by the gate); 0 = off (engine.losses.distillation_loss).
+    # pairs without a pseudo label (dropped by the gate); 0 = off (plabel.method.losses.distillation_loss).
     # Measured on JSRT (benchmarks/RESULTS.md): stops the student forgetting the dropped classes;
     # they stay near the teacher (within the training noise, -0.8..+1.8 on the heart).
     distill: float = 1.0
     # student only, with init: teacher: train this many students with seeds seed, seed + 1, ... and
-    # keep the average of their weights (engine.train_core.average_checkpoints); 1 = one student.
+    # keep the average of their weights (plabel.training.loop.average_checkpoints); 1 = one student.
     # The student's default is StudentSection's; a teacher is always one model.
     soup: int = 1
 
@@ -147,7 +148,7 @@ class SamSection:
     num_gpus: float = 1.0  # GPUs per SAM actor when they run on GPUs (fractions share a GPU)
     cpus: float = 1.0  # CPUs per SAM actor when the cluster has no GPU (its torch threads)
     autocast: str = "none"  # none | bf16 | fp16 (GPU only)
-    # torch.compile the image encoder and mask decoder in each SAM actor (engine.sam.compile):
+    # torch.compile the image encoder and mask decoder in each SAM actor (plabel.method.sam.compile):
     # same float32 maths, ~1.5x faster on CPU, 1-3 min of compilation when an actor starts
     compile: bool = False
     # extra Ray resources per SAM actor, e.g. {"sam_node": 1} to pin SAM to a node group
@@ -195,7 +196,7 @@ class GateSection:
     min_agreement: float = 0.6
     min_agreement_unet: float = 0.3
     per_class: dict[str, dict] = field(default_factory=dict)  # class -> overrides of the keys above
-    # `plabel run`: choose each class's gate on the validation split (engine.calibrate) before
+    # `plabel run`: choose each class's gate on the validation split (plabel.method.calibration) before
     # labelling; classes listed in per_class keep their configured gate
     calibrate: bool = True
     drop_floor: float = 0.5  # calibration: lowest Dice a dropped image scores (break-even Dice)
@@ -207,17 +208,15 @@ class GateSection:
     # calibration: a dropped image scores its own teacher Dice (image) or the class's mean (mean)
     break_even: str = "image"
     # calibration: a sam / auto gate must keep SAM's mask on at least this share of the class's
-    # validation images (0 = no rule; engine.calibrate.CalibrationObjective.min_sam_share)
+    # validation images (0 = no rule; plabel.method.calibration.CalibrationObjective.min_sam_share)
     min_sam_share: float = 0.0
     # calibration: keep a sam / auto gate only if it survives leave-one-out over the validation
-    # images (engine.calibrate.choose_gate); measured on JSRT, benchmarks/RESULTS.md
+    # images (plabel.method.calibration.choose_gate); measured on JSRT, benchmarks/RESULTS.md
     cross_validate: bool = True
 
     GATE_KEYS = ("policy", "min_sam_iou", "min_agreement", "min_agreement_unet")
 
     def validate(self, path: str) -> None:
-        from engine.gate import POLICIES
-
         _check(self.policy in POLICIES, f"{path}.policy", self.policy, f"one of {POLICIES}")
         for k in ("min_sam_iou", "min_agreement", "min_agreement_unet"):
             _check(math.isfinite(getattr(self, k)), f"{path}.{k}", getattr(self, k), "a finite number")
@@ -241,13 +240,13 @@ class GateSection:
         _check(isinstance(self.cross_validate, bool), f"{path}.cross_validate", self.cross_validate, "true or false")
 
     def to_gate_dict(self) -> dict:
-        """engine.gate.GateConfig dict: the default gate, and per class the default with its overrides."""
+        """plabel.method.gate.GateConfig dict: the default gate, and per class the default with its overrides."""
         default = {k: getattr(self, k) for k in self.GATE_KEYS}
         return {"default": default, "per_class": {c: {**default, **o} for c, o in self.per_class.items()}}
 
     def with_calibrated(self, per_class: dict[str, dict]) -> "GateSection":
         """A copy whose per-class gates are ``per_class`` (class -> gate dict, e.g. the calibrated
-        engine.gate.ClassGate dicts), except for the classes this section's per_class lists: their
+        plabel.method.gate.ClassGate dicts), except for the classes this section's per_class lists: their
         configured overrides win."""
         calibrated = {c: {k: g[k] for k in self.GATE_KEYS if k in g} for c, g in per_class.items()}
         return dataclasses.replace(self, per_class={**calibrated, **self.per_class})

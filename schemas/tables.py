@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from schemas.masks import decode_mask
+from plabel.schemas.masks import decode_mask
 
 PSEUDO_LABEL_SCHEMA_VERSION = "1"
 STATUS_VALUES = ("ok", "empty", "error")

@@ -58,7 +58,7 @@ def ray_local():
     """One local Ray for the whole session: 4 logical CPUs so 1-CPU actor pools cannot starve reads."""
     import ray
 
-    from engine.pipeline.cluster import ensure_ray
+    from plabel.jobs.cluster import ensure_ray
 
     ensure_ray(num_cpus=4)
     yield

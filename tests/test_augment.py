@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from engine.augment import affine_matrix, apply_affine, random_affine, random_intensity
+from plabel.method.augment import affine_matrix, apply_affine, random_affine, random_intensity
 
 
 def _pair(seed=0, n=3, c=2, h=20, w=24):

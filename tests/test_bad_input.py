@@ -23,8 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.ingest import MANIFEST_FORMAT, MANIFEST_VERSION
-from engine.pipeline.shard_reader import (
+from plabel.data.ingest import MANIFEST_FORMAT, MANIFEST_VERSION
+from plabel.data.shard_reader import (
     iter_shard_samples,
     read_shard_file,
     samples_table,
@@ -96,7 +96,7 @@ def band_unet(num_classes: int = 2):
     by a zero weight (0 * inf = NaN), which the decoder carries to the logits. Class 0's logit is
     10 - u2, class 1's -10. All other weights are zero, every norm layer is the identity.
     """
-    from engine.unet import UNet
+    from plabel.method.unet import UNet
 
     model = UNet(1, num_classes, base_channels=4, depth=1, norm="batch")
     e0c1, e0n1, _, e0c2, e0n2, _ = model.encoders[0]
@@ -128,7 +128,7 @@ def band_unet(num_classes: int = 2):
 
 
 def save_band_unet(path: Path) -> Path:
-    from engine.unet import save_checkpoint
+    from plabel.method.unet import save_checkpoint
 
     model = band_unet(len(CLASSES))
     save_checkpoint(path, model, model.config, {"image_size": IMAGE_SIZE})
@@ -282,14 +282,14 @@ def test_samples_table_keeps_known_members_only():
 
 
 def _decoded(samples, **kw):
-    from engine.pipeline.label_job import decode_images
+    from plabel.jobs.label_job import decode_images
 
     out = decode_images(numpy_batch(samples), **kw)
     return [dict(zip(out, vals)) for vals in zip(*out.values())]
 
 
 def test_decode_images_limits_and_reader_errors():
-    from engine.shards import encode_masks
+    from plabel.data.shards import encode_masks
 
     rows = _decoded(parse(tar_bytes(
         sample_members("tiny", _png(np.zeros((1, 1), np.uint8)))
@@ -317,7 +317,7 @@ def test_decode_images_limits_and_reader_errors():
 
 
 def test_max_image_pixels_config_key():
-    from schemas.config import ConfigError, LabelSection, build
+    from plabel.schemas.config import ConfigError, LabelSection, build
 
     assert LabelSection().max_image_pixels == 64_000_000
     assert build(LabelSection, {"max_image_pixels": 5000}, "label").max_image_pixels == 5000
@@ -328,8 +328,8 @@ def test_max_image_pixels_config_key():
 
 
 def test_decode_gray_refuses_samples_the_reader_marked():
-    from engine.pipeline.samples import decode_gray, sample_masks
-    from engine.shards import ShardError, encode_masks
+    from plabel.data.samples import decode_gray, sample_masks
+    from plabel.data.shards import ShardError, encode_masks
 
     rows = parse(tar_bytes(sample_members("a", _png(np.zeros((8, 8), np.uint8))) * 2))
     assert decode_gray(rows[0]).shape == (8, 8)
@@ -360,7 +360,7 @@ class _NaNFor(torch.nn.Module):
 
 
 def test_teacher_probs_non_finite_per_image():
-    from engine.labelling import teacher_probs
+    from plabel.method.labelling import teacher_probs
 
     grays = [np.full((20, 24), v, np.uint8) for v in (60, 60, 200)]
     model = _NaNFor(band_unet(), [1])
@@ -378,8 +378,8 @@ def test_teacher_probs_non_finite_per_image():
 
 
 def test_teacher_stage_turns_non_finite_into_error_rows(tmp_path):
-    from engine.pipeline.label_job import TeacherStage
-    from engine.pipeline.samples import object_array
+    from plabel.jobs.label_job import TeacherStage
+    from plabel.data.samples import object_array
 
     stage = TeacherStage(str(save_band_unet(tmp_path / "t.pt")), {"threshold": 0.5}, len(CLASSES))
     rows = _decoded(parse(tar_bytes(sample_members("dark", _png(np.full((16, 20), 60, np.uint8)))
@@ -394,7 +394,7 @@ def test_teacher_stage_turns_non_finite_into_error_rows(tmp_path):
 
 
 def test_refine_stage_meta_from_ray_like_columns():
-    from engine.pipeline.label_job import _meta, _writable_status
+    from plabel.jobs.label_job import _meta, _writable_status
 
     batch = {"id": np.array(["a", "b", "c"], dtype=object), "shard": np.array(["S"] * 3, dtype=object),
              "key": np.array(["a", "b", "c"], dtype=object), "height": np.array([8, 8, 0], np.int32),
@@ -414,7 +414,7 @@ class _FakeRefiner:
         self.cleaned, self.nan_iou, self.nan_logits = cleaned, set(nan_iou), set(nan_logits)
 
     def refine_batch(self, images, prompts):
-        from engine.sam.refine import RefinementResult
+        from plabel.method.sam.refine import RefinementResult
 
         out = []
         for m, p in zip(self.cleaned, prompts):
@@ -430,10 +430,10 @@ class _FakeRefiner:
 
 
 def test_sam_non_finite_output_falls_back_per_class():
-    from engine.cleaning import CleaningConfig
-    from engine.gate import GateConfig
-    from engine.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows
-    from schemas.config import GateSection
+    from plabel.method.cleaning import CleaningConfig
+    from plabel.method.gate import GateConfig
+    from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows
+    from plabel.schemas.config import GateSection
 
     probs = np.zeros((3, 24, 24), np.float32)
     probs[0, 2:10, 2:10] = 0.9
@@ -465,7 +465,7 @@ def test_sam_non_finite_output_falls_back_per_class():
 
 
 def test_ingest_mask_size_mismatch_names_both_files(tmp_path):
-    from engine.ingest import IngestError, ingest
+    from plabel.data.ingest import IngestError, ingest
 
     src = tmp_path / "src"
     for d in ("images", "masks/lung", "masks/heart"):
@@ -485,8 +485,8 @@ def test_ingest_mask_size_mismatch_names_both_files(tmp_path):
 
 
 def test_ingest_writes_only_inside_its_output(tmp_path):
-    from engine.ingest import IngestError, ingest, load_manifest
-    from engine.shards import ShardError, make_sample, sample_key, write_shards
+    from plabel.data.ingest import IngestError, ingest, load_manifest
+    from plabel.data.shards import ShardError, make_sample, sample_key, write_shards
 
     for bad in ("../x", "a/b", "a\\b", "/abs", "__meta", ""):
         with pytest.raises(ShardError):
@@ -540,7 +540,7 @@ def _good_images() -> dict[str, tuple[bytes, str, tuple[int, int]]]:
 def build_bad_shards(root: Path):
     """Writes the crafted shards; returns (shard paths, {row id: (shard, status, [message parts], (H, W))},
     number of images written)."""
-    from engine.shards import encode_masks
+    from plabel.data.shards import encode_masks
 
     root.mkdir(parents=True, exist_ok=True)
     black = _png(np.zeros((32, 32), np.uint8))
@@ -633,8 +633,8 @@ def build_bad_shards(root: Path):
 
 @pytest.fixture(scope="module")
 def bad_job(ray_local, tmp_path_factory):
-    from engine.pipeline.label_job import read_pseudo_labels, run_label_job
-    from schemas.config import LabelSection, build
+    from plabel.jobs.label_job import read_pseudo_labels, run_label_job
+    from plabel.schemas.config import LabelSection, build
 
     root = tmp_path_factory.mktemp("bad_input")
     shards, expect, images_in = build_bad_shards(root / "shards")
@@ -678,7 +678,7 @@ def test_job_row_per_input(bad_job):
 
 
 def test_job_good_images_have_masks_on_their_own_grid(bad_job):
-    from schemas.tables import decode_class_masks
+    from plabel.schemas.tables import decode_class_masks
 
     _, rows, expect, _ = bad_job
     for row in rows:
@@ -692,8 +692,8 @@ def test_job_good_images_have_masks_on_their_own_grid(bad_job):
 
 def test_read_shards_from_s3_with_a_truncated_shard(ray_local, s3_prefix):
     """The reader's Ray path on an object store: rows name the redacted URI; a cut shard completes."""
-    from engine import storage
-    from engine.pipeline.shard_reader import read_shards
+    from plabel.data import storage
+    from plabel.data.shard_reader import read_shards
 
     full = tar_bytes(sample_members("a", b"A" * 900) + sample_members("b", b"B" * 900))
     _, at, size = member_offsets(full)["b.png"]

@@ -1,4 +1,4 @@
-"""Gate calibration (engine.calibrate): hand-made masks with known answers, the label job's
+"""Gate calibration (plabel.method.calibration): hand-made masks with known answers, the label job's
 consistency, the policy file, the config keys and the runner / CLI plumbing."""
 import json
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.calibrate import (
+from plabel.method.calibration import (
     POLICY_FILE,
     CalibrationObjective,
     GatePolicy,
@@ -21,9 +21,9 @@ from engine.calibrate import (
     save_gate_policy,
     validation_evidence,
 )
-from engine.gate import ClassGate, GateConfig
-from engine.metrics import dice
-from schemas.config import ConfigError, GateSection, LabelSection, RunConfig, build
+from plabel.method.gate import ClassGate, GateConfig
+from plabel.method.metrics import dice
+from plabel.schemas.config import ConfigError, GateSection, LabelSection, RunConfig, build
 
 torch.set_num_threads(1)
 
@@ -237,9 +237,9 @@ def _phantoms(n: int = 3, size: int = 48):
 def test_evidence_is_the_label_jobs_and_calibrated_decisions_match_pseudo_label_rows():
     """validation_evidence on a known teacher and the random tiny SAM: masks, IoU and agreement
     are SAM's own, and the label job's rows under any gate keep exactly what calibration predicts."""
-    from engine.cleaning import CleaningConfig
-    from engine.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
-    from engine.sam import SamRefiner, build_random_sam
+    from plabel.method.cleaning import CleaningConfig
+    from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
+    from plabel.method.sam import SamRefiner, build_random_sam
 
     classes = ["bright", "mid", "none"]
     grays, truths = _phantoms()
@@ -343,7 +343,7 @@ def test_gate_section_defaults_and_configured_overrides_win():
 
 
 def test_runner_labelling_config_and_stale_policy(tmp_path):
-    from engine.pipeline.runner import _stale_policy, labelling_config
+    from plabel.jobs.runner import _stale_policy, labelling_config
 
     cfg = build(RunConfig, {"data": {"source": "x"}, "label": {"gate": {"per_class": {"heart": {"policy": "unet"}}}}})
     calibrated = GateConfig(per_class={"heart": ClassGate("sam", 0.8, 0.7, 0.3), "lung": ClassGate("drop")})
@@ -361,9 +361,9 @@ def test_runner_labelling_config_and_stale_policy(tmp_path):
 
 
 def test_runner_reads_validation_shards_in_process(tmp_path):
-    from engine.ingest import ingest, shard_paths
-    from engine.pipeline.runner import read_labelled_images
-    from engine.synthetic import make_synthetic_dataset
+    from plabel.data.ingest import ingest, shard_paths
+    from plabel.jobs.runner import read_labelled_images
+    from plabel.data.synthetic import make_synthetic_dataset
 
     src = make_synthetic_dataset(tmp_path / "data", n_images=5, size=32, seed=0)
     manifest = ingest(src, tmp_path / "shards", counts={"labelled": 2, "val": 3}, seed=0, shard_size=2)
@@ -377,7 +377,7 @@ def test_runner_reads_validation_shards_in_process(tmp_path):
 def test_cli_gate_policy_option_takes_a_policy_or_a_file(tmp_path):
     import typer
 
-    from cli.main import _gate_option
+    from plabel.cli.main import _gate_option
 
     assert _gate_option("unet", None, 0.7) == {"policy": "unet", "min_agreement": 0.7}
     calibrated = GateConfig(ClassGate("auto", 0.6), per_class={"heart": ClassGate("sam", 0.8, 0.7, 0.3)})

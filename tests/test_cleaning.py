@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from engine.cleaning import CleaningConfig, best_component, clean_class_mask, clean_masks, fill_holes
+from plabel.method.cleaning import CleaningConfig, best_component, clean_class_mask, clean_masks, fill_holes
 
 
 def test_keeps_component_with_highest_mean_probability_not_the_largest():

@@ -1,6 +1,6 @@
 import pytest
 
-from schemas.config import ConfigError, RunConfig, build, load_run_config
+from plabel.schemas.config import ConfigError, RunConfig, build, load_run_config
 
 
 def test_default_stages_per_backend():
@@ -51,7 +51,7 @@ def test_load_resolves_relative_paths(tmp_path):
 
 
 def test_student_init_teacher_needs_the_teachers_architecture(tmp_path):
-    from schemas.config import ConfigError, RunConfig, build
+    from plabel.schemas.config import ConfigError, RunConfig, build
 
     cfg = build(RunConfig, {"teacher": {"base_channels": 8, "depth": 3}, "student": {"base_channels": 8, "depth": 3}})
     assert cfg.student.init == "teacher"
@@ -69,9 +69,9 @@ def test_student_init_teacher_needs_the_teachers_architecture(tmp_path):
 def test_student_selection_defaults_to_guarded_and_checks_its_values():
     import inspect
 
-    from cli.main import train
-    from engine.selection import GUARD_TOLERANCE, EpochSelector
-    from schemas.config import ConfigError, RunConfig, build
+    from plabel.cli.main import train
+    from plabel.training.selection import GUARD_TOLERANCE, EpochSelector
+    from plabel.schemas.config import ConfigError, RunConfig, build
 
     cfg = build(RunConfig, {})
     assert (cfg.student.selection, cfg.student.selection_tolerance, cfg.student.distill) == ("guarded", 0.005, 1.0)
@@ -89,7 +89,7 @@ def test_student_selection_defaults_to_guarded_and_checks_its_values():
 
 
 def test_student_soup_values():
-    from schemas.config import DEFAULT_STUDENT_SOUP
+    from plabel.schemas.config import DEFAULT_STUDENT_SOUP
 
     assert DEFAULT_STUDENT_SOUP == 3 and build(RunConfig, {}).student.soup == 3  # the measured default
     assert build(RunConfig, {}).teacher.soup == 1

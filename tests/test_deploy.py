@@ -6,7 +6,7 @@
 * the objects the pod templates name (ConfigMap, Secret, PVC, ServiceAccount) are in the render;
 * security: resources, non-root, no privilege escalation, pinned image;
 * the run config in the ConfigMap asks for Ray resources that the worker groups can give
-  (engine.pipeline.resources), SAM on the GPU group;
+  (plabel.jobs.resources), SAM on the GPU group;
 * the RayJob runs `plabel run` with the mounted config on a copy of the base cluster spec;
 * the Dockerfile and its lock file.
 """
@@ -31,8 +31,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from engine.pipeline.resources import label_requests, run_requests, train_requests
-from schemas.config import load_run_config
+from plabel.jobs.resources import label_requests, run_requests, train_requests
+from plabel.schemas.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -614,8 +614,8 @@ def test_fit_check_counts_the_memory_of_sam_actors(tmp_path):
 
 
 def test_memory_request_of_a_sam_actor():
-    from engine.pipeline.resources import refine_resources, ray_remote_args
-    from schemas.config import SamSection
+    from plabel.jobs.resources import refine_resources, ray_remote_args
+    from plabel.schemas.config import SamSection
 
     sam = SamSection(memory_gb=2.5, resources={"sam_node": 1})
     req = refine_resources(sam, cluster_has_gpu=True)

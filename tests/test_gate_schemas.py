@@ -4,9 +4,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine.gate import ClassGate, GateConfig, gate_decision
-from schemas.masks import decode_mask, encode_mask
-from schemas.tables import class_column, decode_class_masks, pseudo_label_schema, table_classes
+from plabel.method.gate import ClassGate, GateConfig, gate_decision
+from plabel.schemas.masks import decode_mask, encode_mask
+from plabel.schemas.tables import class_column, decode_class_masks, pseudo_label_schema, table_classes
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""engine.imageio: decoding of hand-made PNG / JPEG / TIFF inputs with known pixels."""
+"""plabel.data.imageio: decoding of hand-made PNG / JPEG / TIFF inputs with known pixels."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from engine.imageio import (
+from plabel.data.imageio import (
     ImageDecodeError,
     decode_image,
     decode_mask,

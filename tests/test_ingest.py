@@ -1,4 +1,4 @@
-"""engine.shards and engine.ingest on small hand-made sources (and jsrt256 when present)."""
+"""plabel.data.shards and plabel.data.ingest on small hand-made sources (and jsrt256 when present)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from engine.imageio import decode_mask
-from engine.ingest import (
+from plabel.data.imageio import decode_mask
+from plabel.data.ingest import (
     IngestError,
     ingest,
     load_manifest,
@@ -23,7 +23,7 @@ from engine.ingest import (
     shard_paths,
     write_unlabelled_shards,
 )
-from engine.shards import (
+from plabel.data.shards import (
     ShardError,
     decode_masks,
     encode_masks,

@@ -1,13 +1,13 @@
-"""engine.inprocess: in-process U-Net fitting with best-validation selection, and several SAM
+"""plabel.training.inprocess: in-process U-Net fitting with best-validation selection, and several SAM
 stage sets from one encoder pass (tiny models, a few seconds on one CPU thread)."""
 import numpy as np
 import pytest
 import torch
 
-from engine.inprocess import fit_unet, positive_fraction, refine_variants
-from engine.prompts import extract_prompts
-from engine.sam import SamRefiner, build_random_sam
-from engine.train_core import TrainConfig
+from plabel.training.inprocess import fit_unet, positive_fraction, refine_variants
+from plabel.method.prompts import extract_prompts
+from plabel.method.sam import SamRefiner, build_random_sam
+from plabel.training.loop import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -37,7 +37,7 @@ def test_fit_is_deterministic_and_keeps_the_best_validation_epoch():
         assert torch.equal(v, b.model.state_dict()[k]), k
     assert not a.model.training
     # the returned weights are those of the best epoch: their validation Dice is the recorded one
-    from engine.train_core import evaluate_batch
+    from plabel.training.loop import evaluate_batch
 
     d = evaluate_batch(a.model, torch.from_numpy(images[4:])[:, None], torch.from_numpy(masks[4:]).float())
     assert float(d.mean()) == pytest.approx(a.best_val_dice, abs=1e-6)
@@ -119,7 +119,7 @@ def test_fit_warm_start_begins_at_the_given_weights():
 
 
 def _val_dice(model, images, masks):
-    from engine.train_core import evaluate_batch
+    from plabel.training.loop import evaluate_batch
 
     return evaluate_batch(model, torch.from_numpy(images)[:, None], torch.from_numpy(masks).float()).mean(axis=0)
 

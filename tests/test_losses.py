@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.losses import (bce_per_entry, positive_class_weights, segmentation_loss,
+from plabel.method.losses import (bce_per_entry, positive_class_weights, segmentation_loss,
                            soft_dice_per_entry)
 
 
@@ -91,7 +91,7 @@ def test_positive_class_weights():
 
 
 def test_distillation_loss_hand_values():
-    from engine.losses import distillation_loss
+    from plabel.method.losses import distillation_loss
 
     # one pixel per entry; logit 0 (p = 0.5) against teacher 0.2: BCE = log 2; logit(0.9) against 0.9: H(0.9)
     logits = torch.tensor([[[[0.0]], [[math.log(9.0)]]]], requires_grad=True)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from engine.metrics import dice, dice_per_class, format_dice_table, summarize_dice
+from plabel.method.metrics import dice, dice_per_class, format_dice_table, summarize_dice
 
 
 def _mask(shape, pixels):

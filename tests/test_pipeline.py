@@ -7,8 +7,8 @@ import pyarrow.dataset as pads
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from engine.synthetic import make_synthetic_dataset
+from plabel.cli.main import app
+from plabel.data.synthetic import make_synthetic_dataset
 
 CONFIG = """
 name: tiny
@@ -55,9 +55,9 @@ def test_run_writes_every_stage(tiny_run):
 
 
 def test_pseudo_label_table_schema_and_rows(tiny_run):
-    from engine.ingest import load_manifest
-    from engine.unet import checkpoint_sha256
-    from schemas.tables import pseudo_label_schema, table_classes
+    from plabel.data.ingest import load_manifest
+    from plabel.method.unet import checkpoint_sha256
+    from plabel.schemas.tables import pseudo_label_schema, table_classes
 
     run, _ = tiny_run
     table = pads.dataset(str(run / "pseudo_labels"), format="parquet").to_table()
@@ -84,16 +84,16 @@ def test_ray_job_rows_equal_in_process_method(tiny_run):
     """The Ray Data job gives the same pseudo labels as calling the method functions directly."""
     import webdataset as wds
 
-    from engine.calibrate import load_gate_policy
-    from engine.cleaning import CleaningConfig
-    from engine.imageio import decode_image, to_gray_float
-    from engine.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
-    from engine.ingest import load_manifest, shard_paths
-    from engine.sam import SamRefiner, load_sam
-    from engine.shards import image_member
-    from engine.unet import load_checkpoint
-    from schemas.config import SamSection
-    from schemas.masks import decode_mask
+    from plabel.method.calibration import load_gate_policy
+    from plabel.method.cleaning import CleaningConfig
+    from plabel.data.imageio import decode_image, to_gray_float
+    from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
+    from plabel.data.ingest import load_manifest, shard_paths
+    from plabel.method.sam import SamRefiner, load_sam
+    from plabel.data.shards import image_member
+    from plabel.method.unet import load_checkpoint
+    from plabel.schemas.config import SamSection
+    from plabel.schemas.masks import decode_mask
 
     run, _ = tiny_run
     table = pads.dataset(str(run / "pseudo_labels"), format="parquet").to_table()
@@ -132,8 +132,8 @@ def test_calibrate_stage_writes_the_gate_policy_the_label_stage_used(tiny_run):
     per-class override of clavicle wins), and every table row follows the stored gate."""
     import math
 
-    from engine.calibrate import label_decision, load_gate_policy
-    from engine.ingest import load_manifest
+    from plabel.method.calibration import label_decision, load_gate_policy
+    from plabel.data.ingest import load_manifest
 
     run, output = tiny_run
     manifest = load_manifest(run / "shards")
@@ -184,9 +184,9 @@ def test_bad_samples_become_error_rows_naming_the_input(tiny_run, tmp_path):
     import cv2
     import webdataset as wds
 
-    from engine.ingest import load_manifest
-    from engine.pipeline.label_job import run_label_job
-    from schemas.config import LabelSection
+    from plabel.data.ingest import load_manifest
+    from plabel.jobs.label_job import run_label_job
+    from plabel.schemas.config import LabelSection
 
     run, _ = tiny_run
     classes = load_manifest(run / "shards")["classes"]
@@ -222,13 +222,13 @@ def test_student_soup_averages_students_of_consecutive_seeds(tiny_run, tmp_path)
 
     import torch
 
-    from engine.ingest import shard_paths
-    from engine.labelling import teacher_probs
-    from engine.metrics import dice_per_class
-    from engine.pipeline.runner import read_labelled_images
-    from engine.train_core import average_weights
-    from engine.unet import checkpoint_sha256, load_checkpoint
-    from schemas.config import DEFAULT_STUDENT_SOUP
+    from plabel.data.ingest import shard_paths
+    from plabel.method.labelling import teacher_probs
+    from plabel.method.metrics import dice_per_class
+    from plabel.jobs.runner import read_labelled_images
+    from plabel.training.loop import average_weights
+    from plabel.method.unet import checkpoint_sha256, load_checkpoint
+    from plabel.schemas.config import DEFAULT_STUDENT_SOUP
 
     run, output = tiny_run
     assert DEFAULT_STUDENT_SOUP == 3
@@ -290,7 +290,7 @@ def _rerun_student_with_members(tiny_run, root, members) -> tuple[Path, str]:
     the soup members ``members`` [(state_dict, recorded best validation Dice)] in place."""
     import shutil
 
-    from engine.unet import load_checkpoint, save_checkpoint
+    from plabel.method.unet import load_checkpoint, save_checkpoint
 
     run, _ = tiny_run
     shutil.copytree(run.parent.parent / "data", root / "data")
@@ -319,8 +319,8 @@ def test_a_soup_that_loses_a_class_on_validation_gives_way_to_its_best_member(ti
     validation, and scores exactly the teacher's test Dice."""
     import torch
 
-    from engine.selection import GUARD_TOLERANCE
-    from engine.unet import checkpoint_sha256, load_checkpoint
+    from plabel.training.selection import GUARD_TOLERANCE
+    from plabel.method.unet import checkpoint_sha256, load_checkpoint
 
     teacher = load_checkpoint(tiny_run[0] / "teacher.pt")[0].state_dict()
     blind = {k: v.clone() for k, v in teacher.items()}
@@ -346,7 +346,7 @@ def test_a_soup_that_loses_a_class_on_validation_gives_way_to_its_best_member(ti
 
 def test_a_soup_that_loses_no_class_is_kept(tiny_run, tmp_path):
     """The same guard with three copies of the teacher's weights: their average loses nothing."""
-    from engine.unet import load_checkpoint
+    from plabel.method.unet import load_checkpoint
 
     teacher = load_checkpoint(tiny_run[0] / "teacher.pt")[0].state_dict()
     out, output = _rerun_student_with_members(tiny_run, tmp_path, [(teacher, 0.5), (teacher, 0.7), (teacher, 0.6)])
@@ -363,8 +363,8 @@ def test_student_training_set_refuses_rows_lost_in_the_join(tiny_run):
     """Pseudo-label rows whose image is missing from the unlabelled shards do not leave training silently."""
     import pyarrow.dataset as pads
 
-    from engine.ingest import load_manifest, shard_paths
-    from engine.pipeline.train_job import maybe_materialize, pseudo_label_rows, pseudo_labelled_dataset
+    from plabel.data.ingest import load_manifest, shard_paths
+    from plabel.jobs.train_job import maybe_materialize, pseudo_label_rows, pseudo_labelled_dataset
 
     run, _ = tiny_run
     table = str(run / "pseudo_labels")

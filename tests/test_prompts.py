@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from engine.prompts import extract_prompts, interior_point, mask_box, positive_point
+from plabel.method.prompts import extract_prompts, interior_point, mask_box, positive_point
 
 
 def test_box_is_inclusive_pixel_extent():

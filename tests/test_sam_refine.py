@@ -1,4 +1,4 @@
-"""Batched SAM refinement (engine.sam.refine) against the per-prompt SamPredictor reference.
+"""Batched SAM refinement (plabel.method.sam.refine) against the per-prompt SamPredictor reference.
 
 Measured on CPU (fp32) when these tests were written:
   tiny random SAM, 4 images of different sizes: worst per-class mask Dice 0.99994 (threshold flips
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.prompts import RefinementPrompts, extract_prompts
-from engine.sam import (
+from plabel.method.prompts import RefinementPrompts, extract_prompts
+from plabel.method.sam import (
     DEFAULT_STAGES,
     RefinementResult,
     SamRefiner,
@@ -335,9 +335,9 @@ def test_fixed_encoder_batch_pads_and_matches(tiny, tiny_cases):
 
 
 def test_compiled_sam_matches_eager(tiny_cases):
-    """engine.sam.compile: the compiled encoder and decoder give the eager results (float32), the
+    """plabel.method.sam.compile: the compiled encoder and decoder give the eager results (float32), the
     decoder is compiled for its first shapes only and runs eagerly for later new shapes."""
-    from engine.sam.compile import CompiledDecoder, compile_sam, is_compiled
+    from plabel.method.sam.compile import CompiledDecoder, compile_sam, is_compiled
 
     images, prompts = tiny_cases
     eager = SamRefiner(build_random_sam(seed=3)).refine_batch(images, prompts)
@@ -354,8 +354,8 @@ def test_compiled_sam_matches_eager(tiny_cases):
 
 def test_refiner_from_config_reads_the_label_sam_section():
     """The one place a label.sam config becomes a SamRefiner (label job actors, calibrate stage)."""
-    from engine.sam import refiner_from_config
-    from engine.sam.compile import is_compiled
+    from plabel.method.sam import refiner_from_config
+    from plabel.method.sam.compile import is_compiled
 
     sam = {"backend": "random_tiny", "checkpoint": None, "sha256": None, "stages": [["box"], ["points", "mask"]],
            "batch_size": 4, "autocast": "bf16", "compile": True}

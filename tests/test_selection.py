@@ -1,10 +1,10 @@
-"""engine.selection: which epoch a training run keeps (mean and guarded rules), hand-made Dice."""
+"""plabel.training.selection: which epoch a training run keeps (mean and guarded rules), hand-made Dice."""
 import math
 
 import numpy as np
 import pytest
 
-from engine.selection import EpochSelector, guard_average, lost_classes
+from plabel.training.selection import EpochSelector, guard_average, lost_classes
 
 
 def test_mean_rule_keeps_the_highest_mean_and_the_first_of_ties():

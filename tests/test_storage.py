@@ -1,4 +1,4 @@
-"""engine.storage on local disk and on S3 (a moto server, see conftest.py), and plabel's IO through it:
+"""plabel.data.storage on local disk and on S3 (a moto server, see conftest.py), and plabel's IO through it:
 ingest, manifests, checkpoints, the pseudo-label table's commit protocol and, end to end, `plabel run`
 with its shards and run directory in S3."""
 import json
@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from engine import storage
+from plabel.data import storage
 
 S3_BUCKET = "plabel-test"  # conftest.S3_BUCKET, created by the s3_server fixture
 
@@ -185,7 +185,7 @@ def test_local_copy(tmp_path, s3_prefix):
 def test_unet_checkpoint_from_s3(tmp_path, s3_prefix, monkeypatch):
     import torch
 
-    from engine.unet import UNet, UNetConfig, checkpoint_sha256, load_checkpoint, save_checkpoint
+    from plabel.method.unet import UNet, UNetConfig, checkpoint_sha256, load_checkpoint, save_checkpoint
 
     monkeypatch.setenv("PLABEL_CACHE_DIR", str(tmp_path / "cache"))
     cfg = UNetConfig(num_classes=2, base_channels=4, depth=2)
@@ -222,7 +222,7 @@ def test_gcs_round_trip_with_emulator(tmp_path):
 
 
 def test_config_keeps_uris(tmp_path):
-    from schemas.config import load_run_config
+    from plabel.schemas.config import load_run_config
 
     (tmp_path / "c.yaml").write_text("run_dir: s3://b/runs\ndata: {shards: gs://b/shards}\n")
     cfg = load_run_config(tmp_path / "c.yaml")
@@ -230,8 +230,8 @@ def test_config_keeps_uris(tmp_path):
 
 
 def test_ingest_to_s3_and_read_manifest(tmp_path, s3_prefix):
-    from engine.ingest import IngestError, ingest, load_manifest, shard_paths
-    from engine.synthetic import make_synthetic_dataset
+    from plabel.data.ingest import IngestError, ingest, load_manifest, shard_paths
+    from plabel.data.synthetic import make_synthetic_dataset
 
     src = make_synthetic_dataset(tmp_path / "data", n_images=8, size=32, seed=0)
     out = storage.join(s3_prefix, "shards")
@@ -266,7 +266,7 @@ def test_ingest_to_s3_and_read_manifest(tmp_path, s3_prefix):
 
 def _fake_table(location: str, n: int) -> None:
     """A table folder as Ray's write_parquet leaves it: Parquet parts, no marker."""
-    from schemas.tables import pseudo_label_schema
+    from plabel.schemas.tables import pseudo_label_schema
 
     schema = pseudo_label_schema(["a"])
     for part in range(2):
@@ -279,8 +279,8 @@ def _fake_table(location: str, n: int) -> None:
 
 
 def test_table_commit_protocol(base):
-    from engine.pipeline.label_job import read_pseudo_labels
-    from engine.pipeline.table_commit import (
+    from plabel.jobs.label_job import read_pseudo_labels
+    from plabel.data.table_commit import (
         MARKER_NAME, IncompleteTableError, _clear_output, _commit_table, table_marker)
 
     out, tmp = storage.join(base, "pseudo_labels"), storage.join(base, ".pseudo_labels.tmp-1234")
@@ -320,14 +320,14 @@ def test_run_pipeline_on_s3(tmp_path, s3_prefix, ray_local):
     """`plabel ingest` to S3, then `plabel run` with data.shards and run_dir in S3."""
     from typer.testing import CliRunner
 
-    from cli.main import app
-    from engine.ingest import load_manifest
-    from engine.pipeline.label_job import read_pseudo_labels
-    from engine.pipeline.table_commit import MARKER_NAME, IncompleteTableError
-    from engine.pipeline.runner import run_pipeline
-    from engine.pipeline.train_job import pseudo_labelled_dataset
-    from engine.synthetic import make_synthetic_dataset
-    from schemas.config import RunConfig, build
+    from plabel.cli.main import app
+    from plabel.data.ingest import load_manifest
+    from plabel.jobs.label_job import read_pseudo_labels
+    from plabel.data.table_commit import MARKER_NAME, IncompleteTableError
+    from plabel.jobs.runner import run_pipeline
+    from plabel.jobs.train_job import pseudo_labelled_dataset
+    from plabel.data.synthetic import make_synthetic_dataset
+    from plabel.schemas.config import RunConfig, build
 
     t0 = time.time()
     # tiny_run's image and U-Net sizes (test_pipeline.py), fewer images and epochs: SAM on CPU

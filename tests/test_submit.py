@@ -10,12 +10,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
-from engine.demo import demo_config
-from engine.pipeline.submit import entrypoint, job_config, jobs_api_address, remote_locations
-from engine.synthetic import make_synthetic_dataset
+from plabel.cli.main import app
+from plabel.data.demo import demo_config
+from plabel.jobs.submit import entrypoint, job_config, jobs_api_address, remote_locations
+from plabel.data.synthetic import make_synthetic_dataset
 from local_cluster import LocalRayCluster, marked_pids
-from schemas.config import build, RunConfig, load_run_config
+from plabel.schemas.config import build, RunConfig, load_run_config
 
 
 def test_jobs_api_address_forms(monkeypatch):

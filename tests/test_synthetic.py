@@ -1,4 +1,4 @@
-"""engine.synthetic: the demo dataset is deterministic, radiograph-like and multi-label."""
+"""plabel.data.synthetic: the demo dataset is deterministic, radiograph-like and multi-label."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.ingest import ingest, scan_source
-from engine.synthetic import (
+from plabel.data.ingest import ingest, scan_source
+from plabel.data.synthetic import (
     OVERLAPPING_PAIRS,
     SYNTHETIC_CLASSES,
     make_synthetic_dataset,

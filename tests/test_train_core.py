@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.train_core import (TrainConfig, average_checkpoints, average_weights, build_model, evaluate_batch,
+from plabel.training.loop import (TrainConfig, average_checkpoints, average_weights, build_model, evaluate_batch,
                                make_optimizer, train_step)
 
 
@@ -108,7 +108,7 @@ def test_average_weights_hand_values():
 
 
 def test_average_checkpoints_is_the_mean_model(tmp_path, one_thread):
-    from engine.unet import load_checkpoint, save_checkpoint
+    from plabel.method.unet import load_checkpoint, save_checkpoint
 
     paths = []
     for seed in (1, 2):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
-from engine.ingest import ingest
-from engine.synthetic import make_synthetic_dataset
-from engine.unet import load_checkpoint
+from plabel.cli.main import app
+from plabel.data.ingest import ingest
+from plabel.data.synthetic import make_synthetic_dataset
+from plabel.method.unet import load_checkpoint
 
 ARCH = ["--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "2"]
 
@@ -84,9 +84,9 @@ def lost_class(tmp_path_factory, ray_local):
     (a better mean) and 0 for the last (a lost class)."""
     import cv2
 
-    from engine.ingest import make_splits
-    from engine.synthetic import SYNTHETIC_CLASSES
-    from engine.unet import UNet, UNetConfig, save_checkpoint
+    from plabel.data.ingest import make_splits
+    from plabel.data.synthetic import SYNTHETIC_CLASSES
+    from plabel.method.unet import UNet, UNetConfig, save_checkpoint
 
     root = tmp_path_factory.mktemp("lost")
     data = make_synthetic_dataset(root / "data", n_images=8, size=32, seed=5)
@@ -134,7 +134,7 @@ def test_guarded_selection_keeps_the_starting_weights_when_training_loses_a_clas
 
 
 def test_distill_from_a_teacher_of_other_classes_is_refused_before_training(shards):
-    from engine.unet import UNet, UNetConfig, save_checkpoint
+    from plabel.method.unet import UNet, UNetConfig, save_checkpoint
 
     root = shards
     other = UNetConfig(in_channels=1, num_classes=7, base_channels=4, depth=2)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.unet import (UNet, UNetConfig, checkpoint_sha256, load_checkpoint, predict_probs,
+from plabel.method.unet import (UNet, UNetConfig, checkpoint_sha256, load_checkpoint, predict_probs,
                          save_checkpoint)
 
 

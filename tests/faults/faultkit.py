@@ -27,7 +27,7 @@ LABEL_ARGS = ["--sam-backend", "random_tiny", "--sam-batch-size", "4", "--unet-b
 
 def label_section():
     """The label settings of the fault tests, as `plabel label` builds them from LABEL_ARGS."""
-    from schemas.config import LabelSection, build
+    from plabel.schemas.config import LabelSection, build
 
     return build(LabelSection, {"sam": {"backend": "random_tiny", "batch_size": 4}, "unet_batch_size": 4,
                                 "cleaning": {"threshold": 0.3}}, "label")
@@ -40,9 +40,9 @@ def tiny_teacher(path: Path, classes, size: int = 64, steps: int = 60) -> None:
     import numpy as np
     import torch
 
-    from engine.synthetic import render_synthetic
-    from engine.train_core import TrainConfig, build_model, make_optimizer, train_step
-    from engine.unet import save_checkpoint
+    from plabel.data.synthetic import render_synthetic
+    from plabel.training.loop import TrainConfig, build_model, make_optimizer, train_step
+    from plabel.method.unet import save_checkpoint
 
     data = [render_synthetic(i, size=size, seed=99) for i in range(8)]
     images = torch.tensor(np.stack([d[0] for d in data])[:, None] / 255.0, dtype=torch.float32)
@@ -67,8 +67,8 @@ def make_dataset(root: Path, n_images: int, shard_size: int, labelled: int = 2, 
                  size: int = 64, teacher: bool = True) -> dict:
     """Synthetic images ingested into root/shards (n_images - labelled - val unlabelled ones) and
     (teacher) a tiny teacher at root/teacher.pt. Returns the manifest."""
-    from engine.ingest import ingest
-    from engine.synthetic import make_synthetic_dataset
+    from plabel.data.ingest import ingest
+    from plabel.data.synthetic import make_synthetic_dataset
 
     make_synthetic_dataset(root / "data", n_images=n_images, size=size, seed=1)
     manifest = ingest(root / "data", root / "shards", counts={"labelled": labelled, "val": val}, shard_size=shard_size)

@@ -30,9 +30,9 @@ def main(root: Path, out: Path) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from engine.ingest import load_manifest, shard_paths
-    from engine.pipeline.cluster import quiet_ray_data
-    from engine.pipeline.label_job import read_pseudo_labels, run_label_job
+    from plabel.data.ingest import load_manifest, shard_paths
+    from plabel.jobs.cluster import quiet_ray_data
+    from plabel.jobs.label_job import read_pseudo_labels, run_label_job
 
     t0 = time.time()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

@@ -1,4 +1,4 @@
-"""The shard-by-shard table writer (engine.pipeline.table_commit) without Ray: parts, resume,
+"""The shard-by-shard table writer (plabel.data.table_commit) without Ray: parts, resume,
 settings changes, duplicate and late rows, interrupted writes; on local disk and on S3."""
 import json
 import os
@@ -6,11 +6,11 @@ import os
 import pyarrow as pa
 import pytest
 
-from engine import storage
-from engine.pipeline.label_job import read_pseudo_labels
-from engine.pipeline.table_commit import (
+from plabel.data import storage
+from plabel.jobs.label_job import read_pseudo_labels
+from plabel.data.table_commit import (
     JOB_NAME, MARKER_NAME, IncompleteTableError, ShardTableWriter, expected_keys, part_names, table_files)
-from schemas.tables import pseudo_label_schema, table_classes
+from plabel.schemas.tables import pseudo_label_schema, table_classes
 
 CLASSES = ["a", "b"]
 SCHEMA = pseudo_label_schema(CLASSES)
@@ -153,8 +153,8 @@ def test_interrupted_part_write_leaves_nothing_visible(tmp_path, monkeypatch):
 
 
 def test_part_names_and_expected_keys_from_manifest(tmp_path):
-    from engine.ingest import ingest, shard_paths
-    from engine.synthetic import make_synthetic_dataset
+    from plabel.data.ingest import ingest, shard_paths
+    from plabel.data.synthetic import make_synthetic_dataset
 
     names = part_names(["/a/x/s-000000.tar", "/b/x/s-000000.tar", "/a/x/t.tar"])
     assert names[os.path.abspath("/a/x/t.tar")] == "part-t.parquet"

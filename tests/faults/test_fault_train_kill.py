@@ -14,7 +14,7 @@ EPOCHS = 4
 
 
 def test_training_killed_then_rerun_resumes(tmp_path):
-    from engine.unet import load_checkpoint
+    from plabel.method.unet import load_checkpoint
 
     root = tmp_path
     faultkit.make_dataset(root, n_images=10, shard_size=4, labelled=6, val=2, teacher=False)

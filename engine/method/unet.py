@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import storage
-from engine.files import sha256_file
+from plabel.data import storage
+from plabel.data.files import sha256_file
 
 CHECKPOINT_FORMAT = "plabel-unet-v1"
 _NORMS = ("batch", "group")
@@ -171,7 +171,7 @@ def _check_plain(value: Any, where: str) -> None:
 
 def save_checkpoint(path: str | os.PathLike, model: UNet, config: UNetConfig,
                     extra: dict | None = None) -> None:
-    """Write ``model`` atomically to a local path or an object-store URI (engine.storage.write_bytes).
+    """Write ``model`` atomically to a local path or an object-store URI (plabel.data.storage.write_bytes).
 
     extra: plain-typed metadata (epoch, metrics, data hashes...); TypeError otherwise.
     Tensors are moved to CPU so the file loads anywhere.
@@ -197,7 +197,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
 
     Returns (model in eval mode on ``device``, config, extra). A file that needs full
     unpickling is refused with ValueError (it could run arbitrary code). ``path`` may be a URI
-    (``s3://``, ``gs://``): the file is loaded from a local cached copy (engine.storage.local_copy).
+    (``s3://``, ``gs://``): the file is loaded from a local cached copy (plabel.data.storage.local_copy).
     """
     name = storage.redact(os.fspath(path))
     path = os.fspath(storage.local_copy(os.fspath(path)))

@@ -13,7 +13,7 @@ The agreement test guards against SAM answering a different structure than the p
 a very low agreement means at least one of the two masks is wrong, so neither is trusted.
 A class the teacher did not find is ``empty`` (stored as background, trained as background).
 Defaults are conservative; ``plabel run`` calibrates them per class from labelled validation
-images (engine.calibrate, its ``calibrate`` stage) unless ``label.gate.calibrate`` is false.
+images (plabel.method.calibration, its ``calibrate`` stage) unless ``label.gate.calibrate`` is false.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-POLICIES = ("auto", "sam", "unet", "drop")
+from plabel.schemas.config import POLICIES
 
 
 @dataclass

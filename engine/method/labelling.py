@@ -5,7 +5,7 @@
     pseudo_label_rows  SAM refinement (all classes of an image per decoder call), quality gate,
                        one pseudo-label table row per image
 
-engine.pipeline.label_job runs the first two on CPU actors and the last on SAM actors.
+plabel.jobs.label_job runs the first two on CPU actors and the last on SAM actors.
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.cleaning import CleaningConfig, clean_masks
-from engine.gate import GateConfig, gate_decision
-from engine.metrics import dice
-from engine.preprocess import probs_to_image, to_unet_input
-from engine.prompts import RefinementPrompts, extract_prompts
-from schemas.masks import encode_mask
-from schemas.tables import CLASS_FIELD_TYPES, class_column
+from plabel.method.cleaning import CleaningConfig, clean_masks
+from plabel.method.gate import GateConfig, gate_decision
+from plabel.method.metrics import dice
+from plabel.method.preprocess import probs_to_image, to_unet_input
+from plabel.method.prompts import RefinementPrompts, extract_prompts
+from plabel.schemas.masks import encode_mask
+from plabel.schemas.tables import CLASS_FIELD_TYPES, class_column
 
 
 @dataclass
@@ -48,7 +48,7 @@ def teacher_probs(model: torch.nn.Module, grays: Sequence[np.ndarray], image_siz
     (``names[i]``, else its index), ``nonfinite="none"`` gives None in its place (the label job
     turns it into an error row; the other images of the batch are unaffected).
     """
-    from engine.unet import predict_probs
+    from plabel.method.unet import predict_probs
 
     if nonfinite not in ("raise", "none"):
         raise ValueError(f"nonfinite must be 'raise' or 'none', got {nonfinite!r}")
@@ -131,7 +131,7 @@ def pseudo_label_rows(
     """Refine with SAM (one batched call per stage), gate each class, build the table rows.
 
     grays: uint8 (H, W) per image; cleaned: bool (C, H, W); unet_prob: float32 (C,).
-    refiner: engine.sam.SamRefiner, or None to keep the cleaned U-Net masks (no SAM).
+    refiner: plabel.method.sam.SamRefiner, or None to keep the cleaned U-Net masks (no SAM).
 
     A class whose SAM output (IoU of any stage, final logits) is NaN or inf is not gated: it keeps
     the cleaned U-Net mask (policies auto / unet) or is dropped (sam / drop), its ``sam_iou`` and

@@ -12,7 +12,7 @@ image, ``Sam.preprocess``, coordinates via ``apply_coords`` / ``apply_boxes``,
 ``Sam.postprocess_masks``, threshold ``Sam.mask_threshold``), so the two agree up to floating-point
 reordering. One exception: when valid classes carry different numbers of points, the batched call
 pads the shorter lists with label -1 ("not a point" tokens), which the reference does not see.
-:func:`engine.prompts.extract_prompts` gives every valid class the same number of points, so this
+:func:`plabel.method.prompts.extract_prompts` gives every valid class the same number of points, so this
 does not arise with its prompts.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from engine.prompts import RefinementPrompts
-from engine.sam.backends import SamModel
+from plabel.method.prompts import RefinementPrompts
+from plabel.method.sam.backends import SamModel
 
 STAGE_PROMPTS = frozenset({"box", "points", "mask"})
 DEFAULT_STAGES: tuple[tuple[str, ...], ...] = (("box",), ("points", "mask"))
@@ -63,20 +63,20 @@ def autocast_dtype(name: str) -> torch.dtype | None:
 
 def refiner_from_config(sam: Mapping, device: str, cache_dir: str | None = None,
                         compile: bool | None = None) -> "SamRefiner":
-    """The SamRefiner a ``label.sam`` config describes (the dict form of schemas.config.SamSection).
+    """The SamRefiner a ``label.sam`` config describes (the dict form of plabel.schemas.config.SamSection).
 
     Loads sam["backend"] from sam["checkpoint"] onto device ("cuda" or "cpu"), verifying
     sam["sha256"] when given; autocasts to sam["autocast"] on CUDA only; with compile (default
-    sam["compile"]) compiles the model (engine.sam.compile) and pads every encoder call to
+    sam["compile"]) compiles the model (plabel.method.sam.compile) and pads every encoder call to
     sam["batch_size"] images, so the compiled encoder sees one static shape.
     """
-    from engine.sam.backends import load_sam
+    from plabel.method.sam.backends import load_sam
 
     model = load_sam(sam["backend"], sam.get("checkpoint"), device=device, cache_dir=cache_dir,
                      sha256=sam.get("sha256"))
     encoder_batch = None
     if sam.get("compile") if compile is None else compile:
-        from engine.sam.compile import compile_sam
+        from plabel.method.sam.compile import compile_sam
 
         compile_sam(model)
         encoder_batch = int(sam["batch_size"])
@@ -138,7 +138,7 @@ class SamRefiner:
                     Outputs are float32 either way.
     encoder_batch:  None: one image-encoder call for all images of a batch. An int: calls of
                     exactly this many images, the last one padded with zero images (the shapes
-                    a compiled encoder needs to stay static; see engine.sam.compile).
+                    a compiled encoder needs to stay static; see plabel.method.sam.compile).
     """
 
     PENDING_BYTES = 256 << 20  # device memory of full-size masks held before copying to host

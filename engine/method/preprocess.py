@@ -1,6 +1,6 @@
 """Resizing between an image's own grid and the U-Net's square input grid.
 
-Images enter plabel as gray uint8 (H, W) (see engine.imageio); the U-Net sees float32 in [0, 1]
+Images enter plabel as gray uint8 (H, W) (see plabel.data.imageio); the U-Net sees float32 in [0, 1]
 at image_size x image_size; its probabilities go back to (H, W) before cleaning, so masks, boxes
 and points always live on the original pixel grid.
 """

@@ -11,19 +11,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.augment import random_affine, random_intensity
-from engine.losses import distillation_loss, segmentation_loss
-from engine.metrics import dice_per_class
-from engine.unet import UNet, UNetConfig, strict_from_dict
+from plabel.method.augment import random_affine, random_intensity
+from plabel.method.losses import distillation_loss, segmentation_loss
+from plabel.method.metrics import dice_per_class
+from plabel.method.unet import UNet, UNetConfig, strict_from_dict
 
 
 @dataclass
 class TrainConfig:
     """Hyper-parameters of U-Net training.
 
-    The augmentation magnitudes are passed to :func:`engine.augment.random_affine`
+    The augmentation magnitudes are passed to :func:`plabel.method.augment.random_affine`
     (``max_translate`` is a fraction of the image size) and
-    :func:`engine.augment.random_intensity` (gamma range, contrast).
+    :func:`plabel.method.augment.random_intensity` (gamma range, contrast).
     """
 
     epochs: int = 50
@@ -104,7 +104,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     pos_weight: float (C,) or None. Tensors are moved to the model's device.
     generator: CPU torch.Generator driving the augmentation (used only if ``cfg.augment``).
     teacher / distill_weight: optional; the teacher's probabilities on the same augmented images
-    are soft targets (engine.losses.distillation_loss) for the entries whose float (N, C)
+    are soft targets (plabel.method.losses.distillation_loss) for the entries whose float (N, C)
     distill_weight is > 0, added to the segmentation loss.
     """
     device = next(model.parameters()).device
@@ -199,12 +199,12 @@ def average_weights(states) -> dict:
 def average_checkpoints(paths, out_path, extra: dict | None = None) -> dict:
     """Write the weight average (:func:`average_weights`) of U-Net checkpoints to ``out_path``.
 
-    paths: >= 1 checkpoints of engine.unet.save_checkpoint with the same UNetConfig (ValueError
-    naming the one that differs); paths and out_path may be URIs (engine.storage). The result
+    paths: >= 1 checkpoints of plabel.method.unet.save_checkpoint with the same UNetConfig (ValueError
+    naming the one that differs); paths and out_path may be URIs (plabel.data.storage). The result
     keeps the first checkpoint's metadata, updated with ``extra`` and {"averaged_from": number of
     checkpoints}. Returns the written metadata.
     """
-    from engine.unet import load_checkpoint, save_checkpoint
+    from plabel.method.unet import load_checkpoint, save_checkpoint
 
     paths = list(paths)
     if not paths:

@@ -6,13 +6,13 @@
       -> RefineStage                 (GPU actors when the cluster has GPUs, else CPU actors)
                                                    SAM refinement, quality gate, table rows
       -> driver: ShardTableWriter    one Parquet part per shard, then the completion marker
-                                     (engine.pipeline.table_commit; schemas.tables)
+                                     (plabel.data.table_commit; plabel.schemas.tables)
 
-The method itself lives in engine.labelling; this module only schedules it. Rows are never
+The method itself lives in plabel.method.labelling; this module only schedules it. Rows are never
 dropped: an image that fails to decode or to process becomes a row with status 'error' and a
 message naming the input, so images in = ok + empty + error rows.
 
-The table is written shard by shard (engine.pipeline.table_commit): the driver takes the rows
+The table is written shard by shard (plabel.data.table_commit): the driver takes the rows
 as Ray Data produces them, groups them by input shard and writes each finished shard as one
 Parquet part, atomically, into the table's staging location; a job interrupted at any point and
 started again with the same settings reads only the shards without a part. When every shard has
@@ -36,8 +36,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from engine import storage
-from engine.labelling import (
+from plabel.data import storage
+from plabel.method.labelling import (
     NONFINITE_TEACHER,
     ImageMeta,
     clean_and_prompt,
@@ -45,8 +45,8 @@ from engine.labelling import (
     pseudo_label_rows,
     teacher_probs,
 )
-from engine.pipeline.samples import batch_samples, decode_gray, object_array
-from engine.pipeline.table_commit import ShardTableWriter, table_files
+from plabel.data.samples import batch_samples, decode_gray, object_array
+from plabel.data.table_commit import ShardTableWriter, table_files
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _writable_status(batch: dict) -> None:
 
 
 def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
-    """Samples (numpy batch of engine.pipeline.shard_reader rows) -> id, shard, key, size, status,
+    """Samples (numpy batch of plabel.data.shard_reader rows) -> id, shard, key, size, status,
     message and 'image' (gray uint8 (H, W); a 1x1 placeholder on error rows).
 
     Error rows (message ``<shard>:<key>: <reason>``): samples the reader marked unusable
@@ -84,7 +84,7 @@ def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
     ``max_pixels`` (``label.max_image_pixels``). Ground-truth ``masks.npz`` is not used here; one
     whose size differs from its image only adds a warning to the message of the (still labelled)
     row."""
-    from engine.pipeline.samples import sample_id
+    from plabel.data.samples import sample_id
 
     out = {k: [] for k in _META_COLUMNS + ("image",)}
     for sample in batch_samples(batch):
@@ -119,7 +119,7 @@ def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
 def _ground_truth_note(sample: dict, shape, where: str) -> str | None:
     """None, or a warning when the sample's ground-truth masks do not fit its image (the label job
     does not use them; the image is labelled all the same)."""
-    from engine.shards import masks_shape
+    from plabel.data.shards import masks_shape
 
     try:
         _, h, w = masks_shape(bytes(sample["masks.npz"]))
@@ -140,8 +140,8 @@ class TeacherStage:
     def __init__(self, checkpoint: str, cleaning: dict, num_classes: int, threads: int = 1):
         import torch
 
-        from engine.cleaning import CleaningConfig
-        from engine.unet import load_checkpoint
+        from plabel.method.cleaning import CleaningConfig
+        from plabel.method.unet import load_checkpoint
 
         torch.set_num_threads(max(1, threads))
         self.model, self.config, self.extra = load_checkpoint(checkpoint)
@@ -205,8 +205,8 @@ class RefineStage:
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(sam.get("cpus", 1))))
 
-        from engine.gate import GateConfig
-        from engine.sam import refiner_from_config
+        from plabel.method.gate import GateConfig
+        from plabel.method.sam import refiner_from_config
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.refiner = refiner_from_config(sam, device, cache_dir=cache_dir)
@@ -218,12 +218,12 @@ class RefineStage:
             "sam_backend": model.backend,
             "sam_checkpoint_sha256": model.checkpoint_sha256,
         }
-        from schemas.tables import pseudo_label_schema
+        from plabel.schemas.tables import pseudo_label_schema
 
         self.schema = pseudo_label_schema(self.classes)
 
     def _rows(self, batch: dict, idx: list[int]) -> list[dict]:
-        from engine.prompts import RefinementPrompts
+        from plabel.method.prompts import RefinementPrompts
 
         metas, grays, cleaned, probs, prompts = [], [], [], [], []
         for i in idx:
@@ -264,7 +264,7 @@ class RefineStage:
 
 def _job_settings(classes, unet_sha256: str, label_cfg) -> dict:
     """What the rows depend on: a staged table is resumed only by a job with the same settings."""
-    from schemas.tables import PSEUDO_LABEL_SCHEMA_VERSION
+    from plabel.schemas.tables import PSEUDO_LABEL_SCHEMA_VERSION
 
     sam = label_cfg.sam
     checkpoint = sam.checkpoint
@@ -295,11 +295,11 @@ def run_label_job(
     ``progress(n)`` is called on the driver with the number of rows of every block that arrives."""
     import ray
 
-    from engine.pipeline.cluster import cluster_gpus, quiet_ray_data
-    from engine.pipeline.resources import label_requests, ray_remote_args
-    from engine.pipeline.shard_reader import read_shards
-    from engine.unet import checkpoint_sha256
-    from schemas.tables import pseudo_label_schema
+    from plabel.jobs.cluster import cluster_gpus, quiet_ray_data
+    from plabel.jobs.resources import label_requests, ray_remote_args
+    from plabel.data.shard_reader import read_shards
+    from plabel.method.unet import checkpoint_sha256
+    from plabel.schemas.tables import pseudo_label_schema
 
     quiet_ray_data()
     out = str(out_dir).rstrip("/") if storage.is_remote(out_dir) else str(Path(storage.local_path(out_dir)).absolute())

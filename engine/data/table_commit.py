@@ -1,6 +1,6 @@
 """The pseudo-label table on disk: per-shard parts, resume, completion marker.
 
-The label job (engine.pipeline.label_job) hands every block of rows it receives from Ray Data to
+The label job (plabel.jobs.label_job) hands every block of rows it receives from Ray Data to
 a :class:`ShardTableWriter`, which groups the rows by their input shard. A shard whose rows have
 all arrived is written at once as ONE Parquet part, ``part-<shard stem>.parquet``:
 
@@ -43,7 +43,7 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
-from engine import storage
+from plabel.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def expected_keys(shards: Sequence[str]) -> dict[str, frozenset | None]:
     member names; None for anything that cannot be read (the shard is then finished when the
     stream ends).
     """
-    from engine.ingest import load_manifest
+    from plabel.data.ingest import load_manifest
 
     out: dict[str, frozenset | None] = {}
     manifests: dict[str, dict] = {}

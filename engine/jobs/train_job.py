@@ -4,7 +4,7 @@ Data stream through Ray Data (ray.train.get_dataset_shard), never collected on t
   labelled_dataset        labelled shards -> image, masks, weight (all classes weighted 1)
   pseudo_labelled_dataset pseudo-label table joined with the unlabelled shards on id -> the same
                           columns, weight 0 for classes the quality gate dropped
-The per-step maths (augmentation, loss, optimiser) is engine.train_core's.
+The per-step maths (augmentation, loss, optimiser) is plabel.training.loop's.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ MODEL_FILE = "model.pt"
 def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
     """Raw WebDataset batch of labelled samples -> image float32 (N, S, S), masks uint8 (N, C, S, S),
     weight float32 (N, C). A sample without masks or with the wrong class count is an error."""
-    from engine.pipeline.samples import batch_samples, decode_gray, sample_where
-    from engine.preprocess import masks_to_grid, to_unet_input
-    from engine.shards import decode_masks
+    from plabel.data.samples import batch_samples, decode_gray, sample_where
+    from plabel.method.preprocess import masks_to_grid, to_unet_input
+    from plabel.data.shards import decode_masks
 
     images, masks = [], []
     for sample in batch_samples(batch):
@@ -53,8 +53,8 @@ def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
 def prepare_unlabelled_images(batch: dict, image_size: int) -> dict:
     """Raw WebDataset batch -> id, image float32 (N, S, S) (undecodable samples are skipped here:
     the pseudo-label table already records them as error rows)."""
-    from engine.pipeline.samples import batch_samples, decode_gray, object_array
-    from engine.preprocess import to_unet_input
+    from plabel.data.samples import batch_samples, decode_gray, object_array
+    from plabel.method.preprocess import to_unet_input
 
     ids, images = [], []
     for sample in batch_samples(batch):
@@ -70,8 +70,8 @@ def prepare_unlabelled_images(batch: dict, image_size: int) -> dict:
 
 def prepare_pseudo(batch: dict, classes: Sequence[str], image_size: int) -> dict:
     """Joined rows (table columns + image) -> image, masks (kept pseudo labels), weight."""
-    from engine.preprocess import masks_to_grid
-    from schemas.tables import decode_class_masks
+    from plabel.method.preprocess import masks_to_grid
+    from plabel.schemas.tables import decode_class_masks
 
     n = len(batch["id"])
     masks = np.zeros((n, len(classes), image_size, image_size), np.uint8)
@@ -86,7 +86,7 @@ def prepare_pseudo(batch: dict, classes: Sequence[str], image_size: int) -> dict
 
 
 def labelled_dataset(shards: Sequence[str], num_classes: int, image_size: int):
-    from engine.pipeline.shard_reader import read_shards
+    from plabel.data.shard_reader import read_shards
 
     ds = read_shards(shards)
     return ds.map_batches(prepare_labelled, fn_kwargs=dict(image_size=image_size, num_classes=num_classes),
@@ -103,9 +103,9 @@ def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], cl
     one more shuffle, which a streamed set (not materialized, see :func:`is_materialized`) would
     repeat every epoch."""
     import ray
-    from engine.pipeline.table_commit import table_files
-    from engine.pipeline.shard_reader import read_shards
-    from schemas.tables import class_column
+    from plabel.data.table_commit import table_files
+    from plabel.data.shard_reader import read_shards
+    from plabel.schemas.tables import class_column
 
     cols = ["id", "status", "height", "width"] + [class_column(c, f) for c in classes for f in ("mask", "kept")]
     from ray.data.expressions import col
@@ -171,7 +171,7 @@ def pseudo_label_rows(table_dir: str) -> int:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from engine.pipeline.table_commit import table_files
+    from plabel.data.table_commit import table_files
 
     fs, files = table_files(table_dir)
     status = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=["status"])["status"]
@@ -184,11 +184,11 @@ def _train_loop(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from engine import storage
-    from engine.losses import positive_class_weights
-    from engine.selection import GUARD_TOLERANCE, EpochSelector
-    from engine.train_core import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step, weights_copy
-    from engine.unet import UNet, load_checkpoint, save_checkpoint
+    from plabel.data import storage
+    from plabel.method.losses import positive_class_weights
+    from plabel.training.selection import GUARD_TOLERANCE, EpochSelector
+    from plabel.training.loop import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step, weights_copy
+    from plabel.method.unet import UNet, load_checkpoint, save_checkpoint
 
     cfg = TrainConfig.from_dict(config["train"])
     classes = config["classes"]
@@ -212,7 +212,7 @@ def _train_loop(config: dict) -> None:
         start_epoch = int(state["epoch"]) + 1
         if "selector" in state:
             selector = EpochSelector.from_state(state["selector"])
-        else:  # a checkpoint written before engine.selection: the mean rule it used
+        else:  # a checkpoint written before plabel.training.selection: the mean rule it used
             kept = best_extra.get("epoch") if best_extra else None
             selector = EpochSelector(None, tolerance, None if kept is None else int(kept), float(state["best"]))
         if rank == 0:
@@ -243,7 +243,7 @@ def _train_loop(config: dict) -> None:
                       "val_dice": float(per_class.mean()) if len(per_class) else None, "role": config["role"],
                       "val_dice_per_class": per_class.tolist(), "selection": rule}
 
-    if selector is None:  # a fresh run; guarded (engine.selection): the starting weights are a candidate
+    if selector is None:  # a fresh run; guarded (plabel.training.selection): the starting weights are a candidate
         reference = None
         if rule == "guarded" and config.get("init_checkpoint"):
             reference = validate()
@@ -322,27 +322,27 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     student's teacher); None: a fresh U-Net seeded by section.seed. A resumed run ignores it.
     distill_from: a U-Net checkpoint (the teacher) whose soft outputs train the classes a sample has
     no label for (weight 0: dropped by the gate) with strength section.distill (0: off).
-    section.selection picks the kept epoch (engine.selection): 'guarded' with an init_checkpoint
+    section.selection picks the kept epoch (plabel.training.selection): 'guarded' with an init_checkpoint
     keeps no epoch that lost a class on the validation images, the starting weights if every one
     did (best_epoch -1); otherwise the best mean validation Dice.
 
-    section: schemas.config.TrainSection. Returns {"best_val_dice", "best_epoch", "epochs",
+    section: plabel.schemas.config.TrainSection. Returns {"best_val_dice", "best_epoch", "epochs",
     "resumed_from_epoch", "wall_s"}. Every epoch ends with a checkpoint (the full training state
     plus the best-validation model) in storage_dir/name; re-running with the same storage_dir and
     name (after a crash, a kill, a lost node) resumes after the last one. out_path and
-    storage_dir may be URIs (engine.storage); Ray Train then keeps its checkpoints there.
+    storage_dir may be URIs (plabel.data.storage); Ray Train then keeps its checkpoints there.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from engine import storage
-    from engine.train_core import TrainConfig
+    from plabel.data import storage
+    from plabel.training.loop import TrainConfig
 
     t0 = time.time()
     train_cfg = TrainConfig(epochs=section.epochs, lr=section.lr, weight_decay=section.weight_decay,
                             batch_size=section.batch_size, base_channels=section.base_channels, depth=section.depth,
                             augment=section.augment, seed=section.seed)
-    from engine.unet import load_checkpoint
+    from plabel.method.unet import load_checkpoint
 
     if distill_from is not None:  # fail here, before Ray starts, when the teacher cannot be read or used
         _, d_cfg, _ = load_checkpoint(distill_from)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from schemas.config import RunConfig, build
+from plabel.schemas.config import RunConfig, build
 
 
 def demo_config(source: Path, directory: Path, n_images: int = 40, size: int = 128) -> RunConfig:

@@ -46,7 +46,7 @@ What the reader does with bad tars:
   with a logged warning.
 
 A tar cut exactly between two members *with* its end-of-archive blocks intact cannot be told from
-a complete one here; the label job's table writer (engine.pipeline.table_commit) compares the keys
+a complete one here; the label job's table writer (plabel.data.table_commit) compares the keys
 that arrived with the shard's manifest entry and writes an error row for each missing sample.
 """
 from __future__ import annotations
@@ -58,8 +58,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, Sequence
 
-from engine import storage
-from engine.shards import IMAGE_EXTS, MASKS_MEMBER, META_MEMBER
+from plabel.data import storage
+from plabel.data.shards import IMAGE_EXTS, MASKS_MEMBER, META_MEMBER
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import yaml
 
-from schemas.config import RunConfig, load_run_config
+from plabel.schemas.config import RunConfig, load_run_config
 
 CONFIG_NAME = "plabel.yaml"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

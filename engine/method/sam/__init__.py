@@ -1,5 +1,5 @@
 """SAM backends and batched multi-stage refinement."""
-from engine.sam.backends import (
+from plabel.method.sam.backends import (
     BACKENDS,
     RANDOM_BACKENDS,
     ChecksumError,
@@ -11,7 +11,7 @@ from engine.sam.backends import (
     load_sam,
     load_state_dict,
 )
-from engine.sam.refine import (
+from plabel.method.sam.refine import (
     autocast_dtype,
     DEFAULT_STAGES,
     STAGE_PROMPTS,

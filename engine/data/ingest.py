@@ -22,7 +22,7 @@ decoded and size-checked; shards are written to a staging folder inside OUT and 
 place, the manifest last. Output is deterministic: the same SRC, counts, seed and shard_size
 give byte-identical tars.
 
-OUT may be an object-store URI (``s3://bucket/prefix``, ``gs://...``; see engine.storage): the
+OUT may be an object-store URI (``s3://bucket/prefix``, ``gs://...``; see plabel.data.storage): the
 shards are then staged in a local temporary folder, uploaded, and ``manifest.json`` is uploaded
 last, so a manifest only exists once every shard it names is there; shards left without a
 manifest by an interrupted upload are replaced by the next ingest. SRC is always local.

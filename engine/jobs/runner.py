@@ -6,7 +6,7 @@
       shards/               ingested WebDataset shards + manifest.json (when data.source is given)
       teacher.pt            best-validation teacher
       gate_policy.json      the quality gate calibrated per class on the validation split
-                            (engine.calibrate; when label.gate.calibrate and a val split exist)
+                            (plabel.method.calibration; when label.gate.calibrate and a val split exist)
       pseudo_labels/        the pseudo-label Parquet table
       student.pt            best-validation student (student.soup > 1: the weight average of
                             student-0.pt, student-1.pt, ..., students trained with seeds seed, seed + 1, ...;
@@ -19,11 +19,11 @@
 
 A stage whose output already exists is skipped, so re-running the same command resumes; inside a
 stage, training resumes from its last epoch checkpoint (ray_train/) and labelling from its last
-committed shard (engine.pipeline.table_commit). The calibrate stage runs again when
+committed shard (plabel.data.table_commit). The calibrate stage runs again when
 gate_policy.json is missing or was calibrated with another teacher.
-run_dir (and data.shards) may be object-store URIs (s3://, gs://; engine.storage): everything
+run_dir (and data.shards) may be object-store URIs (s3://, gs://; plabel.data.storage): everything
 above then lives under that prefix. A pseudo-label table there counts only with its completion
-marker (engine.pipeline.label_job); a finished table of the same teacher is reused.
+marker (plabel.jobs.label_job); a finished table of the same teacher is reused.
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ from typing import Callable
 
 import yaml
 
-from engine import storage
-from engine.calibrate import POLICY_FILE
-from schemas.config import LabelSection, RunConfig
+from plabel.data import storage
+from plabel.method.calibration import POLICY_FILE
+from plabel.schemas.config import LabelSection, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +75,16 @@ def _redact_uris(obj):
 
 def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     """Run ingest -> teacher -> calibrate -> label -> student -> evaluate; returns results.json's content."""
-    from engine.ingest import ingest, load_manifest, shard_paths
-    from engine.metrics import format_dice_table
-    from engine.pipeline.cluster import ensure_ray
-    from engine.pipeline.evaluate_job import evaluate_checkpoint
-    from engine.pipeline.label_job import run_label_job
-    from engine.pipeline.table_commit import table_marker
-    from engine.pipeline.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
-    from engine.selection import guard_average
-    from engine.train_core import average_checkpoints
-    from engine.unet import checkpoint_sha256, load_checkpoint
+    from plabel.data.ingest import ingest, load_manifest, shard_paths
+    from plabel.method.metrics import format_dice_table
+    from plabel.jobs.cluster import ensure_ray
+    from plabel.jobs.evaluate_job import evaluate_checkpoint
+    from plabel.jobs.label_job import run_label_job
+    from plabel.data.table_commit import table_marker
+    from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
+    from plabel.training.selection import guard_average
+    from plabel.training.loop import average_checkpoints
+    from plabel.method.unet import checkpoint_sha256, load_checkpoint
 
     run = storage.join(cfg.run_dir, cfg.name) if storage.is_uri(cfg.run_dir) else str(Path(cfg.run_dir) / cfg.name)
     run_name = storage.redact(run)  # how messages name it
@@ -193,7 +193,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         init = at("teacher.pt") if cfg.student.init == "teacher" else None
         distill = at("teacher.pt") if cfg.student.distill > 0 else None
         def guard_soup(soup_val: dict, members: list) -> dict:
-            """Guarded selection for the average (engine.selection.guard_average): it may lose no class
+            """Guarded selection for the average (plabel.training.selection.guard_average): it may lose no class
             on the validation split by more than selection_tolerance against the teacher; if it does,
             student.pt becomes the member with the best validation Dice (each member is guarded)."""
             tol = cfg.student.selection_tolerance
@@ -278,8 +278,8 @@ def read_labelled_images(shards, num_classes: int) -> tuple[list[str], list, lis
 
     Returns ids, gray uint8 (H, W) images, ground truth bool (C, H, W), and messages naming the
     samples that could not be used (undecodable image, missing or misfitting masks)."""
-    from engine.pipeline.samples import decode_gray, sample_id, sample_masks, sample_where
-    from engine.pipeline.shard_reader import read_shard_file
+    from plabel.data.samples import decode_gray, sample_id, sample_masks, sample_where
+    from plabel.data.shard_reader import read_shard_file
 
     fs, resolved = storage.resolve_all(list(shards))
     ids, grays, truths, skipped = [], [], [], []
@@ -299,7 +299,7 @@ def read_labelled_images(shards, num_classes: int) -> tuple[list[str], list, lis
 
 
 def sam_refiner(sam):
-    """engine.sam.SamRefiner of a SamSection, on the GPU when this process has one (as the label
+    """plabel.method.sam.SamRefiner of a SamSection, on the GPU when this process has one (as the label
     job's SAM actors: autocast only there)."""
     import os
     import tempfile
@@ -314,7 +314,7 @@ def sam_refiner(sam):
         os.chdir(tempfile.gettempdir())
     import torch
 
-    from engine.sam import refiner_from_config
+    from plabel.method.sam import refiner_from_config
 
     device = "cuda" if torch.cuda.is_available() and sam.device != "cpu" else "cpu"
     return refiner_from_config(dataclasses.asdict(sam), device, compile=False)  # few images: compiling costs more
@@ -324,11 +324,11 @@ def calibrate_stage(cfg: RunConfig, val_shards, classes, teacher_path: str, teac
                     policy_path: str, echo: Callable[[str], None] = print) -> dict:
     """Calibrate the gate on the validation shards, write ``policy_path`` (gate_policy.json) and
     return the stage's results.json entry."""
-    from engine.calibrate import (CalibrationObjective, GateGrid, GatePolicy, calibrate_gate, format_calibration,
+    from plabel.method.calibration import (CalibrationObjective, GateGrid, GatePolicy, calibrate_gate, format_calibration,
                                   save_gate_policy, validation_evidence)
-    from engine.cleaning import CleaningConfig
-    from engine.gate import GateConfig
-    from engine.unet import load_checkpoint
+    from plabel.method.cleaning import CleaningConfig
+    from plabel.method.gate import GateConfig
+    from plabel.method.unet import load_checkpoint
 
     gate_cfg = cfg.label.gate
     ids, grays, truths, bad = read_labelled_images(val_shards, len(classes))
@@ -368,7 +368,7 @@ def calibrate_stage(cfg: RunConfig, val_shards, classes, teacher_path: str, teac
 
 def _stale_policy(policy_path: str, teacher_sha: str) -> bool:
     """True when gate_policy.json is missing, unreadable or calibrated with another teacher."""
-    from engine.calibrate import load_gate_policy
+    from plabel.method.calibration import load_gate_policy
 
     try:
         return load_gate_policy(policy_path).settings.get("teacher_sha256") != teacher_sha
@@ -379,10 +379,10 @@ def _stale_policy(policy_path: str, teacher_sha: str) -> bool:
 def labelling_config(cfg: RunConfig, policy_path: str) -> LabelSection:
     """cfg.label with the gate of gate_policy.json: the calibrated per-class gates, except the
     classes the config's label.gate.per_class lists (the configured overrides win)."""
-    from engine.calibrate import load_gate_policy
+    from plabel.method.calibration import load_gate_policy
 
-    from engine.calibrate import save_gate_policy
-    from engine.gate import GateConfig
+    from plabel.method.calibration import save_gate_policy
+    from plabel.method.gate import GateConfig
 
     policy = load_gate_policy(policy_path)
     gate = cfg.label.gate.with_calibrated({c: g.to_dict() for c, g in policy.calibrated.per_class.items()})

@@ -10,7 +10,7 @@ image, outputs within 2e-6 of eager (benchmarks/speed.py measures the whole refi
 The price is start-up time: each new input shape compiles (about 1 min for the encoder and half
 a minute per decoder shape on that CPU; inductor caches the code on disk under
 ``TORCHINDUCTOR_CACHE_DIR``, so later processes on the same machine start faster). Shapes are
-static: :class:`engine.sam.refine.SamRefiner` pads encoder batches to one size, and the decoder's
+static: :class:`plabel.method.sam.refine.SamRefiner` pads encoder batches to one size, and the decoder's
 input shape depends on how many classes (and so points) an image has, so
 :class:`CompiledDecoder` compiles the first few shapes it meets (the common ones: all classes
 present) and runs the others eagerly. Compiling with dynamic shapes instead was slower than eager
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.sam.backends import SamModel
+from plabel.method.sam.backends import SamModel
 
 #: decoder input shapes compiled per process; later new shapes run eagerly
 MAX_DECODER_SHAPES = 4

@@ -11,7 +11,7 @@ One sample per image. With ``key`` the sample key (the image id with every ``.``
   ``[C, H, W]``; class order is the manifest's.
 
 As read back by ``webdataset.WebDataset`` (without decoding) or plabel's own reader
-(engine.pipeline.shard_reader, which the jobs use), a sample is a dict
+(plabel.data.shard_reader, which the jobs use), a sample is a dict
 ``{"__key__": key, "<ext>": bytes, "json": bytes, "masks.npz": bytes}``.
 
 Tars are written deterministically (sorted members, mtime 0, uid/gid 0, no user names), each

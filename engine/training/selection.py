@@ -14,7 +14,7 @@ A weight average of students (student.soup) is held to the guarded rule too: :fu
 against the teacher's validation Dice; plabel run keeps the best member instead of an average
 that lost a class.
 
-Per-class Dice here is the mean over the validation images of engine.metrics.dice_per_class (an
+Per-class Dice here is the mean over the validation images of plabel.method.metrics.dice_per_class (an
 image where truth and prediction are both empty scores 1).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ RULES = ("mean", "guarded")
 
 
 # half a Dice point: the quality benchmark's criterion (no class more than 0.5 points below the
-# teacher); schemas.config.TrainSection.selection_tolerance and `plabel train` default to it
+# teacher); plabel.schemas.config.TrainSection.selection_tolerance and `plabel train` default to it
 GUARD_TOLERANCE = 0.005
 
 

@@ -1,8 +1,8 @@
 """Ray-free, in-process versions of two pipeline steps, for benchmarks and experiments.
 
-    fit_unet         train a U-Net on in-memory arrays with engine.train_core, keeping the
+    fit_unet         train a U-Net on in-memory arrays with plabel.training.loop, keeping the
                      weights of the epoch with the best validation Dice (the selection rule of
-                     engine.pipeline.train_job's loop: positive-class weights from the weighted
+                     plabel.jobs.train_job's loop: positive-class weights from the weighted
                      training masks, AdamW + cosine schedule, one generator seeded from
                      cfg.seed for shuffling and augmentation)
     refine_variants  several SAM stage sets on the same images with one image-encoder pass
@@ -20,8 +20,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from engine.selection import GUARD_TOLERANCE
-from engine.train_core import TrainConfig, build_model, make_optimizer, mean_dice_per_class, train_step, weights_copy
+from plabel.training.selection import GUARD_TOLERANCE
+from plabel.training.loop import TrainConfig, build_model, make_optimizer, mean_dice_per_class, train_step, weights_copy
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _as_float_tensor(a, name: str, ndim: int) -> torch.Tensor:
 def positive_fraction(masks, weight) -> np.ndarray:
     """float64 (C,) fraction of positive pixels per class, counting each sample's class with its
     weight (a weight-0 class of a sample counts neither way); clipped to [1e-4, 1] as the
-    pipeline's training loop does before engine.losses.positive_class_weights."""
+    pipeline's training loop does before plabel.method.losses.positive_class_weights."""
     m = np.asarray(masks)
     w = np.asarray(weight, dtype=np.float64)
     pos = (m.reshape(m.shape[0], m.shape[1], -1).sum(axis=2, dtype=np.float64) * w).sum(axis=0)
@@ -65,21 +65,21 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
     """Train a U-Net in this process; return the best-validation model.
 
     images: float32 (N, S, S) in [0, 1]; masks: {0, 1} (N, C, S, S); weight: float (N, C), 0 =
-    ignore that class of that sample (engine.losses), None = all 1. val_images / val_masks: the
+    ignore that class of that sample (plabel.method.losses), None = all 1. val_images / val_masks: the
     same layout for model selection (mean Dice over images and classes after each epoch; the
     first epoch with the highest value wins); None: the last epoch is kept. ``progress`` gets
     each epoch's history entry. init_state: a state dict of the same architecture to start from
     (a student warm-started from its teacher); None: cfg.seed's fresh initialisation.
-    selection / tolerance: engine.selection's rule ('guarded' needs init_state and validation data,
+    selection / tolerance: plabel.training.selection's rule ('guarded' needs init_state and validation data,
     and may keep the starting weights: best_epoch -1). Each history entry carries the per-class
     validation Dice ('val_dice_per_class'). distill_weight: float (N, C) >= 0 or None; where > 0,
     that class of that sample is distilled from the starting weights (init_state, frozen: the
-    teacher; engine.losses.distillation_loss). Deterministic for a given cfg.seed on one machine
+    teacher; plabel.method.losses.distillation_loss). Deterministic for a given cfg.seed on one machine
     and thread count.
     """
-    from engine.selection import EpochSelector
-    from engine.losses import positive_class_weights
-    from engine.unet import UNet
+    from plabel.training.selection import EpochSelector
+    from plabel.method.losses import positive_class_weights
+    from plabel.method.unet import UNet
 
     x = _as_float_tensor(images, "images", 3)[:, None]
     y = _as_float_tensor(masks, "masks", 4)
@@ -154,12 +154,12 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
 
 def refine_variants(refiners: Mapping[str, object], images: Sequence[np.ndarray],
                     prompts: Sequence) -> dict[str, list]:
-    """{name: [RefinementResult per image]} for several engine.sam.SamRefiner of ONE SamModel
+    """{name: [RefinementResult per image]} for several plabel.method.sam.SamRefiner of ONE SamModel
     (e.g. different ``stages``), from a single image-encoder call over the images that have a
     valid class (the first refiner's encode: its encoder_batch and autocast); images without one
     are not encoded and get empty results, as in SamRefiner.refine_batch.
 
-    images: uint8 (H, W, 3) RGB or (H, W) gray; prompts: engine.prompts.RefinementPrompts each.
+    images: uint8 (H, W, 3) RGB or (H, W) gray; prompts: plabel.method.prompts.RefinementPrompts each.
     """
     if not refiners:
         raise ValueError("refine_variants: no refiners")

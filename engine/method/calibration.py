@@ -65,9 +65,9 @@ from typing import Sequence
 
 import numpy as np
 
-from engine import storage
-from engine.gate import ClassGate, GateConfig, gate_decision
-from engine.metrics import dice
+from plabel.data import storage
+from plabel.method.gate import ClassGate, GateConfig, gate_decision
+from plabel.method.metrics import dice
 
 POLICY_FILE = "gate_policy.json"
 POLICY_FORMAT = "plabel-gate-policy"
@@ -126,10 +126,10 @@ def agreement_dice(unet: np.ndarray, sam: np.ndarray) -> np.ndarray:
 
 
 def label_decision(gate: ClassGate, present: bool, sam_iou: float, agreement: float) -> str:
-    """What the label job keeps for one class of one image (engine.labelling.pseudo_label_rows):
+    """What the label job keeps for one class of one image (plabel.method.labelling.pseudo_label_rows):
     'sam', 'unet', 'dropped' or 'empty'. A present class with a non-finite ``sam_iou`` had a
     non-finite SAM output: it falls back as the label job does (labelling.sam_fallback)."""
-    from engine.labelling import sam_fallback
+    from plabel.method.labelling import sam_fallback
 
     if present and not math.isfinite(sam_iou):
         return sam_fallback(gate.policy)
@@ -149,22 +149,22 @@ def validation_evidence(
 ) -> tuple[list[ValidationImage], list[str]]:
     """The calibration inputs of labelled images, computed with the label job's own functions.
 
-    teacher: U-Net (engine.unet.UNet, eval mode); image_size: its input side.
-    refiner: engine.sam.SamRefiner, or a SamModel (refined with its default stages).
+    teacher: U-Net (plabel.method.unet.UNet, eval mode); image_size: its input side.
+    refiner: plabel.method.sam.SamRefiner, or a SamModel (refined with its default stages).
     grays: uint8 (H, W) per image; truths: bool (C, H, W) per image; ids: one name per image.
-    cleaning: engine.cleaning.CleaningConfig (default CleaningConfig()).
+    cleaning: plabel.method.cleaning.CleaningConfig (default CleaningConfig()).
 
-    Per batch of ``batch_size`` images: engine.labelling.teacher_probs -> clean_and_prompt ->
+    Per batch of ``batch_size`` images: plabel.method.labelling.teacher_probs -> clean_and_prompt ->
     pseudo_label_rows with a probe gate that keeps SAM's mask wherever SAM answered (policy sam,
     thresholds -inf), so SAM's masks, predicted IoU and agreement are exactly the label job's.
     Returns (images, skipped): images whose teacher probabilities were not finite are left out
     and named in ``skipped`` (the label job makes them error rows).
     """
-    from engine.cleaning import CleaningConfig
-    from engine.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
-    from engine.sam import SamModel, SamRefiner
-    from schemas.masks import decode_mask
-    from schemas.tables import class_column
+    from plabel.method.cleaning import CleaningConfig
+    from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
+    from plabel.method.sam import SamModel, SamRefiner
+    from plabel.schemas.masks import decode_mask
+    from plabel.schemas.tables import class_column
 
     if len(grays) != len(truths) or len(grays) != len(ids):
         raise ValueError(f"{len(grays)} images, {len(truths)} ground truths and {len(ids)} ids")
@@ -248,7 +248,7 @@ class CalibrationObjective:
 
     @classmethod
     def from_gate_section(cls, section, **overrides) -> "CalibrationObjective":
-        """The objective of a schemas.config.GateSection (label.gate); ``overrides`` not None win."""
+        """The objective of a plabel.schemas.config.GateSection (label.gate); ``overrides`` not None win."""
         keys = ("drop_floor", "drop_margin", "min_images", "prefer_on_tie", "break_even", "min_sam_share",
                 "cross_validate")
         values = {k: getattr(section, k) for k in keys}
@@ -567,7 +567,7 @@ class GatePolicy:
 
 
 def save_gate_policy(location, policy: GatePolicy) -> None:
-    """Write the policy as JSON to a local path or a URI (atomic: engine.storage.write_text)."""
+    """Write the policy as JSON to a local path or a URI (atomic: plabel.data.storage.write_text)."""
     storage.write_text(str(location), json.dumps(policy.to_dict(), indent=2, sort_keys=True))
 
 

@@ -17,7 +17,7 @@ class DiceStage:
     def __init__(self, checkpoint: str, num_classes: int, threshold: float = 0.5, clean: bool = False):
         import torch
 
-        from engine.unet import load_checkpoint
+        from plabel.method.unet import load_checkpoint
 
         torch.set_num_threads(1)
         self.model, _, extra = load_checkpoint(checkpoint)
@@ -25,10 +25,10 @@ class DiceStage:
         self.C, self.threshold, self.clean = num_classes, threshold, clean
 
     def __call__(self, batch: dict) -> dict:
-        from engine.cleaning import CleaningConfig, clean_masks
-        from engine.labelling import teacher_probs
-        from engine.metrics import dice_per_class
-        from engine.pipeline.samples import batch_samples, decode_gray, object_array, sample_masks, sample_where
+        from plabel.method.cleaning import CleaningConfig, clean_masks
+        from plabel.method.labelling import teacher_probs
+        from plabel.method.metrics import dice_per_class
+        from plabel.data.samples import batch_samples, decode_gray, object_array, sample_masks, sample_where
 
         ids, dices = [], []
         grays, truths, names = [], [], []
@@ -53,13 +53,13 @@ def evaluate_checkpoint(checkpoint: str, shards: Sequence[str], classes: Sequenc
                         clean: bool = False, actors: int = 1) -> dict:
     """summarize_dice of the checkpoint on the shards, plus 'per_image': {key: [dice per class]}.
 
-    checkpoint and shards may be local paths or URIs (engine.storage)."""
+    checkpoint and shards may be local paths or URIs (plabel.data.storage)."""
     import ray
 
-    from engine.metrics import summarize_dice
-    from engine.pipeline.cluster import quiet_ray_data
+    from plabel.method.metrics import summarize_dice
+    from plabel.jobs.cluster import quiet_ray_data
 
-    from engine.pipeline.shard_reader import read_shards
+    from plabel.data.shard_reader import read_shards
 
     quiet_ray_data()
     ds = read_shards(shards)

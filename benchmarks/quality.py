@@ -27,7 +27,7 @@ Per (n, seed) [and SAM backend]:
   teacher    U-Net on the n labelled images (--teacher-epochs), best epoch by validation Dice
   unet       teacher on the unlabelled images: raw masks (probability > 0.5) and cleaned masks
              (plabel.method.labelling.teacher_probs, clean_and_prompt with the default CleaningConfig)
-  sam        per backend, one encoder pass (plabel.training.inprocess.refine_variants) and the stage sets
+  sam        per backend, one encoder pass (plabel.method.sam.variants.refine_variants) and the stage sets
                sam       the paper's: box, then points + stage-1 low-res logits
                box       its stage 1 (box only)
                pipeline  the backend's plabel default stages (plabel.schemas.config.SamSection), when they
@@ -40,7 +40,7 @@ Per (n, seed) [and SAM backend]:
              n labelled images with their truth (--student-epochs). raw / cleaned do not depend on
              the backend. SAM kinds: a class SAM answered with non-finite output is ignored
              (class weight 0). gated: the calibrated gate's decision per image and class (engine.
-             calibrate.label_decision, i.e. the label job's): sam -> SAM's mask, unet -> cleaned
+             gate.gate_decision, the label job's): sam -> SAM's mask, unet -> cleaned
              mask, dropped -> class weight 0 (ignored, as the pipeline trains it), empty -> background.
              gated_sam (not a default kind): as gated, but a class the gate gives to the cleaned U-Net
              mask is ignored too (weight 0): only SAM masks teach, other classes come from the n
@@ -515,7 +515,7 @@ class Bench:
             return key, path
         if self.args.report_only or unet_path is None:
             return key, None
-        from plabel.training.inprocess import refine_variants
+        from plabel.method.sam.variants import refine_variants
         from plabel.method.labelling import sam_output_finite
         from plabel.method.prompts import extract_prompts
         from plabel.method.sam import SamRefiner
@@ -652,7 +652,8 @@ class Bench:
         present = cleaned.reshape(N, C, -1).any(axis=2)
         if kind not in GATED:
             return ids, masks, np.where(present & ~fin, 0.0, 1.0).astype(np.float32), None
-        from plabel.method.calibration import GatePolicy, agreement_dice, label_decision
+        from plabel.method.calibration import GatePolicy, agreement_dice
+        from plabel.method.gate import gate_decision
 
         gate = GatePolicy.from_dict(policy).gate
         sam_iou = np.where(present & fin, iou, np.nan)
@@ -663,7 +664,8 @@ class Bench:
             agreement = agreement_dice(cleaned[i], masks[i])
             for c, cls in enumerate(self.classes):
                 a = agreement[c] if math.isfinite(sam_iou[i, c]) else math.nan
-                d = label_decision(gate.for_class(cls), bool(present[i, c]), float(sam_iou[i, c]), float(a))
+                d = gate_decision(gate.for_class(cls), bool(present[i, c]), float(sam_iou[i, c]), float(a),
+                                  "ran" if math.isfinite(sam_iou[i, c]) else "nonfinite")
                 decisions[i, c] = d
                 if d == "sam":
                     out[i, c] = masks[i, c]

@@ -16,12 +16,11 @@ from plabel.method.calibration import (
     calibrate_gate,
     candidate_gates,
     format_calibration,
-    label_decision,
     load_gate_policy,
     save_gate_policy,
     validation_evidence,
 )
-from plabel.method.gate import ClassGate, GateConfig
+from plabel.method.gate import ClassGate, GateConfig, gate_decision
 from plabel.method.metrics import dice
 from plabel.schemas.config import ConfigError, GateSection, LabelSection, RunConfig, build
 
@@ -184,9 +183,9 @@ def test_too_few_images_absent_classes_and_nonfinite_sam():
     assert cal.report["never"]["kept"]["empty"] == 4 and cal.report["never"]["objective"] is None
     assert cal.report["never"]["dice_unet"] == 1.0
     # a present class with non-finite SAM output: the label job's fallback, not the gate's thresholds
-    assert label_decision(ClassGate("auto", min_agreement_unet=0.9), True, math.nan, math.nan) == "unet"
-    assert label_decision(ClassGate("sam"), True, math.nan, math.nan) == "dropped"
-    assert label_decision(ClassGate("auto"), False, math.nan, math.nan) == "empty"
+    assert gate_decision(ClassGate("auto", min_agreement_unet=0.9), True, math.nan, math.nan, "nonfinite") == "unet"
+    assert gate_decision(ClassGate("sam"), True, math.nan, math.nan, "nonfinite") == "dropped"
+    assert gate_decision(ClassGate("auto"), False, math.nan, math.nan, "nonfinite") == "empty"
     ok = [image(i, unet=[t], sam=[t], sam_iou=[0.9]) for i in range(3)]
     bad = image(3, unet=[part(t, 0.3)], sam=[np.zeros((S, S), bool)], sam_iou=[np.nan], agreement=[np.nan])
     # (break-even "mean": perfect SAM masks beat the class's mean; per image they only tie with the
@@ -269,7 +268,8 @@ def test_evidence_is_the_label_jobs_and_calibrated_decisions_match_pseudo_label_
             refiner, grays[ch], [p[0] for p in prepared[ch]], [p[1] for p in prepared[ch]],
             [p[2] for p in prepared[ch]], metas[ch], classes, gate, {})]
         for ci, c in enumerate(classes):
-            expected = [label_decision(gate.for_class(c), bool(im.present[ci]), im.sam_iou[ci], im.agreement[ci])
+            expected = [gate_decision(gate.for_class(c), bool(im.present[ci]), im.sam_iou[ci], im.agreement[ci],
+                                      "ran" if math.isfinite(im.sam_iou[ci]) else "nonfinite")
                         for im in images]
             assert [row[f"{c}.kept"] for row in rows] == expected
             if gate is cal.gate:

@@ -73,3 +73,20 @@ def test_pseudo_label_schema_and_row_decoding():
         pseudo_label_schema(["a.b"])
     with pytest.raises(ValueError, match="not a plabel"):
         table_classes(pa.schema([pa.field("x", pa.int8())]))
+
+
+@pytest.mark.parametrize("policy,sam,expected", [
+    ("auto", "nonfinite", "unet"), ("unet", "nonfinite", "unet"), ("sam", "nonfinite", "dropped"),
+    ("drop", "nonfinite", "dropped"), ("auto", "off", "unet"), ("sam", "off", "unet"), ("drop", "off", "unet"),
+])
+def test_gate_decision_without_a_trusted_sam_answer(policy, sam, expected):
+    """A non-finite SAM answer falls back by policy; no SAM at all keeps the cleaned U-Net mask.
+    Thresholds and the numbers passed do not matter then (they would keep SAM's mask)."""
+    g = ClassGate(policy, min_sam_iou=0.0, min_agreement=0.0, min_agreement_unet=0.0)
+    assert gate_decision(g, True, 0.99, 0.99, sam) == expected
+    assert gate_decision(g, False, 0.99, 0.99, sam) == "empty"
+
+
+def test_gate_decision_refuses_an_unknown_sam_state():
+    with pytest.raises(ValueError, match="sam must be one of"):
+        gate_decision(ClassGate(), True, 0.9, 0.9, "maybe")

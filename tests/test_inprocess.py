@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from plabel.training.inprocess import fit_unet, positive_fraction, refine_variants
+from plabel.training.inprocess import fit_unet, positive_fraction
+from plabel.method.sam.variants import refine_variants
 from plabel.method.prompts import extract_prompts
 from plabel.method.sam import SamRefiner, build_random_sam
 from plabel.training.loop import TrainConfig

@@ -132,7 +132,8 @@ def test_calibrate_stage_writes_the_gate_policy_the_label_stage_used(tiny_run):
     per-class override of clavicle wins), and every table row follows the stored gate."""
     import math
 
-    from plabel.method.calibration import label_decision, load_gate_policy
+    from plabel.method.calibration import load_gate_policy
+    from plabel.method.gate import gate_decision
     from plabel.data.ingest import load_manifest
 
     run, output = tiny_run
@@ -154,9 +155,10 @@ def test_calibrate_stage_writes_the_gate_policy_the_label_stage_used(tiny_run):
     for row in table:
         for c in classes:
             iou, agree = row[f"{c}.sam_iou"], row[f"{c}.agreement_dice"]
-            assert row[f"{c}.kept"] == label_decision(policy.gate.for_class(c), row[f"{c}.kept"] != "empty",
-                                                      math.nan if iou is None else iou,
-                                                      math.nan if agree is None else agree)
+            assert row[f"{c}.kept"] == gate_decision(policy.gate.for_class(c), row[f"{c}.kept"] != "empty",
+                                                     math.nan if iou is None else iou,
+                                                     math.nan if agree is None else agree,
+                                                     "ran" if iou is not None else "nonfinite")
 
 
 def test_evaluate_command_writes_json(tiny_run, tmp_path):

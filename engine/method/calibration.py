@@ -125,17 +125,6 @@ def agreement_dice(unet: np.ndarray, sam: np.ndarray) -> np.ndarray:
     return np.array([dice(u, s) if u.any() else np.nan for u, s in zip(unet, sam)], dtype=np.float64)
 
 
-def label_decision(gate: ClassGate, present: bool, sam_iou: float, agreement: float) -> str:
-    """What the label job keeps for one class of one image (plabel.method.labelling.pseudo_label_rows):
-    'sam', 'unet', 'dropped' or 'empty'. A present class with a non-finite ``sam_iou`` had a
-    non-finite SAM output: it falls back as the label job does (labelling.sam_fallback)."""
-    from plabel.method.labelling import sam_fallback
-
-    if present and not math.isfinite(sam_iou):
-        return sam_fallback(gate.policy)
-    return gate_decision(gate, present, sam_iou, agreement if present else 0.0)
-
-
 def validation_evidence(
     teacher,
     image_size: int,
@@ -331,7 +320,9 @@ def _class_evidence(images: Sequence[ValidationImage], ci: int) -> _ClassEvidenc
 
 
 def _decisions(gate: ClassGate, ev: _ClassEvidence) -> list[str]:
-    return [label_decision(gate, bool(p), float(q), float(a))
+    """The label job's decision per image (plabel.method.gate.gate_decision): a present class with a
+    NaN sam_iou had a non-finite SAM output."""
+    return [gate_decision(gate, bool(p), float(q), float(a), sam="ran" if math.isfinite(q) else "nonfinite")
             for p, q, a in zip(ev.present, ev.sam_iou, ev.agreement)]
 
 

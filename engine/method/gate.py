@@ -61,10 +61,30 @@ class GateConfig:
         )
 
 
-def gate_decision(gate: ClassGate, unet_present: bool, sam_iou: float, agreement: float) -> str:
-    """One of 'sam', 'unet', 'dropped', 'empty' for one class of one image."""
-    if not unet_present:
+SAM_STATES = ("ran", "nonfinite", "off")
+
+
+def gate_decision(gate: ClassGate, present: bool, sam_iou: float, agreement: float, sam: str = "ran") -> str:
+    """THE keep / drop rule for one class of one image: 'sam', 'unet', 'dropped' or 'empty'.
+
+    The label job (plabel.method.labelling.pseudo_label_rows) and the gate's calibration
+    (plabel.method.calibration) both call it, so a calibrated gate scores exactly what labelling keeps.
+
+    present: the teacher found the class (non-empty cleaned mask); sam_iou: SAM's predicted IoU of the
+    final stage; agreement: Dice(cleaned U-Net mask, SAM's mask).
+    sam: "ran" (SAM answered with finite output), "nonfinite" (its IoU or logits for this class were
+    NaN or inf: SAM is not trusted, the class keeps the cleaned U-Net mask under the policies that may
+    keep it (auto, unet) and is dropped under sam / drop), "off" (no SAM in this run: the cleaned
+    U-Net mask is kept).
+    """
+    if sam not in SAM_STATES:
+        raise ValueError(f"sam must be one of {SAM_STATES}, got {sam!r}")
+    if not present:
         return "empty"
+    if sam == "off":
+        return "unet"
+    if sam == "nonfinite":
+        return "unet" if gate.policy in ("auto", "unet") else "dropped"
     if gate.policy == "drop":
         return "dropped"
     sam_ok = np.isfinite(sam_iou) and sam_iou >= gate.min_sam_iou and agreement >= gate.min_agreement

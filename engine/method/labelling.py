@@ -150,16 +150,14 @@ def pseudo_label_rows(
             sam_mask = res.masks[ci] if (res is not None and present) else None
             sam_iou = float(res.iou_pred[ci]) if (res is not None and present) else float("nan")
             if sam_mask is not None and not sam_output_finite(res, ci):
-                kept = sam_fallback(gate.for_class(c).policy)
+                kept = gate_decision(gate.for_class(c), present, sam_iou, float("nan"), sam="nonfinite")
                 notes.append(f"class {c}: SAM produced non-finite logits or IoU; "
                              + ("kept the cleaned U-Net mask" if kept == "unet" else "class dropped"))
                 sam_mask, sam_iou, agreement = None, float("nan"), float("nan")
             else:
                 agreement = dice(m[ci], sam_mask) if sam_mask is not None else float("nan")
-                if res is None and present:
-                    kept = "unet"
-                else:
-                    kept = gate_decision(gate.for_class(c), present, sam_iou, agreement if present else 0.0)
+                kept = gate_decision(gate.for_class(c), present, sam_iou, agreement,
+                                     sam="off" if res is None else "ran")
             fields = class_fields(kept, m[ci], sam_mask, pr.boxes[ci], pr.points[ci], pr.point_labels[ci],
                                   float(up[ci]), sam_iou, agreement)
             for f, v in fields.items():
@@ -179,8 +177,3 @@ def sam_output_finite(result, ci: int) -> bool:
     logits = getattr(result, "low_res_logits", None)
     return logits is None or bool(np.isfinite(np.asarray(logits)[ci]).all())
 
-
-def sam_fallback(policy: str) -> str:
-    """What a present class keeps when SAM's output for it is not finite: the cleaned U-Net mask
-    ('unet') under the policies that may keep it (auto, unet), else 'dropped' (sam, drop)."""
-    return "unet" if policy in ("auto", "unet") else "dropped"

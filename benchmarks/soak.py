@@ -122,7 +122,8 @@ def main(argv=None) -> int:
 
     from plabel.data.ingest import shard_paths
     from plabel.jobs.cluster import ensure_ray
-    from plabel.jobs.label_job import read_pseudo_labels, run_label_job
+    from plabel.jobs.label_job import run_label_job
+    from plabel.data.table_commit import read_pseudo_labels
     from plabel.schemas.config import LabelSection, build
 
     ensure_ray(num_cpus=args.num_cpus)

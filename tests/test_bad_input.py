@@ -633,7 +633,8 @@ def build_bad_shards(root: Path):
 
 @pytest.fixture(scope="module")
 def bad_job(ray_local, tmp_path_factory):
-    from plabel.jobs.label_job import read_pseudo_labels, run_label_job
+    from plabel.jobs.label_job import run_label_job
+    from plabel.data.table_commit import read_pseudo_labels
     from plabel.schemas.config import LabelSection, build
 
     root = tmp_path_factory.mktemp("bad_input")
@@ -693,7 +694,7 @@ def test_job_good_images_have_masks_on_their_own_grid(bad_job):
 def test_read_shards_from_s3_with_a_truncated_shard(ray_local, s3_prefix):
     """The reader's Ray path on an object store: rows name the redacted URI; a cut shard completes."""
     from plabel.data import storage
-    from plabel.data.shard_reader import read_shards
+    from plabel.jobs.shard_dataset import read_shards
 
     full = tar_bytes(sample_members("a", b"A" * 900) + sample_members("b", b"B" * 900))
     _, at, size = member_offsets(full)["b.png"]

@@ -342,8 +342,8 @@ def test_gate_section_defaults_and_configured_overrides_win():
     assert section.per_class == {"heart": {"policy": "unet"}}  # the section itself is unchanged
 
 
-def test_runner_labelling_config_and_stale_policy(tmp_path):
-    from plabel.jobs.runner import _stale_policy, labelling_config
+def test_runner_labelling_config(tmp_path):
+    from plabel.jobs.calibrate_job import labelling_config
 
     cfg = build(RunConfig, {"data": {"source": "x"}, "label": {"gate": {"per_class": {"heart": {"policy": "unet"}}}}})
     calibrated = GateConfig(per_class={"heart": ClassGate("sam", 0.8, 0.7, 0.3), "lung": ClassGate("drop")})
@@ -356,13 +356,11 @@ def test_runner_labelling_config_and_stale_policy(tmp_path):
     stored = load_gate_policy(path)  # rewritten: the file names the gate the label job uses
     assert stored.gate == gate and stored.calibrated == calibrated and stored.overridden == ["heart"]
     assert cfg.label.gate.per_class == {"heart": {"policy": "unet"}}
-    assert not _stale_policy(path, "t1")
-    assert _stale_policy(path, "t2") and _stale_policy(str(tmp_path / "missing.json"), "t1")
 
 
 def test_runner_reads_validation_shards_in_process(tmp_path):
     from plabel.data.ingest import ingest, shard_paths
-    from plabel.jobs.runner import read_labelled_images
+    from plabel.jobs.calibrate_job import read_labelled_images
     from plabel.data.synthetic import make_synthetic_dataset
 
     src = make_synthetic_dataset(tmp_path / "data", n_images=5, size=32, seed=0)

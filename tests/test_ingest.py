@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from shared_data import jsrt_path, require
 import webdataset as wds
 
 from plabel.data.imageio import decode_mask
@@ -33,7 +34,7 @@ from plabel.data.shards import (
     write_shards,
 )
 
-JSRT = Path("/work/shared/data/jsrt256")
+JSRT = jsrt_path()
 CLASSES = ["lung", "heart"]
 H, W = 16, 20
 
@@ -392,8 +393,8 @@ def test_scan_source_and_manifest_errors(tmp_path):
         shard_paths(tmp_path / "out", "train")
 
 
-@pytest.mark.skipif(not (JSRT / "classes.json").exists(), reason="jsrt256 not available")
 def test_ingest_jsrt256(tmp_path):
+    require(JSRT, "the JSRT data", "classes.json")
     m = ingest(JSRT, tmp_path / "out", {"labelled": 10, "val": 10, "test": 40}, seed=0)
     classes = json.loads((JSRT / "classes.json").read_text())
     assert m["classes"] == classes

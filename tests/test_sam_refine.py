@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import jsrt_path, require
 import torch
 
 from plabel.method.prompts import RefinementPrompts, extract_prompts
@@ -31,7 +32,7 @@ from plabel.method.sam import (
     validate_stages,
 )
 
-JSRT = Path("/work/shared/data/jsrt256")
+JSRT = jsrt_path()
 DICE_MIN = 0.99
 LOGIT_RTOL = 1e-3
 IOU_ATOL = 1e-3
@@ -268,8 +269,7 @@ def test_mismatched_lengths_rejected(tiny, tiny_cases):
 
 @pytest.fixture(scope="module")
 def lite_jsrt():
-    if not JSRT.is_dir():
-        pytest.skip(f"JSRT data not found at {JSRT} (real-data equivalence test needs it)")
+    require(JSRT, "the JSRT data (real-data equivalence test)", "classes.json")
     import cv2
 
     classes = json.loads((JSRT / "classes.json").read_text())

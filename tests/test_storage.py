@@ -279,7 +279,7 @@ def _fake_table(location: str, n: int) -> None:
 
 
 def test_table_commit_protocol(base):
-    from plabel.jobs.label_job import read_pseudo_labels
+    from plabel.data.table_commit import read_pseudo_labels
     from plabel.data.table_commit import (
         MARKER_NAME, IncompleteTableError, _clear_output, _commit_table, table_marker)
 
@@ -322,7 +322,7 @@ def test_run_pipeline_on_s3(tmp_path, s3_prefix, ray_local):
 
     from plabel.cli.main import app
     from plabel.data.ingest import load_manifest
-    from plabel.jobs.label_job import read_pseudo_labels
+    from plabel.data.table_commit import read_pseudo_labels
     from plabel.data.table_commit import MARKER_NAME, IncompleteTableError
     from plabel.jobs.runner import run_pipeline
     from plabel.jobs.train_job import pseudo_labelled_dataset

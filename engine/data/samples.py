@@ -1,6 +1,6 @@
 """Rows of plabel.data.shard_reader batches as WebDataset samples (no Ray needed).
 
-Every job reads shards with ``shard_reader.read_shards``: a numpy batch of raw members
+Every job reads shards with ``plabel.jobs.shard_dataset.read_shards``: a numpy batch of raw members
 (``__key__``, ``__url__``, ``png``, ``json``, ``masks.npz`` ...), one row per sample, plus
 ``__error__`` (why the reader could not give a usable sample), ``__occurrence__`` and ``__id__``.
 """

@@ -2,7 +2,7 @@
 
 Ray Data's ``read_webdataset`` fails the whole job on a tar cut mid-member and silently merges
 samples whose key repeats. plabel therefore parses each shard itself, streaming, one Ray task per
-shard (:func:`read_shards`), with :func:`iter_shard_samples` (no Ray needed). Every sample becomes
+shard (plabel.jobs.shard_dataset.read_shards), with :func:`iter_shard_samples` (no Ray needed). Every sample becomes
 one row; a sample that cannot be used carries the reason in ``__error__`` and the jobs turn it
 into an error row (label job) or an error naming the shard and key (training, evaluation).
 
@@ -52,13 +52,11 @@ that arrived with the shard's manifest entry and writes an error row for each mi
 from __future__ import annotations
 
 import logging
-import os
 import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, Sequence
 
-from plabel.data import storage
 from plabel.data.shards import IMAGE_EXTS, MASKS_MEMBER, META_MEMBER
 
 log = logging.getLogger(__name__)
@@ -68,7 +66,7 @@ __all__ = [
     "MEMBER_COLUMNS",
     "iter_shard_samples",
     "read_shard_file",
-    "read_shards",
+    "read_shard_batch",
     "sample_schema",
     "unsafe_member_name",
 ]
@@ -385,7 +383,7 @@ def samples_table(samples: Sequence[dict]):
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def _read_shard_batch(batch, filesystem=None, max_member_bytes: int = MAX_MEMBER_BYTES):
+def read_shard_batch(batch, filesystem=None, max_member_bytes: int = MAX_MEMBER_BYTES):
     """Ray UDF: rows {path, name} (one per shard) -> pyarrow tables of samples, streamed."""
     for path, name in zip(batch.column("path").to_pylist(), batch.column("name").to_pylist()):
         pending, size = [], 0
@@ -397,34 +395,3 @@ def _read_shard_batch(batch, filesystem=None, max_member_bytes: int = MAX_MEMBER
                 pending, size = [], 0
         if pending:
             yield samples_table(pending)
-
-
-def read_shards(paths: Sequence[str], max_member_bytes: int = MAX_MEMBER_BYTES):
-    """Ray Dataset of the samples of the shards: one streaming read task per shard, one row per
-    sample (columns: :func:`sample_schema`; see the module docstring for bad tars).
-
-    Local paths are read as given. URIs (all on one filesystem) are resolved here and read with
-    that pyarrow filesystem, so rows never carry credentials a URI may hold: ``__url__`` is the
-    shard's redacted URI (``s3://bucket/...``), or the path of a local shard. A shard that does
-    not exist raises FileNotFoundError naming it, before anything runs.
-    """
-    import pyarrow.fs as pafs
-    import ray
-
-    paths = [str(p) for p in paths]
-    if not paths:
-        raise ValueError("read_shards: no shards given")
-    fs, resolved = storage.resolve_all(paths)
-    names = [storage.redact(p) for p in paths]
-    if fs is None:
-        infos = pafs.LocalFileSystem().get_file_info([os.path.abspath(r) for r in resolved])
-    else:
-        infos = fs.get_file_info(resolved)
-    missing = [n for n, info in zip(names, infos) if info.type != pafs.FileType.File]
-    if missing:
-        raise FileNotFoundError(f"shard(s) not found: {', '.join(missing[:10])}"
-                                + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
-    items = [{"path": r, "name": n} for r, n in zip(resolved, names)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(_read_shard_batch, fn_kwargs={"filesystem": fs, "max_member_bytes": int(max_member_bytes)},
-                          batch_format="pyarrow", batch_size=1)

@@ -43,6 +43,8 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
+import pyarrow.dataset as pads
+
 from plabel.data import storage
 
 log = logging.getLogger(__name__)
@@ -475,8 +477,6 @@ class ShardTableWriter:
     def finish(self, extra: dict) -> dict:
         """Write the shards still buffered (ending the stream completes them), then the marker;
         returns the counts {rows, ok, empty, error}."""
-        import pyarrow.dataset as pads
-
         for sid in list(self._buffers):
             if sid in self.parts or self._buffers[sid]:
                 self._write_shard(sid)
@@ -495,3 +495,11 @@ class ShardTableWriter:
             storage.write_text(storage.join(self.staging, MARKER_NAME), text)
             os.replace(storage.local_path(self.staging), storage.local_path(self.out))  # the table appears whole
         return counts
+
+
+def read_pseudo_labels(table_dir: str | Path):
+    """The whole pseudo-label table as a pyarrow.Table with plabel's schema metadata.
+
+    Raises IncompleteTableError for a table without its completion marker in object storage."""
+    fs, files = table_files(table_dir)
+    return pads.dataset(files, filesystem=fs, format="parquet").to_table()

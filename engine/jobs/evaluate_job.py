@@ -59,7 +59,7 @@ def evaluate_checkpoint(checkpoint: str, shards: Sequence[str], classes: Sequenc
     from plabel.method.metrics import summarize_dice
     from plabel.jobs.cluster import quiet_ray_data
 
-    from plabel.data.shard_reader import read_shards
+    from plabel.jobs.shard_dataset import read_shards
 
     quiet_ray_data()
     ds = read_shards(shards)

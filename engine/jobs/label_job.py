@@ -46,7 +46,7 @@ from plabel.method.labelling import (
     teacher_probs,
 )
 from plabel.data.samples import batch_samples, decode_gray, object_array
-from plabel.data.table_commit import ShardTableWriter, table_files
+from plabel.data.table_commit import ShardTableWriter, job_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,14 @@ def _job_settings(classes, unet_sha256: str, label_cfg) -> dict:
     }
 
 
+def label_job_fingerprint(classes, teacher_checkpoint: str, label_cfg) -> str:
+    """The fingerprint of a label job's settings (classes, teacher, SAM, cleaning, gate), as its
+    completion marker records it under ``job_fingerprint``: equal fingerprints, equal rows."""
+    from plabel.method.unet import checkpoint_sha256
+
+    return job_fingerprint(_job_settings(classes, checkpoint_sha256(teacher_checkpoint), label_cfg))
+
+
 def run_label_job(
     shards: Sequence[str],
     out_dir: str | Path,
@@ -297,7 +305,7 @@ def run_label_job(
 
     from plabel.jobs.cluster import cluster_gpus, quiet_ray_data
     from plabel.jobs.resources import label_requests, ray_remote_args
-    from plabel.data.shard_reader import read_shards
+    from plabel.jobs.shard_dataset import read_shards
     from plabel.method.unet import checkpoint_sha256
     from plabel.schemas.tables import pseudo_label_schema
 
@@ -337,17 +345,7 @@ def run_label_job(
             writer.add(block)  # writes each shard's part as soon as its last row arrived
             if progress is not None:
                 progress(block.num_rows)
-    counts = writer.finish({"unet_checkpoint_sha256": unet_sha256})
+    counts = writer.finish({"unet_checkpoint_sha256": unet_sha256, "job_fingerprint": writer.fingerprint})
     return {**counts, "wall_s": round(time.time() - t0, 2), "sam_on_gpu": "GPU" in requests["refine"].resources,
             "shards": len(writer.shards), "shards_skipped": writer.skipped,
             "duplicates_dropped": writer.duplicates_dropped, "missing_samples": writer.missing_samples}
-
-
-def read_pseudo_labels(table_dir: str | Path):
-    """The whole pseudo-label table as a pyarrow.Table with plabel's schema metadata.
-
-    Raises IncompleteTableError for a table without its completion marker in object storage."""
-    import pyarrow.dataset as pads
-
-    fs, files = table_files(table_dir)
-    return pads.dataset(files, filesystem=fs, format="parquet").to_table()

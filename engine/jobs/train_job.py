@@ -86,7 +86,7 @@ def prepare_pseudo(batch: dict, classes: Sequence[str], image_size: int) -> dict
 
 
 def labelled_dataset(shards: Sequence[str], num_classes: int, image_size: int):
-    from plabel.data.shard_reader import read_shards
+    from plabel.jobs.shard_dataset import read_shards
 
     ds = read_shards(shards)
     return ds.map_batches(prepare_labelled, fn_kwargs=dict(image_size=image_size, num_classes=num_classes),
@@ -104,7 +104,7 @@ def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], cl
     repeat every epoch."""
     import ray
     from plabel.data.table_commit import table_files
-    from plabel.data.shard_reader import read_shards
+    from plabel.jobs.shard_dataset import read_shards
     from plabel.schemas.tables import class_column
 
     cols = ["id", "status", "height", "width"] + [class_column(c, f) for c in classes for f in ("mask", "kept")]

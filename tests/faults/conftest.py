@@ -21,7 +21,8 @@ def fault_data(tmp_path_factory):
 def reference_table(fault_data, ray_local, tmp_path_factory):
     """The table of an uninterrupted in-process label job (random_tiny SAM) on fault_data."""
     from plabel.data.ingest import shard_paths
-    from plabel.jobs.label_job import read_pseudo_labels, run_label_job
+    from plabel.jobs.label_job import run_label_job
+    from plabel.data.table_commit import read_pseudo_labels
 
     root, manifest = fault_data
     out = tmp_path_factory.mktemp("reference") / "table"

@@ -32,7 +32,8 @@ def main(root: Path, out: Path) -> dict:
 
     from plabel.data.ingest import load_manifest, shard_paths
     from plabel.jobs.cluster import quiet_ray_data
-    from plabel.jobs.label_job import read_pseudo_labels, run_label_job
+    from plabel.jobs.label_job import run_label_job
+    from plabel.data.table_commit import read_pseudo_labels
 
     t0 = time.time()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

@@ -13,7 +13,8 @@ import faultkit
 
 def test_actors_killed_mid_job(fault_data, reference_table, ray_local, tmp_path):
     from plabel.data.ingest import shard_paths
-    from plabel.jobs.label_job import read_pseudo_labels, run_label_job
+    from plabel.jobs.label_job import run_label_job
+    from plabel.data.table_commit import read_pseudo_labels
 
     root, manifest = fault_data
     shards = shard_paths(root / "shards", "unlabelled")

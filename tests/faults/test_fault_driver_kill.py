@@ -18,7 +18,7 @@ def _summary(stdout: str) -> dict:
 
 
 def test_driver_killed_then_rerun_resumes(fault_data, reference_table, tmp_path):
-    from plabel.jobs.label_job import read_pseudo_labels
+    from plabel.data.table_commit import read_pseudo_labels
 
     root, manifest = fault_data
     out = tmp_path / "table"

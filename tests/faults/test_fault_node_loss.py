@@ -12,7 +12,7 @@ import faultkit
 
 
 def test_worker_node_removed_mid_job(fault_data, reference_table, tmp_path):
-    from plabel.jobs.label_job import read_pseudo_labels
+    from plabel.data.table_commit import read_pseudo_labels
 
     root, manifest = fault_data
     out = tmp_path / "table"

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from plabel.data import storage
-from plabel.jobs.label_job import read_pseudo_labels
+from plabel.data.table_commit import read_pseudo_labels
 from plabel.data.table_commit import (
     JOB_NAME, MARKER_NAME, IncompleteTableError, ShardTableWriter, expected_keys, part_names, table_files)
 from plabel.schemas.tables import pseudo_label_schema, table_classes

@@ -1,0 +1,272 @@
+"""The stages of `plabel run`, in order, as data (plabel.jobs.runner.Stage).
+
+    stage      reads                                   writes
+    ingest     data.source                             shards/ (+ manifest.json)
+    teacher    labelled + val shards, teacher:         teacher.pt
+    calibrate  val shards, teacher.pt, label:          gate_policy.json (the gate per class)
+    label      unlabelled shards, teacher.pt,          pseudo_labels/ (the pseudo-label table)
+               gate_policy.json, label:
+    student    pseudo_labels/, shards, teacher.pt,     student.pt (student-k.pt: soup members)
+               student:
+    evaluate   test shards, teacher.pt, student.pt     dice_table.txt
+
+Each stage's key names what its result depends on; the runner skips a stage whose key and outputs
+are unchanged. Adding a stage to `plabel run` is one more entry in RUN_STAGES.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from plabel.data import storage
+from plabel.data.ingest import ingest
+from plabel.data.table_commit import MARKER_NAME, table_marker
+from plabel.jobs.calibrate_job import calibrate_stage, labelling_config
+from plabel.jobs.evaluate_job import evaluate_checkpoint
+from plabel.jobs.label_job import label_job_fingerprint, run_label_job
+from plabel.jobs.runner import RunContext, Stage
+from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
+from plabel.method.calibration import POLICY_FILE
+from plabel.method.metrics import format_dice_table
+from plabel.method.unet import checkpoint_sha256, load_checkpoint
+from plabel.schemas.config import LabelSection
+from plabel.training.selection import guard_average
+from plabel.training.loop import average_checkpoints
+
+# ------------------------------------------------------------------------------------------ ingest
+
+
+def _ingest(ctx: RunContext) -> dict:
+    d = ctx.cfg.data
+    counts = {"labelled": d.labelled, "val": d.val, "test": d.test}
+    manifest = ingest(d.source, ctx.at("shards"), counts=counts, seed=d.seed, shard_size=d.shard_size)
+    return {"counts": {k: v["n_samples"] for k, v in manifest["splits"].items()}}
+
+
+def _ingest_key(ctx: RunContext) -> dict:
+    d = ctx.cfg.data
+    return {"labelled": d.labelled, "val": d.val, "test": d.test, "seed": d.seed, "shard_size": d.shard_size}
+
+
+# ----------------------------------------------------------------------------------------- teacher
+
+
+def _validation_set(ctx: RunContext, size: int):
+    C, split = len(ctx.classes), ctx.val_split
+    return maybe_materialize(labelled_dataset(ctx.paths(split), C, size), ctx.n(split), C, size,
+                             expected_rows=ctx.n(split), what=f"{split} split")
+
+
+def _teacher(ctx: RunContext) -> dict:
+    section, C = ctx.cfg.teacher, len(ctx.classes)
+    train = maybe_materialize(labelled_dataset(ctx.paths("labelled"), C, section.image_size), ctx.n("labelled"), C,
+                              section.image_size, expected_rows=ctx.n("labelled"), what="labelled split")
+    out = train_unet(train, _validation_set(ctx, section.image_size), ctx.classes, section, ctx.at("teacher.pt"),
+                     ctx.at("ray_train"), "teacher", role="teacher")
+    out["sha256"] = checkpoint_sha256(ctx.at("teacher.pt"))
+    return out
+
+
+def _data_key(ctx: RunContext) -> dict:
+    """What every model stage reads of the data: the manifest (ids, splits, classes)."""
+    return {"manifest": storage.read_text(storage.join(ctx.shards_dir, "manifest.json"))}
+
+
+# --------------------------------------------------------------------------------------- calibrate
+
+
+def _calibrate_applies(ctx: RunContext) -> str | None:
+    if not ctx.cfg.label.gate.calibrate:
+        return "off (label.gate.calibrate: false): the configured gate is used"
+    if not ctx.paths("val"):
+        return "no validation split (data.val: 0): the configured gate is used"
+    return None
+
+
+def _calibrate(ctx: RunContext) -> dict:
+    return calibrate_stage(ctx.cfg, ctx.paths("val"), ctx.classes, ctx.at("teacher.pt"), ctx.sha("teacher.pt"),
+                           ctx.at(POLICY_FILE), ctx.echo)
+
+
+def _calibrate_key(ctx: RunContext) -> dict:
+    label = ctx.cfg.to_dict()["label"]
+    gate = {k: v for k, v in label["gate"].items() if k != "per_class"}  # overrides apply at labelling
+    return {**_data_key(ctx), "teacher": ctx.sha("teacher.pt"), "gate": gate, "cleaning": label["cleaning"],
+            "sam": _sam_key(ctx.cfg.label)}
+
+
+def _sam_key(label: LabelSection) -> dict:
+    """The SAM settings that change its masks (not actor counts, devices or compilation)."""
+    sam = label.sam
+    return {"backend": sam.backend, "checkpoint": sam.checkpoint, "sha256": sam.sha256,
+            "stages": [list(s) for s in sam.stages], "autocast": sam.autocast}
+
+
+# ------------------------------------------------------------------------------------------- label
+
+
+def label_section(ctx: RunContext) -> LabelSection:
+    """The label section the label stage uses: the config's, with the calibrated gate of
+    gate_policy.json when the calibrate stage applies (its per_class overrides win)."""
+    if _calibrate_applies(ctx) is None:
+        return labelling_config(ctx.cfg, ctx.at(POLICY_FILE))
+    return ctx.cfg.label
+
+
+def _label(ctx: RunContext) -> dict:
+    section, table = label_section(ctx), ctx.at("pseudo_labels")
+    marker = table_marker(table)
+    if marker is not None:
+        if marker.get("job_fingerprint") == label_job_fingerprint(ctx.classes, ctx.at("teacher.pt"), section):
+            ctx.echo("[label] the table of this teacher and gate was committed by an earlier run, reused")
+            return {k: marker[k] for k in ("rows", "ok", "empty", "error")}
+        ctx.echo("[label] the committed table came from another teacher or other label settings: labelling again")
+        storage.delete_dir(table)
+    out = run_label_job(ctx.paths("unlabelled"), table, ctx.classes, ctx.at("teacher.pt"), section)
+    if out.get("shards_skipped"):
+        ctx.echo(f"[label] resumed: {out['shards_skipped']} of {out['shards']} shard(s) were committed by an "
+                 "earlier run, skipped")
+    return out
+
+
+def _label_key(ctx: RunContext) -> dict:
+    label = ctx.cfg.to_dict()["label"]
+    return {**_data_key(ctx), "teacher": ctx.sha("teacher.pt"), "policy": ctx.sha(POLICY_FILE),
+            "gate": label["gate"], "cleaning": label["cleaning"], "sam": _sam_key(ctx.cfg.label),
+            "max_image_pixels": label["max_image_pixels"]}
+
+
+def _label_summary(out: dict) -> str:
+    return f"{out['rows']} rows (ok {out['ok']}, empty {out['empty']}, error {out['error']})"
+
+
+# ----------------------------------------------------------------------------------------- student
+
+
+def _student(ctx: RunContext) -> dict:
+    cfg, classes = ctx.cfg, ctx.classes
+    section = cfg.student
+    labelled = ctx.paths("labelled") if section.include_labelled else []
+    train = student_dataset(ctx.at("pseudo_labels"), ctx.paths("unlabelled"), labelled, classes, section.image_size,
+                            ctx.n("unlabelled"), ctx.n("labelled") if labelled else 0,
+                            what=f"{ctx.name}/pseudo_labels joined with the unlabelled shards")
+    val = _validation_set(ctx, section.image_size)
+    init = ctx.at("teacher.pt") if section.init == "teacher" else None
+    distill = ctx.at("teacher.pt") if section.distill > 0 else None
+    if section.soup == 1:
+        out = train_unet(train, val, classes, section, ctx.at("student.pt"), ctx.at("ray_train"), "student",
+                         role="student", init_checkpoint=init, distill_from=distill)
+    else:
+        out = _soup(ctx, train, val, init, distill)
+    out["init"] = section.init
+    out["distill"] = section.distill
+    # best_epoch -1: guarded selection kept the teacher's weights (every epoch lost a class on val)
+    out["selection"] = section.selection if init is not None else "mean"
+    out["sha256"] = checkpoint_sha256(ctx.at("student.pt"))
+    return out
+
+
+def _soup(ctx: RunContext, train, val, init: str | None, distill: str | None) -> dict:
+    """student.soup k > 1: k students (seeds seed .. seed + k - 1; a member an earlier run finished is
+    reused), student.pt = the average of their weights, held to the guarded rule."""
+    section, classes = ctx.cfg.student, ctx.classes
+    members = []
+    for k in range(section.soup):
+        member_section = dataclasses.replace(section, seed=section.seed + k)
+        ckpt = ctx.at(f"student-{k}.pt")
+        if storage.exists(ckpt):  # written once its training finished: an earlier run got this far
+            ctx.echo(f"[student] soup member {k + 1} of {section.soup}: student-{k}.pt of an earlier run, reused")
+            extra = load_checkpoint(ckpt)[2]
+            member = {"best_val_dice": extra.get("val_dice"), "best_epoch": extra.get("epoch"),
+                      "epochs": member_section.epochs, "reused": True}
+        else:
+            ctx.echo(f"[student] soup member {k + 1} of {section.soup} (seed {member_section.seed})")
+            member = train_unet(train, val, classes, member_section, ckpt, ctx.at("ray_train"), f"student-{k}",
+                                role="student", init_checkpoint=init, distill_from=distill)
+        members.append({**member, "seed": member_section.seed, "checkpoint": f"student-{k}.pt",
+                        "sha256": checkpoint_sha256(ckpt)})
+    average_checkpoints([ctx.at(m["checkpoint"]) for m in members], ctx.at("student.pt"),
+                        {"soup": [m["sha256"] for m in members]})
+    # the average is a model none of the members' validation passes has seen: score it there too
+    soup_val = evaluate_checkpoint(ctx.at("student.pt"), ctx.paths(ctx.val_split), classes)
+    out = {"soup": members, "epochs": section.epochs,
+           "best_epoch": [m["best_epoch"] for m in members],
+           "best_val_dice": [m["best_val_dice"] for m in members],
+           "soup_val_dice": {"mean_dice": soup_val["mean_dice"], "per_class": soup_val["per_class"],
+                             "split": ctx.val_split, "n_images": soup_val["n_images"]}}
+    ctx.echo(f"[student] soup of {len(members)}: validation Dice {soup_val['mean_dice']:.4f} (members' best: "
+             + ", ".join(f"{m['best_val_dice']:.4f}" for m in members if m["best_val_dice"] is not None) + ")")
+    if init is not None and section.selection == "guarded":
+        out["soup_guard"] = _guard_soup(ctx, soup_val, members)
+    return out
+
+
+def _guard_soup(ctx: RunContext, soup_val: dict, members: list) -> dict:
+    """Guarded selection for the average (plabel.training.selection.guard_average): it may lose no
+    class on the validation split by more than selection_tolerance against the teacher; if it does,
+    student.pt becomes the member with the best validation Dice (each member is guarded)."""
+    classes, tol = ctx.classes, ctx.cfg.student.selection_tolerance
+    teacher_val = evaluate_checkpoint(ctx.at("teacher.pt"), ctx.paths(ctx.val_split), classes)["per_class"]
+    lost, k = guard_average([soup_val["per_class"][c] for c in classes], [teacher_val[c] for c in classes],
+                            [m["best_val_dice"] for m in members], tol)
+    lost, kept = [classes[i] for i in lost], "soup"
+    if k is not None:
+        best = members[k]
+        storage.copy_file(ctx.at(best["checkpoint"]), ctx.at("student.pt"))
+        kept = best["checkpoint"]
+        ctx.echo(f"[student] the soup lost {', '.join(lost)} on the {ctx.val_split} split (more than {tol} below the "
+                 f"teacher): student.pt is {kept} (seed {best['seed']}), the member with the best validation Dice")
+    return {"teacher_val_dice": teacher_val, "tolerance": tol, "lost_classes": lost, "kept": kept}
+
+
+def _student_key(ctx: RunContext) -> dict:
+    marker = table_marker(ctx.at("pseudo_labels")) or {}
+    return {**_data_key(ctx), "teacher": ctx.sha("teacher.pt"), "student": ctx.cfg.to_dict()["student"],
+            "table": {k: marker.get(k) for k in ("files", "rows", "ok", "empty", "error", "unet_checkpoint_sha256")}}
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+
+def _evaluate_applies(ctx: RunContext) -> str | None:
+    return None if ctx.paths("test") else "no test split (data.test: 0): nothing to evaluate"
+
+
+def _evaluate(ctx: RunContext) -> dict:
+    out = {m: evaluate_checkpoint(ctx.at(f"{m}.pt"), ctx.paths("test"), ctx.classes) for m in ("teacher", "student")}
+    storage.write_text(ctx.at("dice_table.txt"), format_dice_table(out, ctx.classes) + "\n")
+    return out
+
+
+def _evaluate_key(ctx: RunContext) -> dict:
+    return {**_data_key(ctx), "teacher": ctx.sha("teacher.pt"), "student": ctx.sha("student.pt")}
+
+
+RUN_STAGES: tuple[Stage, ...] = (
+    Stage("ingest", reads=("data.source",), writes=("shards/manifest.json",), key=_ingest_key, run=_ingest,
+          applies=lambda ctx: None if ctx.cfg.data.source is not None else
+          f"data.shards given: using the ingested shards in {storage.redact(ctx.cfg.data.shards)}",
+          ray=False),
+    Stage("teacher", reads=("shards: labelled, val", "teacher"), writes=("teacher.pt",),
+          key=lambda ctx: {**_data_key(ctx), "teacher": ctx.cfg.to_dict()["teacher"]}, run=_teacher,
+          summary=lambda out: f"best validation Dice {out['best_val_dice']:.4f} (epoch {out['best_epoch']})"
+          if out.get("best_val_dice") is not None else ""),
+    Stage("calibrate", reads=("shards: val", "teacher.pt", "label.gate", "label.cleaning", "label.sam"),
+          writes=(POLICY_FILE,), key=_calibrate_key, run=_calibrate, applies=_calibrate_applies),
+    Stage("label", reads=("shards: unlabelled", "teacher.pt", POLICY_FILE, "label"), writes=(f"pseudo_labels/{MARKER_NAME}",),
+          key=_label_key, run=_label, summary=_label_summary),
+    Stage("student", reads=("pseudo_labels", "shards: unlabelled, labelled, val", "teacher.pt", "student"),
+          writes=("student.pt",), key=_student_key, run=_student),
+    Stage("evaluate", reads=("shards: test", "teacher.pt", "student.pt"), writes=("dice_table.txt",),
+          key=_evaluate_key, run=_evaluate, applies=_evaluate_applies),
+)
+
+
+def final_report(ctx: RunContext) -> None:
+    """The console's closing lines: the Dice table, stage times, the table's counts, the run directory."""
+    stages = ctx.results["stages"]
+    if "evaluate" in stages and storage.exists(ctx.at("dice_table.txt")):
+        ctx.echo(storage.read_text(ctx.at("dice_table.txt")).rstrip("\n"))
+    ctx.echo("stage wall times (s): " + ", ".join(f"{k} {v['wall_s']:.1f}" for k, v in stages.items()))
+    if "label" in stages:
+        ctx.echo(f"pseudo labels: {_label_summary(stages['label'])} in {storage.join(ctx.name, 'pseudo_labels')}")
+    ctx.echo(f"run directory: {ctx.name}")

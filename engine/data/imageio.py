@@ -25,6 +25,8 @@ import zlib
 
 import cv2
 import numpy as np
+import tifffile
+from PIL import Image
 
 __all__ = [
     "ImageDecodeError",
@@ -80,16 +82,12 @@ def _probe_size(data: bytes, fmt: str) -> tuple[int, int] | None:
         return height, width
     if fmt == "tiff":
         try:
-            import tifffile
-
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
                 page = tif.pages[0]
                 return int(page.imagelength), int(page.imagewidth)
         except Exception:  # fall through to Pillow
             pass
     try:
-        from PIL import Image
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
@@ -181,8 +179,6 @@ def _decode_cv2(data: bytes) -> np.ndarray:
 
 
 def _decode_pil(data: bytes) -> np.ndarray:
-    from PIL import Image
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with Image.open(io.BytesIO(data)) as im:
@@ -212,8 +208,6 @@ def _decode_pil(data: bytes) -> np.ndarray:
 
 
 def _decode_tifffile(data: bytes) -> np.ndarray:
-    import tifffile
-
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
         page = tif.pages[0]
         arr = page.asarray()

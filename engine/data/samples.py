@@ -11,6 +11,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from plabel.data.imageio import decode_image, to_gray_float
+from plabel.data.shards import ShardError, decode_masks, image_member
+
 
 def batch_samples(batch: dict) -> Iterator[dict]:
     """The samples of a batch, each a dict of the members it has (absent members left out)."""
@@ -39,7 +42,6 @@ def sample_id(sample: dict) -> str:
 
 def check_sample(sample: dict) -> None:
     """Raise ShardError naming the sample when the reader marked it unusable (``__error__``)."""
-    from plabel.data.shards import ShardError
 
     error = sample.get("__error__")
     if error is not None:
@@ -49,8 +51,6 @@ def check_sample(sample: dict) -> None:
 def decode_gray(sample: dict, max_pixels: int = 64_000_000) -> np.ndarray:
     """The sample's image as gray uint8 (H, W) (16-bit images min-max scaled); raises naming it
     (also for samples the reader marked unusable: truncated, duplicate key, unsafe member)."""
-    from plabel.data.imageio import decode_image, to_gray_float
-    from plabel.data.shards import image_member
 
     check_sample(sample)
     name, data = image_member(sample)
@@ -61,7 +61,6 @@ def decode_gray(sample: dict, max_pixels: int = 64_000_000) -> np.ndarray:
 def sample_masks(sample: dict, shape: tuple[int, int], num_classes: int | None = None) -> np.ndarray:
     """The sample's ``masks.npz`` as bool (C, H, W), checked against the image's (H, W) and, when
     given, the class count; raises ValueError naming the sample and both sizes."""
-    from plabel.data.shards import ShardError, decode_masks
 
     where = sample_where(sample)
     if "masks.npz" not in sample:

@@ -57,6 +57,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, Sequence
 
+import pyarrow as pa
+
 from plabel.data.shards import IMAGE_EXTS, MASKS_MEMBER, META_MEMBER
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,6 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 def sample_schema():
     """Arrow schema of the rows :func:`read_shards` gives."""
-    import pyarrow as pa
 
     return pa.schema(
         [("__key__", pa.string()), ("__url__", pa.string())]
@@ -372,7 +373,6 @@ def read_shard_file(path: str, shard: str | None = None, filesystem=None,
 
 def samples_table(samples: Sequence[dict]):
     """pyarrow Table (:func:`sample_schema`) of sample dicts; other suffixes are left out."""
-    import pyarrow as pa
 
     schema = sample_schema()
     cols = {name: [] for name in schema.names}

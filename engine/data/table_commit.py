@@ -43,9 +43,13 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from plabel.data import storage
+from plabel.data.ingest import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +234,6 @@ def expected_keys(shards: Sequence[str]) -> dict[str, frozenset | None]:
     member names; None for anything that cannot be read (the shard is then finished when the
     stream ends).
     """
-    from plabel.data.ingest import load_manifest
 
     out: dict[str, frozenset | None] = {}
     manifests: dict[str, dict] = {}
@@ -401,8 +404,6 @@ class ShardTableWriter:
         self._extra_parts.append(name)
 
     def _write_shard(self, sid: str) -> None:
-        import pyarrow as pa
-
         tables = self._buffers.pop(sid)
         seen = self._seen.pop(sid, set())
         expected = self.expected.get(sid)
@@ -439,8 +440,6 @@ class ShardTableWriter:
         """Rows for samples the shard should hold (its expected keys) that never arrived: one error
         row each (id = key), so images in = rows. A reader row that only names where data was lost
         (key ``@<byte offset>``: a cut between whole samples) is folded into their messages."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
 
         causes: list[str] = []
         kept = []
@@ -461,8 +460,6 @@ class ShardTableWriter:
         return kept + [pa.Table.from_pylist(rows, schema=self.schema)]
 
     def _write_part(self, name: str, table) -> None:
-        import pyarrow.parquet as pq
-
         buf = io.BytesIO()
         pq.write_table(table, buf)
         storage.write_bytes(storage.join(self.staging, name), buf.getvalue())  # atomic: temp + rename / one PUT

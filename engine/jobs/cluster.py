@@ -25,14 +25,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
         if not sys.stderr.isatty():  # progress bars on a terminal, plain logs in files and CI
             os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    import ray
+    import ray  # local: Ray reads its constants on import: plabel's environment comes first
 
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    from ray._private import ray_constants
+    from ray._private import ray_constants  # local: after the variables above are set
 
     if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
         ray_constants.ENABLE_RAY_CLUSTER = False  # ray was imported before the variable was set
@@ -51,14 +51,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
 
 def cluster_gpus() -> float:
     """Number of GPUs the connected cluster advertises (0.0 when none)."""
-    import ray
+    import ray  # local: Ray reads its constants on import: plabel's environment comes first
 
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
 def quiet_ray_data() -> None:
     """Ray Data progress bars on a terminal only; no execution-plan dump at each start."""
-    import ray
+    import ray  # local: Ray reads its constants on import: plabel's environment comes first
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()

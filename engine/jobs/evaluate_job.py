@@ -9,27 +9,28 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import ray
+import torch
+
+from plabel.data.samples import batch_samples, decode_gray, object_array, sample_masks, sample_where
+from plabel.jobs.cluster import quiet_ray_data
+from plabel.jobs.shard_dataset import read_shards
+from plabel.method.cleaning import CleaningConfig, clean_masks
+from plabel.method.labelling import teacher_probs
+from plabel.method.metrics import dice_per_class, summarize_dice
+from plabel.method.unet import load_checkpoint
 
 
 class DiceStage:
     """CPU actor: per-image, per-class Dice of one checkpoint."""
 
     def __init__(self, checkpoint: str, num_classes: int, threshold: float = 0.5, clean: bool = False):
-        import torch
-
-        from plabel.method.unet import load_checkpoint
-
         torch.set_num_threads(1)
         self.model, _, extra = load_checkpoint(checkpoint)
         self.image_size = int(extra.get("image_size", 256))
         self.C, self.threshold, self.clean = num_classes, threshold, clean
 
     def __call__(self, batch: dict) -> dict:
-        from plabel.method.cleaning import CleaningConfig, clean_masks
-        from plabel.method.labelling import teacher_probs
-        from plabel.method.metrics import dice_per_class
-        from plabel.data.samples import batch_samples, decode_gray, object_array, sample_masks, sample_where
-
         ids, dices = [], []
         grays, truths, names = [], [], []
         for sample in batch_samples(batch):
@@ -54,12 +55,6 @@ def evaluate_checkpoint(checkpoint: str, shards: Sequence[str], classes: Sequenc
     """summarize_dice of the checkpoint on the shards, plus 'per_image': {key: [dice per class]}.
 
     checkpoint and shards may be local paths or URIs (plabel.data.storage)."""
-    import ray
-
-    from plabel.method.metrics import summarize_dice
-    from plabel.jobs.cluster import quiet_ray_data
-
-    from plabel.jobs.shard_dataset import read_shards
 
     quiet_ray_data()
     ds = read_shards(shards)

@@ -35,8 +35,19 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import ray
+import torch
 
 from plabel.data import storage
+from plabel.data.samples import batch_samples, decode_gray, object_array, sample_id
+from plabel.data.shards import masks_shape
+from plabel.data.table_commit import ShardTableWriter, job_fingerprint
+from plabel.jobs.cluster import cluster_gpus, quiet_ray_data
+from plabel.jobs.resources import label_requests, ray_remote_args
+from plabel.jobs.shard_dataset import read_shards
+from plabel.method.cleaning import CleaningConfig
+from plabel.method.gate import GateConfig
 from plabel.method.labelling import (
     NONFINITE_TEACHER,
     ImageMeta,
@@ -45,8 +56,10 @@ from plabel.method.labelling import (
     pseudo_label_rows,
     teacher_probs,
 )
-from plabel.data.samples import batch_samples, decode_gray, object_array
-from plabel.data.table_commit import ShardTableWriter, job_fingerprint
+from plabel.method.prompts import RefinementPrompts
+from plabel.method.sam import refiner_from_config
+from plabel.method.unet import checkpoint_sha256, load_checkpoint
+from plabel.schemas.tables import PSEUDO_LABEL_SCHEMA_VERSION, pseudo_label_schema
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +97,6 @@ def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
     ``max_pixels`` (``label.max_image_pixels``). Ground-truth ``masks.npz`` is not used here; one
     whose size differs from its image only adds a warning to the message of the (still labelled)
     row."""
-    from plabel.data.samples import sample_id
 
     out = {k: [] for k in _META_COLUMNS + ("image",)}
     for sample in batch_samples(batch):
@@ -119,7 +131,6 @@ def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
 def _ground_truth_note(sample: dict, shape, where: str) -> str | None:
     """None, or a warning when the sample's ground-truth masks do not fit its image (the label job
     does not use them; the image is labelled all the same)."""
-    from plabel.data.shards import masks_shape
 
     try:
         _, h, w = masks_shape(bytes(sample["masks.npz"]))
@@ -138,11 +149,6 @@ class TeacherStage:
     """CPU actor: U-Net probabilities, cleaning and prompts for a batch of decoded images."""
 
     def __init__(self, checkpoint: str, cleaning: dict, num_classes: int, threads: int = 1):
-        import torch
-
-        from plabel.method.cleaning import CleaningConfig
-        from plabel.method.unet import load_checkpoint
-
         torch.set_num_threads(max(1, threads))
         self.model, self.config, self.extra = load_checkpoint(checkpoint)
         self.image_size = int(self.extra.get("image_size", 256))
@@ -200,13 +206,8 @@ class RefineStage:
     """SAM actor (GPU when available): refinement, quality gate, pyarrow table of rows."""
 
     def __init__(self, sam: dict, gate: dict, classes: Sequence[str], unet_sha256: str, cache_dir: str | None = None):
-        import torch
-
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(sam.get("cpus", 1))))
-
-        from plabel.method.gate import GateConfig
-        from plabel.method.sam import refiner_from_config
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.refiner = refiner_from_config(sam, device, cache_dir=cache_dir)
@@ -218,13 +219,10 @@ class RefineStage:
             "sam_backend": model.backend,
             "sam_checkpoint_sha256": model.checkpoint_sha256,
         }
-        from plabel.schemas.tables import pseudo_label_schema
 
         self.schema = pseudo_label_schema(self.classes)
 
     def _rows(self, batch: dict, idx: list[int]) -> list[dict]:
-        from plabel.method.prompts import RefinementPrompts
-
         metas, grays, cleaned, probs, prompts = [], [], [], [], []
         for i in idx:
             meta = _meta(batch, i)
@@ -238,8 +236,6 @@ class RefineStage:
                                  self.gate, self.provenance)
 
     def __call__(self, batch: dict):
-        import pyarrow as pa
-
         _writable_status(batch)
         n = len(batch["id"])
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
@@ -264,7 +260,6 @@ class RefineStage:
 
 def _job_settings(classes, unet_sha256: str, label_cfg) -> dict:
     """What the rows depend on: a staged table is resumed only by a job with the same settings."""
-    from plabel.schemas.tables import PSEUDO_LABEL_SCHEMA_VERSION
 
     sam = label_cfg.sam
     checkpoint = sam.checkpoint
@@ -283,7 +278,6 @@ def _job_settings(classes, unet_sha256: str, label_cfg) -> dict:
 def label_job_fingerprint(classes, teacher_checkpoint: str, label_cfg) -> str:
     """The fingerprint of a label job's settings (classes, teacher, SAM, cleaning, gate), as its
     completion marker records it under ``job_fingerprint``: equal fingerprints, equal rows."""
-    from plabel.method.unet import checkpoint_sha256
 
     return job_fingerprint(_job_settings(classes, checkpoint_sha256(teacher_checkpoint), label_cfg))
 
@@ -301,13 +295,6 @@ def run_label_job(
     docstring); a job interrupted earlier with the same settings is resumed. Returns counts
     {rows, ok, empty, error}, wall time, and shards / shards_skipped (committed by an earlier run).
     ``progress(n)`` is called on the driver with the number of rows of every block that arrives."""
-    import ray
-
-    from plabel.jobs.cluster import cluster_gpus, quiet_ray_data
-    from plabel.jobs.resources import label_requests, ray_remote_args
-    from plabel.jobs.shard_dataset import read_shards
-    from plabel.method.unet import checkpoint_sha256
-    from plabel.schemas.tables import pseudo_label_schema
 
     quiet_ray_data()
     out = str(out_dir).rstrip("/") if storage.is_remote(out_dir) else str(Path(storage.local_path(out_dir)).absolute())

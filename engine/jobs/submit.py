@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+from ray.job_submission import JobSubmissionClient
 
 from plabel.schemas.config import RunConfig, load_run_config
 
@@ -71,7 +72,6 @@ def submit_run(config: str | Path, address: str | None, job_id: str | None = Non
 
     A cluster whose job agent is not up yet (a head node that just started) is retried for
     agent_wait_s seconds."""
-    from ray.job_submission import JobSubmissionClient
 
     cfg = load_run_config(config)  # validates and resolves relative paths against the config's folder
     url = jobs_api_address(address)

@@ -66,8 +66,13 @@ from typing import Sequence
 import numpy as np
 
 from plabel.data import storage
+from plabel.method.cleaning import CleaningConfig
 from plabel.method.gate import ClassGate, GateConfig, gate_decision
+from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
 from plabel.method.metrics import dice
+from plabel.method.sam import SamModel, SamRefiner
+from plabel.schemas.masks import decode_mask
+from plabel.schemas.tables import class_column
 
 POLICY_FILE = "gate_policy.json"
 POLICY_FORMAT = "plabel-gate-policy"
@@ -149,11 +154,6 @@ def validation_evidence(
     Returns (images, skipped): images whose teacher probabilities were not finite are left out
     and named in ``skipped`` (the label job makes them error rows).
     """
-    from plabel.method.cleaning import CleaningConfig
-    from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
-    from plabel.method.sam import SamModel, SamRefiner
-    from plabel.schemas.masks import decode_mask
-    from plabel.schemas.tables import class_column
 
     if len(grays) != len(truths) or len(grays) != len(ids):
         raise ValueError(f"{len(grays)} images, {len(truths)} ground truths and {len(ids)} ids")

@@ -20,6 +20,7 @@ from plabel.method.gate import GateConfig, gate_decision
 from plabel.method.metrics import dice
 from plabel.method.preprocess import probs_to_image, to_unet_input
 from plabel.method.prompts import RefinementPrompts, extract_prompts
+from plabel.method.unet import predict_probs
 from plabel.schemas.masks import encode_mask
 from plabel.schemas.tables import CLASS_FIELD_TYPES, class_column
 
@@ -48,7 +49,6 @@ def teacher_probs(model: torch.nn.Module, grays: Sequence[np.ndarray], image_siz
     (``names[i]``, else its index), ``nonfinite="none"`` gives None in its place (the label job
     turns it into an error row; the other images of the batch are unaffected).
     """
-    from plabel.method.unet import predict_probs
 
     if nonfinite not in ("raise", "none"):
         raise ValueError(f"nonfinite must be 'raise' or 'none', got {nonfinite!r}")

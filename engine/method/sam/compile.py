@@ -58,8 +58,8 @@ def compile_sam(model: SamModel, max_decoder_shapes: int = MAX_DECODER_SHAPES) -
     once). Returns the model. Compilation happens lazily at the first call of each shape. On CPU,
     inductor's weight freezing is switched on for this process (inference only: weights must not
     change afterwards)."""
-    import torch._dynamo.config as dynamo_config
-    import torch._inductor.config as inductor_config
+    import torch._dynamo.config as dynamo_config  # local: the compiler only when compiling
+    import torch._inductor.config as inductor_config  # local: the compiler only when compiling
 
     sam = model.sam.eval()
     if is_compiled(model):

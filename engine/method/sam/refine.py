@@ -27,7 +27,8 @@ from segment_anything import SamPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from plabel.method.prompts import RefinementPrompts
-from plabel.method.sam.backends import SamModel
+from plabel.method.sam.backends import SamModel, load_sam
+from plabel.method.sam.compile import compile_sam
 
 STAGE_PROMPTS = frozenset({"box", "points", "mask"})
 DEFAULT_STAGES: tuple[tuple[str, ...], ...] = (("box",), ("points", "mask"))
@@ -70,14 +71,11 @@ def refiner_from_config(sam: Mapping, device: str, cache_dir: str | None = None,
     sam["compile"]) compiles the model (plabel.method.sam.compile) and pads every encoder call to
     sam["batch_size"] images, so the compiled encoder sees one static shape.
     """
-    from plabel.method.sam.backends import load_sam
 
     model = load_sam(sam["backend"], sam.get("checkpoint"), device=device, cache_dir=cache_dir,
                      sha256=sam.get("sha256"))
     encoder_batch = None
     if sam.get("compile") if compile is None else compile:
-        from plabel.method.sam.compile import compile_sam
-
         compile_sam(model)
         encoder_batch = int(sam["batch_size"])
     autocast = autocast_dtype(sam.get("autocast", "none"))

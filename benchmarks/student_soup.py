@@ -6,7 +6,7 @@ Takes students that benchmarks/quality.py trained (their .json next to their .pt
 split, the teacher and the starting weights (warm-started students differ only in their training
 seed, --student-seed-offset), and prints the test Dice (x100, 40 test images, > 0.5 on the 256-px
 grid, as quality.py) of: the teacher, each student, the uniform average of the students' weights
-(one U-Net, a "soup": plabel.training.loop.average_weights, as plabel's student.soup) and the
+(one U-Net, a "soup": plabel.training.soup.average_weights, as plabel's student.soup) and the
 ensemble (the students' probabilities averaged, k U-Nets at test time); per class as the
 difference to the teacher.
 Refuses students of different splits, teachers or architectures, and scratch students (their
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         ap.error("give at least two students")
     torch.set_num_threads(args.threads)
     from plabel.method.metrics import dice_per_class
-    from plabel.training.loop import average_weights
+    from plabel.training.soup import average_weights
     from plabel.method.unet import load_checkpoint
 
     metas, teacher_json = load_group(args.students)

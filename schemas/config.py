@@ -82,7 +82,7 @@ class TrainSection:
     # they stay near the teacher (within the training noise, -0.8..+1.8 on the heart).
     distill: float = 1.0
     # student only, with init: teacher: train this many students with seeds seed, seed + 1, ... and
-    # keep the average of their weights (plabel.training.loop.average_checkpoints); 1 = one student.
+    # keep the average of their weights (plabel.training.soup.average_checkpoints); 1 = one student.
     # The student's default is StudentSection's; a teacher is always one model.
     soup: int = 1
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from plabel.training.inprocess import fit_unet, positive_fraction
+from plabel.training.inprocess import fit_unet
 from plabel.method.sam.variants import refine_variants
 from plabel.method.prompts import extract_prompts
 from plabel.method.sam import SamRefiner, build_random_sam
@@ -53,15 +53,6 @@ def test_fit_without_validation_keeps_the_last_epoch_and_checks_shapes():
         fit_unet(images, masks, cfg, weight=np.ones((3, 3)))
     with pytest.raises(ValueError, match="do not fit"):
         fit_unet(images[:2], masks, cfg)
-
-
-def test_positive_fraction_ignores_weight_zero_classes():
-    masks = np.zeros((2, 2, 4, 4), np.uint8)
-    masks[0, 0] = 1  # all positive, but weight 0 below
-    masks[1, 0, :2] = 1
-    w = np.array([[0, 1], [1, 1]], np.float32)
-    p = positive_fraction(masks, w)
-    assert p[0] == pytest.approx(0.5) and p[1] == pytest.approx(1e-4)
 
 
 def test_refine_variants_equals_each_refiners_refine_batch():
@@ -134,7 +125,8 @@ def test_guarded_selection_never_keeps_a_class_worse_than_the_starting_weights()
     images, masks = images[2:], masks[2:]  # 4 training images the teacher saw, 4 validation images it did not
     ref = _val_dice(teacher, images[4:], masks[4:])
     assert ref.min() > 0.6  # a teacher worth guarding
-    cfg = TrainConfig(epochs=4, batch_size=2, base_channels=4, depth=2, lr=5e-3, seed=2, augment=False)
+    # seed 3: a run with epochs of both sorts (whether a seed gives one is training noise)
+    cfg = TrainConfig(epochs=4, batch_size=2, base_channels=4, depth=2, lr=5e-3, seed=3, augment=False)
     tol = 0.01
     g = fit_unet(images[:4], masks[:4], cfg, val_images=images[4:], val_masks=masks[4:],
                  init_state=teacher.state_dict(), selection="guarded", tolerance=tol)

@@ -228,7 +228,7 @@ def test_student_soup_averages_students_of_consecutive_seeds(tiny_run, tmp_path)
     from plabel.method.labelling import teacher_probs
     from plabel.method.metrics import dice_per_class
     from plabel.jobs.calibrate_job import read_labelled_images
-    from plabel.training.loop import average_weights
+    from plabel.training.soup import average_weights
     from plabel.method.unet import checkpoint_sha256, load_checkpoint
 
     run, output = tiny_run

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from plabel.training.loop import (TrainConfig, average_checkpoints, average_weights, build_model, evaluate_batch,
-                               make_optimizer, train_step)
+from plabel.training.loop import (TrainConfig, array_batches, build_model, evaluate_batch, fit, make_optimizer,
+                                  positive_fraction, shuffle_seed, train_step)
+from plabel.training.soup import average_checkpoints, average_weights
 
 
 def _two_square_image(h=32):
@@ -131,3 +132,112 @@ def test_average_checkpoints_is_the_mean_model(tmp_path, one_thread):
     with pytest.raises(ValueError, match="other.pt is a U-Net .* only checkpoints of one architecture"):
         average_checkpoints([paths[0], tmp_path / "other.pt"], tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
+
+
+# ----------------------------------------------------------------------------- the loop (plabel.training.loop.fit)
+
+
+def test_positive_fraction_counts_weighted_pixels_of_the_first_batches():
+    masks = np.zeros((2, 2, 4, 4), np.uint8)
+    masks[0, 0] = 1  # all positive, but weight 0 below
+    masks[1, 0, :2] = 1
+    w = np.array([[0, 1], [1, 1]], np.float32)
+    batches = [{"masks": masks[:1], "weight": w[:1]}, {"masks": torch.from_numpy(masks[1:]), "weight": w[1:]}]
+    p = positive_fraction(batches)
+    assert p.dtype == np.float64 and p.tolist() == pytest.approx([0.5, 1e-4])  # 8 of 16 pixels; none (clipped)
+    full = {"masks": np.ones((1, 2, 4, 4), np.uint8), "weight": np.ones((1, 2), np.float32)}
+    assert positive_fraction(batches + [full]).tolist() == pytest.approx([24 / 32, 16 / 48])
+    assert positive_fraction(batches + [full], max_batches=2).tolist() == p.tolist()  # the third is not read
+    with pytest.raises(ValueError, match="no training batches"):
+        positive_fraction([])
+
+
+def test_array_batches_is_a_seeded_permutation_per_epoch():
+    src = array_batches({"i": torch.arange(10), "j": torch.arange(10) * 2}, 4, seed=3)
+    e0 = [b["i"].tolist() for b in src(0)]
+    assert [len(b) for b in e0] == [4, 4, 2] and [b["i"].tolist() for b in src(0)] == e0  # the same each call
+    want = torch.randperm(10, generator=torch.Generator().manual_seed(shuffle_seed(3, 0))).tolist()
+    assert sum(e0, []) == want and sorted(want) == list(range(10)) and want != list(range(10))
+    assert sum((b["i"].tolist() for b in src(1)), []) != want  # another epoch, another order
+    assert all(torch.equal(b["j"], 2 * b["i"]) for b in src(2))  # rows stay together
+    assert [b["i"].tolist() for b in array_batches({"i": torch.arange(5)}, 2, shuffle=False)(7)] == [[0, 1], [2, 3], [4]]
+    assert shuffle_seed(3, 2, rank=1) == (3 * 1009 + 1) * 1009 + 2
+
+
+def _squares(n=6, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, 2, size, size), np.float32)
+    for i in range(n):
+        y, x = rng.integers(1, size // 2, 2)
+        masks[i, 0, y:y + 6, x:x + 6] = 1
+        masks[i, 1, y + 3:y + 8, x + 2:x + 7] = 1
+    images = (0.1 + 0.3 * masks[:, 0] + 0.4 * masks[:, 1] + 0.02 * rng.standard_normal((n, size, size))).clip(0, 1)
+    return torch.from_numpy(images.astype(np.float32)), torch.from_numpy(masks)
+
+
+def test_fit_measures_positive_class_weights_on_the_first_32_batches_of_epoch_0():
+    """32 batches of empty masks, then 2 all positive: only the first 32 count (p clipped to 1e-4: the
+    largest weight, 50); with the positive ones first, they count."""
+    from plabel.method.losses import positive_class_weights
+    from plabel.training.loop import POS_WEIGHT_BATCHES
+
+    assert POS_WEIGHT_BATCHES == 32
+    masks = torch.zeros(34, 1, 8, 8)
+    masks[32:] = 1
+    rows = {"image": torch.zeros(34, 8, 8), "masks": masks, "weight": torch.ones(34, 1)}
+    cfg = TrainConfig(epochs=0, batch_size=1, base_channels=4, depth=1)
+    late = fit(cfg, 1, array_batches(rows, 1, shuffle=False))
+    assert late.pos_weight.tolist() == [50.0] and late.history == [] and late.epoch == -1
+    early = fit(cfg, 1, lambda epoch: reversed(list(array_batches(rows, 1, shuffle=False)(epoch))))
+    assert early.pos_weight.tolist() == pytest.approx(positive_class_weights(np.array([2 / 32])).tolist())
+    assert early.pos_weight.tolist() == pytest.approx([15.0])
+
+
+def test_fit_resumed_from_its_checkpoint_continues_the_uninterrupted_run(one_thread):
+    """fit(resume=state.checkpoint()) after epoch 0 runs epochs 1.. exactly as the uninterrupted run
+    did (augmentation on: the generator's state travels in the checkpoint): the same losses, weights,
+    kept epoch and selector."""
+    import copy
+
+    x, y = _squares()
+    rows = {"image": x[:4], "masks": y[:4], "weight": torch.ones(4, 2)}
+    cfg = TrainConfig(epochs=3, batch_size=2, base_channels=4, depth=1, lr=5e-3, seed=2)
+    src = array_batches(rows, 2, seed=2)
+
+    def val():
+        return array_batches({"image": x[4:], "masks": y[4:]}, 8, shuffle=False)(0)
+
+    saved = []
+    full = fit(cfg, 2, src, val, on_epoch_end=lambda s: saved.append(copy.deepcopy(s.checkpoint())))
+    assert [h["epoch"] for h in full.history] == [0, 1, 2] and [c["epoch"] for c in saved] == [0, 1, 2]
+    assert all(len(h["val_dice_per_class"]) == 2 and 0 <= h["val_dice"] <= 1 for h in full.history)
+    assert full.best_epoch == int(np.argmax([h["val_dice"] for h in full.history]))
+    resumed = fit(cfg, 2, src, val, resume=saved[0])
+    assert resumed.start_epoch == 1 and [h["epoch"] for h in resumed.history] == [1, 2]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[1:]]
+    assert [h["val_dice"] for h in resumed.history] == [h["val_dice"] for h in full.history[1:]]
+    for k, v in full.base.state_dict().items():
+        assert torch.equal(v, resumed.base.state_dict()[k]), k
+    for k, v in full.best_state.items():
+        assert torch.equal(v, resumed.best_state[k]), k
+    assert resumed.best_epoch == full.best_epoch and resumed.selector == full.selector
+    assert resumed.best_val_dice == pytest.approx(full.history[full.best_epoch]["val_dice"])
+
+
+def test_fit_distils_the_weight_zero_classes_unless_the_batch_says_otherwise(one_thread):
+    """teacher + distill: the soft targets train distill * (weight == 0), the same as a batch's own
+    distill_weight of those values; other distill weights train otherwise."""
+    x, y = _squares(n=4)
+    w = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    cfg = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=1, lr=1e-2, seed=1, augment=False)
+    teacher, _ = build_model(TrainConfig(base_channels=4, depth=1, seed=9), 2)
+
+    def run(distill, dw=None):
+        rows = {"image": x, "masks": y, "weight": w, **({} if dw is None else {"distill_weight": dw})}
+        return fit(cfg, 2, array_batches(rows, 2, seed=1), teacher=teacher, distill=distill)
+
+    by_rule, by_batch, none = run(3.0), run(0.0, 3.0 * (w == 0).float()), run(0.0)
+    assert by_rule.history[0]["loss"] == by_batch.history[0]["loss"] != none.history[0]["loss"]
+    for k, v in by_rule.base.state_dict().items():
+        assert torch.equal(v, by_batch.base.state_dict()[k]), k
+    assert not torch.equal(by_rule.base.head.weight, none.base.head.weight)

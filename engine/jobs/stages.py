@@ -30,7 +30,7 @@ from plabel.method.metrics import format_dice_table
 from plabel.method.unet import checkpoint_sha256, load_checkpoint
 from plabel.schemas.config import LabelSection
 from plabel.training.selection import guard_average
-from plabel.training.loop import average_checkpoints
+from plabel.training.soup import average_checkpoints
 
 # ------------------------------------------------------------------------------------------ ingest
 

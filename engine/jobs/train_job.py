@@ -4,7 +4,8 @@ Data stream through Ray Data (ray.train.get_dataset_shard), never collected on t
   labelled_dataset        labelled shards -> image, masks, weight (all classes weighted 1)
   pseudo_labelled_dataset pseudo-label table joined with the unlabelled shards on id -> the same
                           columns, weight 0 for classes the quality gate dropped
-The per-step maths (augmentation, loss, optimiser) is plabel.training.loop's.
+The training loop itself (epochs, steps, validation, selection) is plabel.training.loop.fit; the
+worker here feeds it the Ray dataset shards and reports its checkpoints.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
+SHUFFLE_BUFFER = 64  # rows in the local shuffle of each worker's training shard (Ray Data)
 
 
 def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
@@ -179,128 +181,81 @@ def pseudo_label_rows(table_dir: str) -> int:
 
 
 def _train_loop(config: dict) -> None:
-    """Ray Train worker loop: epochs over this worker's shard, validation Dice, best checkpoint."""
+    """Ray Train worker: plabel.training.loop.fit over this worker's dataset shards; after every epoch
+    a checkpoint (the training state, state.pt, and the kept weights, model.pt) goes to
+    ray.train.report; a restarted or re-run trainer resumes from the latest one."""
     import torch
     import ray.train
     from ray.train import Checkpoint
 
     from plabel.data import storage
-    from plabel.method.losses import positive_class_weights
-    from plabel.training.selection import GUARD_TOLERANCE, EpochSelector
-    from plabel.training.loop import TrainConfig, build_model, evaluate_batch, make_optimizer, train_step, weights_copy
     from plabel.method.unet import UNet, load_checkpoint, save_checkpoint
+    from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, fit, shuffle_seed
+    from plabel.training.selection import GUARD_TOLERANCE
 
     cfg = TrainConfig.from_dict(config["train"])
-    classes = config["classes"]
-    torch.manual_seed(cfg.seed)
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    model, ucfg = build_model(cfg, len(classes))
-    opt, sched = make_optimizer(model, cfg)
-    start_epoch, best_state, best_extra, selector = 0, None, None, None
+    classes, role = config["classes"], config["role"]
     rule, tolerance = config.get("selection", "mean"), float(config.get("selection_tolerance", GUARD_TOLERANCE))
+    rank = ray.train.get_context().get_world_rank()
+
+    def log(line: str) -> None:
+        if rank == 0:
+            print(f"[{role}] {line}", flush=True)
+
+    resume, init_state = None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # resume after a failure or an interrupted run
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+            resume = torch.load(os.path.join(d, "state.pt"), weights_only=True)
             if os.path.exists(os.path.join(d, MODEL_FILE)):
                 best_model, _, best_extra = load_checkpoint(os.path.join(d, MODEL_FILE))
-                best_state = best_model.state_dict()
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        if "selector" in state:
-            selector = EpochSelector.from_state(state["selector"])
-        else:  # a checkpoint written before plabel.training.selection: the mean rule it used
-            kept = best_extra.get("epoch") if best_extra else None
-            selector = EpochSelector(None, tolerance, None if kept is None else int(kept), float(state["best"]))
-        if rank == 0:
-            print(f"[{config['role']}] resuming from the checkpoint of epoch {start_epoch}/{cfg.epochs}", flush=True)
+                resume.update(best_state=best_model.state_dict(), best_epoch=best_extra.get("epoch"),
+                              best_val_dice_per_class=best_extra.get("val_dice_per_class"))
+        log(f"resuming from the checkpoint of epoch {int(resume['epoch']) + 1}/{cfg.epochs}")
     elif config.get("init_checkpoint"):  # a student warm-started from its teacher (student.init)
         # (train_unet checked the architecture before Ray started; load_state_dict refuses any other)
-        model.load_state_dict(load_checkpoint(config["init_checkpoint"])[0].state_dict())
-        if rank == 0:
-            print(f"[{config['role']}] starting from the weights of {storage.redact(config['init_checkpoint'])}",
-                  flush=True)
-    model = ray.train.torch.prepare_model(model)
-    base = model.module if hasattr(model, "module") else model
-    device = next(model.parameters()).device
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-
-    def validate() -> np.ndarray:
-        """Per-class mean validation Dice (C,) of the current weights; (0,) without validation data."""
-        dices = [evaluate_batch(base, b["image"][:, None].to(device), b["masks"])
-                 for b in val_shard.iter_torch_batches(batch_size=8, dtypes=torch.float32)]
-        per_image = np.concatenate(dices) if dices else np.zeros((0, len(classes)))
-        return per_image.mean(axis=0) if len(per_image) else np.zeros(0)
-
-    def keep(epoch: int, per_class: np.ndarray) -> None:
-        nonlocal best_state, best_extra
-        best_state = weights_copy(base)
-        best_extra = {"classes": classes, "image_size": config["image_size"], "epoch": epoch,
-                      "val_dice": float(per_class.mean()) if len(per_class) else None, "role": config["role"],
-                      "val_dice_per_class": per_class.tolist(), "selection": rule}
-
-    if selector is None:  # a fresh run; guarded (plabel.training.selection): the starting weights are a candidate
-        reference = None
-        if rule == "guarded" and config.get("init_checkpoint"):
-            reference = validate()
-            if len(reference):
-                keep(-1, reference)
-                if rank == 0:
-                    print(f"[{config['role']}] starting weights: val dice per class "
-                          f"{np.round(reference, 4).tolist()} (guarded selection)", flush=True)
-            else:
-                reference = None
-        selector = EpochSelector.for_rule(rule, reference, tolerance)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-
-    # positive-class weights from (up to) the first 32 batches of this worker's shard
-    pos, tot = np.zeros(len(classes)), np.zeros(len(classes))
-    for j, b in enumerate(train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy")):
-        w = b["weight"][:, :, None, None]
-        pos += (b["masks"] * w).sum(axis=(0, 2, 3))
-        tot += (np.ones_like(b["masks"]) * w).sum(axis=(0, 2, 3))
-        if j >= 31:
-            break
-    pos_weight = positive_class_weights(np.clip(pos / np.maximum(tot, 1), 1e-4, 1.0), cfg.pos_weight_max)
+        init_state = load_checkpoint(config["init_checkpoint"])[0].state_dict()
+        log(f"starting from the weights of {storage.redact(config['init_checkpoint'])}")
 
     # distillation (student.distill): the teacher's soft outputs for the classes without pseudo labels
     teacher, distill = None, float(config.get("distill", 0.0))
     if distill > 0 and config.get("distill_from"):
-        teacher = load_checkpoint(config["distill_from"])[0].to(device).eval()
+        teacher = load_checkpoint(config["distill_from"])[0]
 
-    for epoch in range(start_epoch, cfg.epochs):
-        losses = []
-        for b in train_shard.iter_torch_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=64,
-                                                local_shuffle_seed=(cfg.seed * 1009 + rank) * 1009 + epoch,
-                                                dtypes=torch.float32):
-            dw = None if teacher is None else distill * (b["weight"] == 0).float()
-            losses.append(train_step(model, opt, b["image"][:, None], b["masks"], b["weight"], pos_weight, cfg, gen,
-                                     teacher, dw))
-        sched.step()
-        per_class = validate()
-        val_dice = float(per_class.mean()) if len(per_class) else float("nan")
-        metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "val_dice": val_dice,
-                   "start_epoch": start_epoch}
-        if rank == 0:
-            print(f"[{config['role']}] epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f}, "
-                  f"val dice {val_dice:.4f}", flush=True)
-        if selector.offer(epoch, per_class) or best_state is None:
-            keep(epoch, per_class)  # the kept weights so far travel in every checkpoint as model.pt
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    def train_batches(epoch: int):  # this worker's shard, in a seeded local shuffle (loop.shuffle_seed)
+        shuffle = dict(local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank))
+        return train_shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes=torch.float32,
+                                              **(shuffle if cfg.shuffle else {}))
+
+    def val_batches():
+        return val_shard.iter_torch_batches(batch_size=VAL_BATCH_SIZE, dtypes=torch.float32)
+
+    def report(state) -> None:
+        """The epoch's metrics and checkpoint (written by rank 0) to Ray Train."""
+        h = state.history[-1]
+        metrics = {"epoch": h["epoch"], "loss": h["loss"],
+                   "val_dice": float("nan") if h["val_dice"] is None else h["val_dice"],
+                   "start_epoch": state.start_epoch}
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                torch.save({"model": base.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "epoch": epoch, "best": selector.best_score, "selector": selector.state()},
-                           os.path.join(d, "state.pt"))
-                best_model = UNet.from_config(ucfg)
-                best_model.load_state_dict(best_state)
-                save_checkpoint(os.path.join(d, MODEL_FILE), best_model, ucfg, best_extra)
+                full = state.checkpoint()
+                kept = {k: full.pop(k) for k in ("best_state", "best_epoch", "best_val_dice_per_class")}
+                torch.save(full, os.path.join(d, "state.pt"))
+                best_model = UNet.from_config(state.config)
+                best_model.load_state_dict(kept["best_state"])
+                save_checkpoint(os.path.join(d, MODEL_FILE), best_model, state.config,
+                                {"classes": classes, "image_size": config["image_size"], "epoch": kept["best_epoch"],
+                                 "val_dice": state.best_val_dice, "role": role,
+                                 "val_dice_per_class": kept["best_val_dice_per_class"], "selection": rule})
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+    fit(cfg, len(classes), train_batches, val_batches, init_state=init_state, selection=rule, tolerance=tolerance,
+        teacher=teacher, distill=distill, resume=resume, prepare=ray.train.torch.prepare_model, rank=rank,
+        on_epoch_end=report, log=log)
 
 
 def _data_config():

@@ -1,24 +1,24 @@
 """Ray-free, in-process versions of two pipeline steps, for benchmarks and experiments.
 
-    fit_unet         train a U-Net on in-memory arrays with plabel.training.loop, keeping the
-                     weights of the epoch with the best validation Dice (the selection rule of
-                     plabel.jobs.train_job's loop: positive-class weights from the weighted
-                     training masks, AdamW + cosine schedule, one generator seeded from
-                     cfg.seed for shuffling and augmentation)
+    fit_unet         train a U-Net on in-memory arrays: an adapter that runs THE training loop,
+                     plabel.training.loop.fit (the one plabel.jobs.train_job's Ray worker runs), on
+                     an in-memory data source (plabel.training.loop.array_batches: a seeded
+                     permutation per epoch, the Ray worker's seeds of rank 0) and keeps the weights
+                     of the epoch the selection rule picks on the validation images
 
 Nothing here changes the method; the pipeline's Ray jobs remain the reference.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
+from plabel.method.unet import UNet
+from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, array_batches, fit
 from plabel.training.selection import GUARD_TOLERANCE
-from plabel.training.loop import TrainConfig, build_model, make_optimizer, mean_dice_per_class, train_step, weights_copy
 
 
 @dataclass
@@ -45,17 +45,6 @@ def _as_float_tensor(a, name: str, ndim: int) -> torch.Tensor:
     return t
 
 
-def positive_fraction(masks, weight) -> np.ndarray:
-    """float64 (C,) fraction of positive pixels per class, counting each sample's class with its
-    weight (a weight-0 class of a sample counts neither way); clipped to [1e-4, 1] as the
-    pipeline's training loop does before plabel.method.losses.positive_class_weights."""
-    m = np.asarray(masks)
-    w = np.asarray(weight, dtype=np.float64)
-    pos = (m.reshape(m.shape[0], m.shape[1], -1).sum(axis=2, dtype=np.float64) * w).sum(axis=0)
-    tot = (w * m.shape[2] * m.shape[3]).sum(axis=0)
-    return np.clip(pos / np.maximum(tot, 1), 1e-4, 1.0)
-
-
 def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_masks=None,
              progress: Callable[[dict], None] | None = None, init_state: Mapping | None = None,
              selection: str = "mean", tolerance: float = GUARD_TOLERANCE, distill_weight=None) -> FitResult:
@@ -73,15 +62,16 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
     that class of that sample is distilled from the starting weights (init_state, frozen: the
     teacher; plabel.method.losses.distillation_loss). Deterministic for a given cfg.seed on one machine
     and thread count.
-    """
-    from plabel.training.selection import EpochSelector
-    from plabel.method.losses import positive_class_weights
-    from plabel.method.unet import UNet
 
-    x = _as_float_tensor(images, "images", 3)[:, None]
+    The loop is plabel.training.loop.fit, the Ray worker's: the batches of an epoch follow a permutation
+    seeded by loop.shuffle_seed(cfg.seed, epoch) (cfg.shuffle False: the rows' order), augmentation
+    draws from a generator seeded cfg.seed * 1000, positive-class weights come from the first 32
+    batches of epoch 0 (loop.positive_fraction).
+    """
+    x = _as_float_tensor(images, "images", 3)
     y = _as_float_tensor(masks, "masks", 4)
     n, C = int(y.shape[0]), int(y.shape[1])
-    if x.shape[0] != n or x.shape[2:] != y.shape[2:]:
+    if x.shape[0] != n or x.shape[1:] != y.shape[2:]:
         raise ValueError(f"fit_unet: images {tuple(x.shape)} do not fit masks {tuple(y.shape)}")
     if n == 0:
         raise ValueError("fit_unet: no training images")
@@ -90,60 +80,33 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
         raise ValueError(f"fit_unet: weight must have shape ({n}, {C}), got {tuple(w.shape)}")
     has_val = val_images is not None and len(val_images) > 0
     if has_val:
-        vx = _as_float_tensor(val_images, "val_images", 3)[:, None]
+        vx = _as_float_tensor(val_images, "val_images", 3)
         vy = _as_float_tensor(val_masks, "val_masks", 4)
         if vx.shape[0] != vy.shape[0] or vy.shape[1] != C:
             raise ValueError(f"fit_unet: val_images {tuple(vx.shape)} do not fit val_masks {tuple(vy.shape)}")
 
-    torch.manual_seed(cfg.seed)
-    model, ucfg = build_model(cfg, C)
-
-    def validate():
-        return mean_dice_per_class(model, vx, vy)
-
-    reference, best_state = None, None
-    if init_state is not None:
-        model.load_state_dict(init_state)  # RuntimeError naming the keys when architectures differ
-        if selection == "guarded" and has_val:
-            reference = validate()
-            best_state = weights_copy(model)
-    selector = EpochSelector.for_rule(selection, reference, tolerance)
-    teacher, dw = None, None
+    arrays = {"image": x, "masks": y, "weight": w}
     if distill_weight is not None:
         dw = _as_float_tensor(distill_weight, "distill_weight", 2)
         if tuple(dw.shape) != (n, C):
             raise ValueError(f"fit_unet: distill_weight must have shape ({n}, {C}), got {tuple(dw.shape)}")
         if init_state is None:
             raise ValueError("fit_unet: distill_weight needs init_state (the teacher to distil from)")
-        teacher, _ = build_model(cfg, C)
+        arrays["distill_weight"] = dw
+    teacher = None
+    if distill_weight is not None:  # the starting weights, frozen
+        teacher = UNet.from_config(cfg.unet_config(C))
         teacher.load_state_dict(init_state)
-        teacher.eval()
-    opt, sched = make_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000)  # the pipeline's rank-0 generator
-    pos_weight = positive_class_weights(positive_fraction(y.numpy(), w.numpy()), cfg.pos_weight_max)
-    history = []
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen)
-        losses = []
-        for k in range(0, n, cfg.batch_size):
-            idx = perm[k:k + cfg.batch_size]
-            losses.append(train_step(model, opt, x[idx], y[idx], w[idx], pos_weight, cfg, gen,
-                                     teacher, None if dw is None else dw[idx]))
-        sched.step()
-        per_class = validate() if has_val else None
-        val_dice = float(per_class.mean()) if has_val else None
-        entry = {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val_dice,
-                 "val_dice_per_class": None if per_class is None else per_class.tolist(),
-                 "seconds": round(time.perf_counter() - t0, 3)}
-        history.append(entry)
-        if progress is not None:
-            progress(entry)
-        if selector.offer(epoch, per_class):
-            best_state = weights_copy(model)
-    final = UNet.from_config(ucfg)
-    final.load_state_dict(best_state)
+    val = None
+    if has_val:
+        val_arrays = array_batches({"image": vx, "masks": vy}, VAL_BATCH_SIZE, shuffle=False)
+        val = lambda: val_arrays(0)  # noqa: E731
+    state = fit(cfg, C, array_batches(arrays, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle), val,
+                init_state=init_state, selection=selection, tolerance=tolerance, teacher=teacher,
+                on_epoch_end=None if progress is None else (lambda s: progress(s.history[-1])))
+    final = UNet.from_config(state.config)
+    final.load_state_dict(state.best_state)
     final.eval()
-    best = selector.best_score
-    return FitResult(final, ucfg, selector.best_epoch, float(best) if has_val and best >= 0 else None, history,
-                     reference_val_dice=None if reference is None else reference.tolist())
+    best = state.selector.best_score
+    return FitResult(final, state.config, state.best_epoch, float(best) if has_val and best >= 0 else None,
+                     state.history, reference_val_dice=state.reference_val_dice)

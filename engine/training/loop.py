@@ -1,20 +1,42 @@
-"""Ray-free training logic of the segmentation U-Nets (teacher and student).
+"""THE training loop of the segmentation U-Nets (teacher and student), Ray-free.
 
-The distributed loop owns data loading, epochs and checkpoint timing; this module owns one
-optimisation step, the optimiser / schedule and batch evaluation.
+    fit            the loop: build or resume the model, positive-class weights, distillation from a
+                   teacher, epochs of train_step, validation Dice per class, epoch selection
+                   (plabel.training.selection), the kept weights, a hook after every epoch.
+                   plabel.jobs.train_job's Ray Train worker (Ray dataset shards, checkpoints,
+                   resume) and plabel.training.inprocess.fit_unet (arrays) both run it.
+    train_step / evaluate_batch / make_optimizer / build_model
+                   the step-level pieces.
+
+A data source is a callable ``epoch -> iterable of batches``; a batch is a mapping with
+image float32 (N, S, S), masks (N, C, S, S) in {0, 1}, weight float (N, C) (0 = ignore that class of
+that sample) and optionally distill_weight float (N, C), as torch tensors or numpy arrays. Each
+call must give that epoch's batches in that epoch's order, and the same batches for the same epoch
+(a seeded shuffle: :func:`array_batches` in memory, Ray Data's seeded local shuffle in the worker,
+both seeded by :func:`shuffle_seed`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from plabel.method.augment import random_affine, random_intensity
-from plabel.method.losses import distillation_loss, segmentation_loss
+from plabel.method.losses import distillation_loss, positive_class_weights, segmentation_loss
 from plabel.method.metrics import dice_per_class
 from plabel.method.unet import UNet, UNetConfig, strict_from_dict
+from plabel.training.selection import GUARD_TOLERANCE, EpochSelector
+
+# positive-class weights are measured on (up to) this many batches of epoch 0 (:func:`positive_fraction`)
+POS_WEIGHT_BATCHES = 32
+# validation batches hold this many images
+VAL_BATCH_SIZE = 8
+
+Batches = Callable[[int], Iterable[Mapping]]
 
 
 @dataclass
@@ -35,6 +57,7 @@ class TrainConfig:
     norm: str = "batch"
     augment: bool = True
     seed: int = 0
+    shuffle: bool = True  # reshuffle the training set every epoch (:func:`shuffle_seed`); False: the source's order
     pos_weight_max: float = 50.0
     max_rotate_deg: float = 10.0
     max_scale: float = 0.1
@@ -157,69 +180,234 @@ def evaluate_batch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
         np.zeros((0, truth.shape[1]), dtype=np.float64)
 
 
-def mean_dice_per_class(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, batch_size: int = 8,
+def validation_dice(model: nn.Module, batches: Iterable[Mapping], threshold: float = 0.5) -> np.ndarray:
+    """The validation score of model selection: per-class Dice (:func:`evaluate_batch`) averaged
+    over the images of ``batches`` (mappings with image (N, S, S) and masks (N, C, S, S)). Returns
+    float64 (C,); (0,) when the batches hold no image."""
+    dices = [evaluate_batch(model, torch.as_tensor(b["image"])[:, None], torch.as_tensor(b["masks"]), threshold)
+             for b in batches]
+    per_image = np.concatenate(dices) if dices else np.zeros((0, 0))
+    return per_image.mean(axis=0) if len(per_image) else np.zeros(0)
+
+
+def mean_dice_per_class(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, batch_size: int = VAL_BATCH_SIZE,
                         threshold: float = 0.5) -> np.ndarray:
-    """Per-class Dice averaged over images (:func:`evaluate_batch`, ``batch_size`` images at a time):
-    the validation score of model selection. images: float (N, 1, H, W), N >= 1; masks: (N, C, H, W).
-    Returns float64 (C,)."""
-    return np.concatenate([evaluate_batch(model, images[k:k + batch_size], masks[k:k + batch_size], threshold)
-                           for k in range(0, len(images), batch_size)]).mean(axis=0)
+    """:func:`validation_dice` of in-memory images float (N, 1, H, W), N >= 1, and masks (N, C, H, W),
+    ``batch_size`` images at a time. Returns float64 (C,)."""
+    if len(images) == 0:
+        raise ValueError("mean_dice_per_class: no images")
+    return validation_dice(model, ({"image": images[k:k + batch_size, 0], "masks": masks[k:k + batch_size]}
+                                   for k in range(0, len(images), batch_size)), threshold)
 
 
-def average_weights(states) -> dict:
-    """The element-wise mean of state dicts with the same keys and shapes: a weight "soup".
+# ----------------------------------------------------------------------------- data sources
 
-    states: a sequence of >= 1 state dicts (name -> tensor). Floating tensors (weights,
-    batch-norm running statistics) are averaged in float64 and cast back to their dtype; integer
-    buffers (batch-norm's num_batches_tracked) get the floor of their mean. Meaningful for models
-    fine-tuned from one starting point (students warm-started from one teacher); ValueError
-    naming the state dict and key that differ.
+
+def shuffle_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of worker ``rank``'s shuffle in ``epoch`` of a run seeded ``seed``: the Ray worker's
+    local_shuffle_seed and :func:`array_batches`' permutation."""
+    return (int(seed) * 1009 + int(rank)) * 1009 + int(epoch)
+
+
+def array_batches(arrays: Mapping[str, torch.Tensor], batch_size: int, seed: int = 0, shuffle: bool = True,
+                  rank: int = 0) -> Batches:
+    """An in-memory data source: ``epoch -> batches`` of ``batch_size`` rows of the same-length
+    tensors in ``arrays`` (image, masks, weight, ...), in the order of
+    ``torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed(seed, epoch, rank)))``
+    (shuffle) or in row order (not shuffle). The last batch may be smaller."""
+    n = len(next(iter(arrays.values())))
+    if any(len(a) != n for a in arrays.values()):
+        raise ValueError(f"array_batches: arrays of different lengths {[len(a) for a in arrays.values()]}")
+
+    def batches(epoch: int):
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed(seed, epoch, rank)))
+                 if shuffle else torch.arange(n))
+        for k in range(0, n, batch_size):
+            idx = order[k:k + batch_size]
+            yield {name: a[idx] for name, a in arrays.items()}
+
+    return batches
+
+
+def positive_fraction(batches: Iterable[Mapping], max_batches: int = POS_WEIGHT_BATCHES) -> np.ndarray:
+    """The fraction of positive pixels per class over the first (up to) ``max_batches`` batches,
+    each sample's class counted with its weight (a weight-0 class of a sample counts neither way),
+    clipped to [1e-4, 1]: float64 (C,), the input of plabel.method.losses.positive_class_weights.
+
+    The loop measures it on epoch 0's batches of its data source (for a Ray worker: its shard, in
+    the shuffled order of epoch 0), so a resumed run gets the same weights."""
+    pos = tot = None
+    for j, b in enumerate(batches):
+        if j >= max_batches:
+            break
+        m = torch.as_tensor(b["masks"]).to(torch.float64)
+        w = torch.as_tensor(b["weight"]).to(torch.float64)
+        p = (m.flatten(2).sum(2) * w).sum(0)
+        t = w.sum(0) * (m.shape[2] * m.shape[3])
+        pos, tot = (p, t) if pos is None else (pos + p, tot + t)
+    if pos is None:
+        raise ValueError("positive_fraction: no training batches")
+    return np.clip((pos / tot.clamp(min=1)).numpy(), 1e-4, 1.0)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainState:
+    """Where a :func:`fit` run stands; what ``on_epoch_end`` sees after every epoch, and what it returns.
+
+    model: the trained module (as ``prepare`` returned it); base: the U-Net inside it; config: its
+    UNetConfig. epoch: the last finished epoch (start_epoch - 1 before the first); start_epoch: the
+    first epoch this call runs (> 0 when resumed). selector: the epoch selection; best_state: a CPU
+    copy of the kept weights, best_epoch their epoch (-1: the starting weights),
+    best_val_dice_per_class their per-class validation Dice ([] without validation data).
+    history: one {"epoch", "loss", "val_dice" (None without validation data), "val_dice_per_class",
+    "seconds"} per epoch run by this call. reference_val_dice: the starting weights' per-class
+    validation Dice (guarded rule) or None. pos_weight: the positive-class weights (C,).
     """
-    states = list(states)
-    if not states:
-        raise ValueError("average_weights: no state dicts")
-    keys = list(states[0])
-    for i, sd in enumerate(states[1:], 1):
-        if list(sd) != keys:
-            extra = sorted(set(sd) ^ set(keys))
-            raise ValueError(f"average_weights: state dict {i} has other keys than state dict 0 "
-                             f"(differing: {extra[:5] or 'the order'})")
-        for k in keys:
-            if tuple(sd[k].shape) != tuple(states[0][k].shape):
-                raise ValueError(f"average_weights: {k} has shape {tuple(sd[k].shape)} in state dict {i}, "
-                                 f"{tuple(states[0][k].shape)} in state dict 0")
-    out = {}
-    for k in keys:
-        ref = states[0][k]
-        mean = torch.stack([sd[k].detach().cpu().to(torch.float64) for sd in states]).mean(0)
-        out[k] = mean.to(ref.dtype) if ref.is_floating_point() else mean.floor().to(ref.dtype)
-    return out
+
+    model: nn.Module
+    base: nn.Module
+    config: UNetConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    selector: EpochSelector | None = None
+    epoch: int = -1
+    start_epoch: int = 0
+    best_state: dict | None = None
+    best_epoch: int | None = None
+    best_val_dice_per_class: list | None = None
+    history: list[dict] = field(default_factory=list)
+    reference_val_dice: list | None = None
+    pos_weight: torch.Tensor | None = None
+
+    def keep(self, epoch: int, per_class) -> None:
+        """Keep the current weights as those of ``epoch`` with per-class validation Dice ``per_class``."""
+        self.best_state = weights_copy(self.base)
+        self.best_epoch = epoch
+        self.best_val_dice_per_class = [] if per_class is None else np.asarray(per_class, np.float64).tolist()
+
+    @property
+    def best_val_dice(self) -> float | None:
+        """The kept weights' mean validation Dice; None without validation data."""
+        d = self.best_val_dice_per_class
+        return float(np.mean(d)) if d else None
+
+    def checkpoint(self) -> dict:
+        """The training state after :attr:`epoch`, for ``fit(resume=...)``: model, optimizer,
+        scheduler, epoch, selector (its state), best (its best score), generator (the augmentation
+        generator's state), and the kept weights: best_state, best_epoch, best_val_dice_per_class
+        (the Ray worker stores those three as its model.pt)."""
+        return {"model": self.base.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "best": self.selector.best_score, "selector": self.selector.state(),
+                "generator": self.generator.get_state(), "best_state": self.best_state,
+                "best_epoch": self.best_epoch, "best_val_dice_per_class": self.best_val_dice_per_class}
 
 
-def average_checkpoints(paths, out_path, extra: dict | None = None) -> dict:
-    """Write the weight average (:func:`average_weights`) of U-Net checkpoints to ``out_path``.
+def fit(cfg: TrainConfig, num_classes: int, train_batches: Batches, val_batches: Callable[[], Iterable[Mapping]] | None
+        = None, *, init_state: Mapping | None = None, selection: str = "mean", tolerance: float = GUARD_TOLERANCE,
+        teacher: nn.Module | None = None, distill: float = 0.0, resume: Mapping | None = None,
+        prepare: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
+        on_epoch_end: Callable[[TrainState], None] | None = None,
+        log: Callable[[str], None] | None = None) -> TrainState:
+    """Train a U-Net of ``num_classes`` classes for epochs ``start_epoch .. cfg.epochs - 1``; return its TrainState.
 
-    paths: >= 1 checkpoints of plabel.method.unet.save_checkpoint with the same UNetConfig (ValueError
-    naming the one that differs); paths and out_path may be URIs (plabel.data.storage). The result
-    keeps the first checkpoint's metadata, updated with ``extra`` and {"averaged_from": number of
-    checkpoints}. Returns the written metadata.
+    train_batches: the data source (``epoch -> batches``, see the module docstring); val_batches:
+    ``() -> batches`` of the validation images, or None (no validation: the last epoch is kept).
+    init_state: the weights to start from (a student warm-started from its teacher); None: cfg.seed's
+    fresh U-Net. selection / tolerance: plabel.training.selection's rule; 'guarded' with init_state
+    and validation data measures the starting weights first and may keep them (best_epoch -1).
+    teacher / distill: a frozen U-Net whose soft outputs (plabel.method.losses.distillation_loss)
+    train, per batch, the entries of its ``distill_weight`` (N, C) if the batch has one, otherwise
+    ``distill * (weight == 0)`` (the classes the quality gate dropped). resume: a
+    :meth:`TrainState.checkpoint` (best_* may be missing; a checkpoint without 'selector' is one of
+    the mean rule, its best score in 'best'); the run continues after its epoch, init_state is ignored.
+    prepare: wraps the model before the optimiser is built (Ray Train's prepare_model: device, DDP).
+    rank: the worker's rank (seeds its augmentation generator, cfg.seed * 1000 + rank).
+    on_epoch_end(state): after every epoch (the Ray worker reports its checkpoint there). log: gets
+    progress lines. Deterministic for one cfg.seed, data source, machine and thread count.
     """
-    from plabel.method.unet import load_checkpoint, save_checkpoint
+    # the model: resumed, warm-started or cfg.seed's fresh U-Net; then wrapped, then its optimiser
+    torch.manual_seed(cfg.seed)
+    model, ucfg = build_model(cfg, num_classes)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    elif init_state is not None:
+        model.load_state_dict(init_state)  # RuntimeError naming the keys when architectures differ
+    if prepare is not None:
+        model = prepare(model)
+    base = model.module if hasattr(model, "module") else model
+    device = next(base.parameters()).device
+    opt, sched = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # the augmentation's
+    state = TrainState(model, base, ucfg, opt, sched, gen)
+    say = log or (lambda line: None)
 
-    paths = list(paths)
-    if not paths:
-        raise ValueError("average_checkpoints: no checkpoints")
-    models, meta0, cfg0 = [], None, None
-    for p in paths:
-        model, cfg, meta = load_checkpoint(p)
-        if cfg0 is None:
-            cfg0, meta0 = cfg, meta
-        elif cfg != cfg0:
-            raise ValueError(f"average_checkpoints: {p} is a U-Net {cfg.to_dict()}, {paths[0]} a U-Net "
-                             f"{cfg0.to_dict()}; only checkpoints of one architecture can be averaged")
-        models.append(model)
-    soup = models[0]
-    soup.load_state_dict(average_weights([m.state_dict() for m in models]))
-    meta = {**meta0, **(extra or {}), "averaged_from": len(paths)}
-    save_checkpoint(out_path, soup, cfg0, meta)
-    return meta
+    def validate() -> np.ndarray:
+        """Per-class mean validation Dice (C,) of the current weights; (0,) without validation data."""
+        return np.zeros(0) if val_batches is None else validation_dice(base, val_batches())
+
+    # epoch selection: restored, or fresh (guarded: the starting weights are the first candidate)
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        if resume.get("generator") is not None:
+            gen.set_state(resume["generator"])
+        state.start_epoch = int(resume["epoch"]) + 1
+        state.epoch = int(resume["epoch"])
+        state.best_state = resume.get("best_state")
+        state.best_epoch = resume.get("best_epoch")
+        state.best_val_dice_per_class = resume.get("best_val_dice_per_class")
+        if resume.get("selector") is not None:
+            state.selector = EpochSelector.from_state(resume["selector"])
+        else:  # a checkpoint written before plabel.training.selection: the mean rule it used
+            kept = state.best_epoch
+            state.selector = EpochSelector(None, tolerance, None if kept is None else int(kept), float(resume["best"]))
+        if state.selector.reference is not None:
+            state.reference_val_dice = state.selector.reference.tolist()
+    else:
+        reference = None
+        if selection == "guarded" and init_state is not None:
+            reference = validate()
+            if len(reference):
+                state.keep(-1, reference)
+                state.reference_val_dice = reference.tolist()
+                say(f"starting weights: val dice per class {np.round(reference, 4).tolist()} (guarded selection)")
+            else:
+                reference = None
+        state.selector = EpochSelector.for_rule(selection, reference, tolerance)
+
+    # positive-class weights: the first POS_WEIGHT_BATCHES batches of epoch 0 (the same when resumed)
+    state.pos_weight = positive_class_weights(positive_fraction(train_batches(0)), cfg.pos_weight_max)
+
+    # distillation: the frozen teacher's soft outputs for the entries without labels
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+
+    for epoch in range(state.start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        losses = []
+        for b in train_batches(epoch):
+            weight = torch.as_tensor(b["weight"], dtype=torch.float32)
+            dw = None
+            if teacher is not None:
+                dw = b["distill_weight"] if "distill_weight" in b else distill * (weight == 0).float()
+            losses.append(train_step(model, opt, torch.as_tensor(b["image"])[:, None], torch.as_tensor(b["masks"]),
+                                     weight, state.pos_weight, cfg, gen, teacher, dw))
+        sched.step()
+        per_class = validate()
+        val_dice = float(per_class.mean()) if len(per_class) else None
+        state.epoch = epoch
+        state.history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                              "val_dice": val_dice, "val_dice_per_class": per_class.tolist() if len(per_class) else None,
+                              "seconds": round(time.perf_counter() - t0, 3)})
+        say(f"epoch {epoch + 1}/{cfg.epochs}: loss {state.history[-1]['loss']:.4f}, "
+            f"val dice {float('nan') if val_dice is None else val_dice:.4f}")
+        if state.selector.offer(epoch, per_class) or state.best_state is None:
+            state.keep(epoch, per_class)
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+    return state

@@ -260,7 +260,9 @@ def expected_keys(shards: Sequence[str]) -> dict[str, frozenset | None]:
 # ----------------------------------------------------------------------------- the writer
 
 
-def job_fingerprint(config: dict) -> str:
+def job_fingerprint(config: dict, shards: Sequence[str]) -> str:
+    """SHA-256 of a label job's settings and its input shards (by shard id): equal fingerprints, equal rows."""
+    config = {**config, "shards": [shard_id(str(s)) for s in shards]}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -280,7 +282,7 @@ class ShardTableWriter:
         self.parts = part_names(self.shards)
         self._shard_of = dict(zip(self.ids, self.shards))
         self.config = {**config, "shards": self.ids}
-        self.fingerprint = job_fingerprint(self.config)
+        self.fingerprint = job_fingerprint(config, self.shards)
         self.staging = out if self.remote else storage.join(storage.dirname(out) or ".", f".{_base_name(out)}{STAGING_SUFFIX}")
         self.expected: dict[str, frozenset | None] = {}
         self.done: set[str] = set()  # shard ids with a part

@@ -275,11 +275,10 @@ def _job_settings(classes, unet_sha256: str, label_cfg) -> dict:
     }
 
 
-def label_job_fingerprint(classes, teacher_checkpoint: str, label_cfg) -> str:
-    """The fingerprint of a label job's settings (classes, teacher, SAM, cleaning, gate), as its
+def label_job_fingerprint(shards: Sequence[str], classes, teacher_checkpoint: str, label_cfg) -> str:
+    """The fingerprint of a label job (its shards, classes, teacher, SAM, cleaning and gate), as its
     completion marker records it under ``job_fingerprint``: equal fingerprints, equal rows."""
-
-    return job_fingerprint(_job_settings(classes, checkpoint_sha256(teacher_checkpoint), label_cfg))
+    return job_fingerprint(_job_settings(classes, checkpoint_sha256(teacher_checkpoint), label_cfg), shards)
 
 
 def run_label_job(

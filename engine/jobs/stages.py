@@ -113,15 +113,15 @@ def label_section(ctx: RunContext) -> LabelSection:
 
 
 def _label(ctx: RunContext) -> dict:
-    section, table = label_section(ctx), ctx.at("pseudo_labels")
+    section, table, shards = label_section(ctx), ctx.at("pseudo_labels"), ctx.paths("unlabelled")
     marker = table_marker(table)
     if marker is not None:
-        if marker.get("job_fingerprint") == label_job_fingerprint(ctx.classes, ctx.at("teacher.pt"), section):
+        if marker.get("job_fingerprint") == label_job_fingerprint(shards, ctx.classes, ctx.at("teacher.pt"), section):
             ctx.echo("[label] the table of this teacher and gate was committed by an earlier run, reused")
             return {k: marker[k] for k in ("rows", "ok", "empty", "error")}
         ctx.echo("[label] the committed table came from another teacher or other label settings: labelling again")
         storage.delete_dir(table)
-    out = run_label_job(ctx.paths("unlabelled"), table, ctx.classes, ctx.at("teacher.pt"), section)
+    out = run_label_job(shards, table, ctx.classes, ctx.at("teacher.pt"), section)
     if out.get("shards_skipped"):
         ctx.echo(f"[label] resumed: {out['shards_skipped']} of {out['shards']} shard(s) were committed by an "
                  "earlier run, skipped")
@@ -131,8 +131,8 @@ def _label(ctx: RunContext) -> dict:
 def _label_key(ctx: RunContext) -> dict:
     """The label job's own fingerprint (classes, teacher, SAM, cleaning, the effective gate) and the data."""
     section = label_section(ctx)
-    return {**_data_key(ctx), "job": label_job_fingerprint(ctx.classes, ctx.at("teacher.pt"), section),
-            "max_image_pixels": section.max_image_pixels}
+    job = label_job_fingerprint(ctx.paths("unlabelled"), ctx.classes, ctx.at("teacher.pt"), section)
+    return {**_data_key(ctx), "job": job, "max_image_pixels": section.max_image_pixels}
 
 
 def _label_summary(out: dict) -> str:

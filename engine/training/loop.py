@@ -51,6 +51,15 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         return strict_from_dict(cls, d)
 
+    @classmethod
+    def from_section(cls, section, **overrides) -> "TrainConfig":
+        """The training config of a run-config section (plabel.schemas.config.TrainSection or
+        StudentSection): its epochs, lr, weight_decay, batch_size, base_channels, depth, augment and
+        seed; ``overrides`` replace any TrainConfig field (ValueError naming an unknown one). The
+        other fields (norm, pos_weight_max, augmentation magnitudes) keep their defaults."""
+        keys = ("epochs", "lr", "weight_decay", "batch_size", "base_channels", "depth", "augment", "seed")
+        return cls.from_dict({**{k: getattr(section, k) for k in keys}, **overrides})
+
     def unet_config(self, num_classes: int, in_channels: int = 1) -> UNetConfig:
         """The architecture this training config describes."""
         return UNetConfig(in_channels=in_channels, num_classes=num_classes,

@@ -5,10 +5,10 @@
 Takes students that benchmarks/quality.py trained (their .json next to their .pt) which share the
 split, the teacher and the starting weights (warm-started students differ only in their training
 seed, --student-seed-offset), and prints the test Dice (x100, 40 test images, > 0.5 on the 256-px
-grid, as quality.py) of: the teacher, each student, the uniform average of the students' weights
-(one U-Net, a "soup": plabel.training.soup.average_weights, as plabel's student.soup) and the
-ensemble (the students' probabilities averaged, k U-Nets at test time); per class as the
-difference to the teacher.
+grid: plabel.method.metrics.dice_of_probs, as quality.py and plabel evaluate) of: the teacher, each
+student, the uniform average of the students' weights (one U-Net, a "soup": plabel.training.loop.
+average_weights, as plabel's student.soup) and the ensemble (the students' probabilities averaged,
+k U-Nets at test time); per class as the difference to the teacher.
 Refuses students of different splits, teachers or architectures, and scratch students (their
 weights have no common start, so their average is no model).
 """
@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import quality  # noqa: E402  (the benchmark's data loading, split and Dice)
+from qualitybench.grid import load_data, run_config  # noqa: E402  (quality.py's data loading)
 
 
 def load_group(paths: list[Path]) -> tuple[list[dict], Path]:
@@ -57,35 +55,32 @@ def load_group(paths: list[Path]) -> tuple[list[dict], Path]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("students", nargs="+", type=Path, help="student .json files of benchmarks/quality.py")
-    ap.add_argument("--data", default=str(quality.DEFAULT_DATA), help="JSRT-layout folder")
+    ap.add_argument("--data", default=str(run_config().data.source), help="JSRT-layout folder")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args(argv)
     if len(args.students) < 2:
         ap.error("give at least two students")
     torch.set_num_threads(args.threads)
-    from plabel.method.metrics import dice_per_class
-    from plabel.training.soup import average_weights
+    from plabel.method.labelling import teacher_probs
+    from plabel.method.metrics import dice_of_probs
     from plabel.method.unet import load_checkpoint
+    from plabel.training.soup import average_weights
 
     metas, teacher_json = load_group(args.students)
-    data = quality.load_data(Path(args.data))
-    ids = metas[0]["spec"]["test_ids"]
-    classes = data.classes
-    # quality.py's own prediction (its U-Net input size, batches of 8, back on each image's grid)
-    bench = quality.Bench(quality.parse(["--data", args.data, "--image-size", str(metas[0]["spec"]["image_size"])]),
-                          data)
+    data = load_data(Path(args.data))
+    ids, size = metas[0]["spec"]["test_ids"], metas[0]["spec"]["image_size"]
+    truths = [data.truths[i] for i in ids]
 
-    def probs(model):
-        return bench.predict(model, ids)
+    def probs(model):  # on each image's grid, as quality.py and plabel evaluate
+        return teacher_probs(model, [data.grays[i] for i in ids], size, names=ids)
 
-    def dice(prob_list):
-        return 100 * np.mean([dice_per_class(p > 0.5, data.truths[i]) for i, p in zip(ids, prob_list)], axis=0)
+    def dice(prob_list):  # test Dice x100 per class
+        return 100 * dice_of_probs(prob_list, truths).mean(axis=0)
 
-    teacher = load_checkpoint(teacher_json.with_suffix(".pt"))[0].eval()
-    ref = dice(probs(teacher))
-    models = [load_checkpoint(p.with_suffix(".pt"))[0].eval() for p in args.students]
+    ref = dice(probs(load_checkpoint(teacher_json.with_suffix(".pt"))[0]))
+    models = [load_checkpoint(p.with_suffix(".pt"))[0] for p in args.students]
     soup = copy.deepcopy(models[0])
-    soup.load_state_dict(average_weights([m.state_dict() for m in models]))
+    soup.load_state_dict(average_weights([m.state_dict() for m in models]))  # as plabel's student.soup
     soup.eval()
     each = [probs(m) for m in models]
     rows = [("teacher", ref)]
@@ -94,8 +89,8 @@ def main(argv=None) -> int:
     rows += [(f"soup of {len(models)} (weights averaged)", dice(probs(soup))),
              (f"ensemble of {len(models)} (probabilities averaged)", dice([np.mean(z, axis=0) for z in zip(*each)]))]
     print("Test Dice x100; per class: the teacher's, then each model's minus the teacher's.\n")
-    print(f"| model | mean | {' | '.join(classes)} | worst class vs teacher |")
-    print("|---|---|" + "---|" * len(classes) + "---|")
+    print(f"| model | mean | {' | '.join(data.classes)} | worst class vs teacher |")
+    print("|---|---|" + "---|" * len(data.classes) + "---|")
     for name, d in rows:
         diff = d - ref
         cells = " | ".join(f"{v:.2f}" if name == "teacher" else f"{v:+.2f}" for v in (d if name == "teacher" else diff))

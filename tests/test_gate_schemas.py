@@ -75,6 +75,32 @@ def test_pseudo_label_schema_and_row_decoding():
         table_classes(pa.schema([pa.field("x", pa.int8())]))
 
 
+def test_pseudo_label_targets_are_the_kept_masks_on_the_unet_grid():
+    from plabel.method.labelling import pseudo_label_targets
+
+    classes = ["lung", "heart"]
+    lung = np.zeros((4, 4), bool)
+    lung[0:2, 0:4] = True  # top half
+    heart = np.ones((4, 4), bool)
+
+    def row(status, kept, masks):
+        r = {"id": "x", "status": status, "height": 4, "width": 4}
+        for c, k, m in zip(classes, kept, masks):
+            r[class_column(c, "kept")], r[class_column(c, "mask")] = k, None if m is None else encode_mask(m)
+        return r
+
+    rows = [row("ok", ["sam", "dropped"], [lung, heart]),
+            row("empty", ["empty", "empty"], [np.zeros((4, 4), bool)] * 2),
+            row("error", [None, None], [None, None])]
+    masks, weight = pseudo_label_targets(rows, classes, 2)
+    assert masks.dtype == np.uint8 and masks.shape == (3, 2, 2, 2) and weight.dtype == np.float32
+    np.testing.assert_array_equal(masks[0, 0], [[1, 1], [0, 0]])  # nearest neighbour 4x4 -> 2x2
+    assert not masks[0, 1].any() and not masks[1:].any()  # dropped, empty and error rows: no mask
+    np.testing.assert_array_equal(weight, [[1, 0], [1, 1], [0, 0]])  # dropped / error: ignored
+    m0, w0 = pseudo_label_targets([], classes, 2)
+    assert m0.shape == (0, 2, 2, 2) and w0.shape == (0, 2)
+
+
 @pytest.mark.parametrize("policy,sam,expected", [
     ("auto", "nonfinite", "unet"), ("unet", "nonfinite", "unet"), ("sam", "nonfinite", "dropped"),
     ("drop", "nonfinite", "dropped"), ("auto", "off", "unet"), ("sam", "off", "unet"), ("drop", "off", "unet"),

@@ -110,3 +110,15 @@ def test_distillation_loss_hand_values():
         distillation_loss(logits, soft, torch.ones(2, 2))
     with pytest.raises(ValueError, match=">= 0"):
         distillation_loss(logits, soft, torch.tensor([[1.0, -1.0]]))
+
+
+def test_distillation_weight_marks_the_unlabelled_entries():
+    from plabel.method.losses import distillation_weight
+
+    w = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], np.float32)
+    out = distillation_weight(w, 0.5)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, [[0.0, 0.5, 0.0], [0.5, 0.5, 0.0]])
+    t = distillation_weight(torch.from_numpy(w), 2.0)
+    assert t.dtype == torch.float32 and t.tolist() == [[0.0, 2.0, 0.0], [2.0, 2.0, 0.0]]
+    assert not distillation_weight(w, 0.0).any()

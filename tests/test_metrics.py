@@ -72,3 +72,26 @@ def test_format_dice_table():
     assert lines[0].split()[:3] == ["model", "lung", "heart"]
     assert "75.00" in lines[2] and "25.00" in lines[2] and "50.00 ± 25.00" in lines[2]
     assert lines[3].startswith("student") and "85.00 ± 0.00" in lines[3]
+
+
+def test_dice_of_probs_thresholds_or_cleans_each_image():
+    from plabel.method.metrics import dice_of_probs
+
+    # image 1: class 0 predicted on 2 pixels (one right of a 2-pixel truth), class 1 empty in both
+    p1 = np.zeros((2, 3, 3), np.float32)
+    p1[0, 0, 0], p1[0, 0, 1], p1[0, 2, 2] = 0.9, 0.5, 0.7  # 0.5 is not > 0.5
+    t1 = np.zeros((2, 3, 3), bool)
+    t1[0, 0, 0] = t1[0, 1, 0] = True
+    # image 2: class 1 all predicted, truth one pixel -> 2 * 1 / (9 + 1)
+    p2 = np.zeros((2, 3, 3), np.float32)
+    p2[1] = 0.8
+    t2 = np.zeros((2, 3, 3), bool)
+    t2[1, 1, 1] = True
+    d = dice_of_probs([p1, p2], [t1, t2])
+    assert d.dtype == np.float64 and d.shape == (2, 2)
+    np.testing.assert_allclose(d, [[2 * 1 / (2 + 2), 1.0], [1.0, 0.2]])
+    # clean: only the component with the highest mean probability is kept (the pixel at (0, 0))
+    np.testing.assert_allclose(dice_of_probs([p1], [t1], clean=True)[0], [2 * 1 / (1 + 2), 1.0])
+    assert dice_of_probs([], []).shape == (0, 0)
+    with pytest.raises(ValueError, match="2 probability maps but 1"):
+        dice_of_probs([p1, p2], [t1])

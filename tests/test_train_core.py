@@ -241,3 +241,18 @@ def test_fit_distils_the_weight_zero_classes_unless_the_batch_says_otherwise(one
     for k, v in by_rule.base.state_dict().items():
         assert torch.equal(v, by_batch.base.state_dict()[k]), k
     assert not torch.equal(by_rule.base.head.weight, none.base.head.weight)
+
+
+def test_config_from_a_run_config_section():
+    from plabel.schemas.config import StudentSection, TrainSection
+
+    section = StudentSection(epochs=7, lr=5e-4, weight_decay=0.0, batch_size=2, base_channels=8, depth=3,
+                             augment=False, seed=4, image_size=64)
+    cfg = TrainConfig.from_section(section)
+    assert (cfg.epochs, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.base_channels, cfg.depth, cfg.augment,
+            cfg.seed) == (7, 5e-4, 0.0, 2, 8, 3, False, 4)
+    assert cfg.norm == TrainConfig().norm and cfg.pos_weight_max == TrainConfig().pos_weight_max
+    assert TrainConfig.from_section(TrainSection(), epochs=3, seed=9) == TrainConfig(
+        epochs=3, lr=TrainSection().lr, seed=9)
+    with pytest.raises(ValueError, match="epoch"):
+        TrainConfig.from_section(TrainSection(), epoch=3)

@@ -15,9 +15,8 @@ import torch
 from plabel.data.samples import batch_samples, decode_gray, object_array, sample_masks, sample_where
 from plabel.jobs.cluster import quiet_ray_data
 from plabel.jobs.shard_dataset import read_shards
-from plabel.method.cleaning import CleaningConfig, clean_masks
 from plabel.method.labelling import teacher_probs
-from plabel.method.metrics import dice_per_class, summarize_dice
+from plabel.method.metrics import dice_of_probs, summarize_dice
 from plabel.method.unet import load_checkpoint
 
 
@@ -31,7 +30,7 @@ class DiceStage:
         self.C, self.threshold, self.clean = num_classes, threshold, clean
 
     def __call__(self, batch: dict) -> dict:
-        ids, dices = [], []
+        ids = []
         grays, truths, names = [], [], []
         for sample in batch_samples(batch):
             if "masks.npz" not in sample:
@@ -41,12 +40,8 @@ class DiceStage:
             truths.append(sample_masks(sample, gray.shape, self.C))  # raises naming the sample on a size mismatch
             ids.append(str(sample["__key__"]))
             names.append(sample_where(sample))
-        for gray, truth, probs in zip(grays, truths, teacher_probs(self.model, grays, self.image_size, names=names)):
-            if self.clean:
-                pred = clean_masks(probs, CleaningConfig(threshold=self.threshold))
-            else:
-                pred = probs > self.threshold
-            dices.append(dice_per_class(pred, truth))
+        dices = dice_of_probs(teacher_probs(self.model, grays, self.image_size, names=names), truths,
+                              self.threshold, self.clean)
         return {"key": object_array(ids), "dice": np.asarray(dices, np.float64).reshape(len(ids), self.C)}
 
 

@@ -72,18 +72,10 @@ def prepare_unlabelled_images(batch: dict, image_size: int) -> dict:
 
 def prepare_pseudo(batch: dict, classes: Sequence[str], image_size: int) -> dict:
     """Joined rows (table columns + image) -> image, masks (kept pseudo labels), weight."""
-    from plabel.method.preprocess import masks_to_grid
-    from plabel.schemas.tables import decode_class_masks
+    from plabel.method.labelling import pseudo_label_targets
 
-    n = len(batch["id"])
-    masks = np.zeros((n, len(classes), image_size, image_size), np.uint8)
-    weight = np.zeros((n, len(classes)), np.float32)
-    for i in range(n):
-        row = {k: batch[k][i] for k in batch}
-        m, w = decode_class_masks(row, classes)
-        if m.shape[1] > 0:
-            masks[i] = masks_to_grid(m, image_size)
-        weight[i] = w
+    rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["id"]))]
+    masks, weight = pseudo_label_targets(rows, classes, image_size)
     return {"image": np.asarray(batch["image"], np.float32), "masks": masks, "weight": weight}
 
 
@@ -294,9 +286,7 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     from plabel.training.loop import TrainConfig
 
     t0 = time.time()
-    train_cfg = TrainConfig(epochs=section.epochs, lr=section.lr, weight_decay=section.weight_decay,
-                            batch_size=section.batch_size, base_channels=section.base_channels, depth=section.depth,
-                            augment=section.augment, seed=section.seed)
+    train_cfg = TrainConfig.from_section(section)
     from plabel.method.unet import load_checkpoint
 
     if distill_from is not None:  # fail here, before Ray starts, when the teacher cannot be read or used

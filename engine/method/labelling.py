@@ -4,6 +4,7 @@
     clean_and_prompt   cleaned class masks, U-Net confidence inside them, SAM prompts
     pseudo_label_rows  SAM refinement (all classes of an image per decoder call), quality gate,
                        one pseudo-label table row per image
+    pseudo_label_targets  table rows -> the student's training masks and class weights
 
 plabel.jobs.label_job runs the first two on CPU actors and the last on SAM actors.
 """
@@ -18,11 +19,11 @@ import torch
 from plabel.method.cleaning import CleaningConfig, clean_masks
 from plabel.method.gate import GateConfig, gate_decision
 from plabel.method.metrics import dice
-from plabel.method.preprocess import probs_to_image, to_unet_input
+from plabel.method.preprocess import masks_to_grid, probs_to_image, to_unet_input
 from plabel.method.prompts import RefinementPrompts, extract_prompts
 from plabel.method.unet import predict_probs
 from plabel.schemas.masks import encode_mask
-from plabel.schemas.tables import CLASS_FIELD_TYPES, class_column
+from plabel.schemas.tables import CLASS_FIELD_TYPES, class_column, decode_class_masks
 
 
 @dataclass
@@ -177,3 +178,22 @@ def sam_output_finite(result, ci: int) -> bool:
     logits = getattr(result, "low_res_logits", None)
     return logits is None or bool(np.isfinite(np.asarray(logits)[ci]).all())
 
+
+
+def pseudo_label_targets(rows: Sequence, classes: Sequence[str], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a student trains on from pseudo-label table rows (mappings with at least ``status``,
+    ``height``, ``width`` and ``<class>.mask`` / ``<class>.kept`` for every class).
+
+    Returns masks uint8 (N, C, S, S) in {0, 1}: each row's kept masks
+    (plabel.schemas.tables.decode_class_masks) resized to the U-Net grid S = ``image_size``
+    (plabel.method.preprocess.masks_to_grid), and weight float32 (N, C): 0 for a class the quality
+    gate dropped and for every class of an error row, 1 otherwise. N = 0 gives empty arrays.
+    """
+    n, C = len(rows), len(classes)
+    masks = np.zeros((n, C, image_size, image_size), np.uint8)
+    weight = np.zeros((n, C), np.float32)
+    for i, row in enumerate(rows):
+        m, weight[i] = decode_class_masks(row, classes)
+        if m.shape[1] > 0:
+            masks[i] = masks_to_grid(m, image_size)
+    return masks, weight

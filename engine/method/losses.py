@@ -114,6 +114,19 @@ def distillation_loss(logits: torch.Tensor, teacher_probs: torch.Tensor,
     return torch.where(w > 0, w * bce, torch.zeros_like(bce)).sum() / (w > 0).sum()
 
 
+def distillation_weight(class_weight, strength: float):
+    """Where a student is distilled from its teacher: ``strength`` for every (sample, class) entry
+    without a label (class weight 0: the quality gate dropped it), 0 elsewhere.
+
+    class_weight: float (N, C) training weights (plabel.schemas.tables.decode_class_masks: 0 or 1),
+    a numpy array or a torch tensor; returns float32 (N, C) of the same kind, the ``distill_weight``
+    of plabel.training.loop.train_step / :func:`distillation_loss` (all 0 when strength is 0).
+    """
+    if isinstance(class_weight, torch.Tensor):
+        return (class_weight == 0).to(torch.float32) * float(strength)
+    return (np.asarray(class_weight) == 0).astype(np.float32) * np.float32(strength)
+
+
 def positive_class_weights(pos_fraction, max_weight: float = 50.0) -> torch.Tensor:
     """BCE ``pos_weight`` per class from the fraction of positive pixels.
 

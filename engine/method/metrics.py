@@ -37,6 +37,28 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return out
 
 
+def dice_of_probs(probs, truths, threshold: float = 0.5, clean: bool = False) -> np.ndarray:
+    """Per-image, per-class Dice of a model's predictions, as ``plabel evaluate`` scores them.
+
+    probs: per image float (C, H, W) sigmoid probabilities on the image's own grid
+    (plabel.method.labelling.teacher_probs); truths: per image bool (C, H, W). The prediction is
+    ``probs > threshold``, or with ``clean`` the cleaned masks (plabel.method.cleaning.clean_masks
+    at that threshold). Returns float64 (N, C) of :func:`dice_per_class` ((0, 0) for no images).
+    """
+    if len(probs) != len(truths):
+        raise ValueError(f"dice_of_probs: {len(probs)} probability maps but {len(truths)} truths")
+    out = []
+    for p, t in zip(probs, truths):
+        if clean:
+            from plabel.method.cleaning import CleaningConfig, clean_masks
+
+            pred = clean_masks(np.asarray(p), CleaningConfig(threshold=threshold))
+        else:
+            pred = np.asarray(p) > threshold
+        out.append(dice_per_class(pred, t))
+    return np.asarray(out, dtype=np.float64).reshape(len(out), -1 if out else 0)
+
+
 def summarize_dice(per_image: np.ndarray, classes: list[str]) -> dict:
     """Summary of a Dice matrix. per_image: float (N, C), row = image, column = class.
 

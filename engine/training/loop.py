@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from plabel.method.augment import random_affine, random_intensity
-from plabel.method.losses import distillation_loss, positive_class_weights, segmentation_loss
+from plabel.method.losses import distillation_loss, distillation_weight, positive_class_weights, segmentation_loss
 from plabel.method.metrics import dice_per_class
 from plabel.method.unet import UNet, UNetConfig, strict_from_dict
 from plabel.training.selection import GUARD_TOLERANCE, EpochSelector
@@ -73,6 +73,15 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         return strict_from_dict(cls, d)
+
+    @classmethod
+    def from_section(cls, section, **overrides) -> "TrainConfig":
+        """The training config of a run-config section (plabel.schemas.config.TrainSection or
+        StudentSection): its epochs, lr, weight_decay, batch_size, base_channels, depth, augment and
+        seed; ``overrides`` replace any TrainConfig field (ValueError naming an unknown one). The
+        other fields (norm, pos_weight_max, augmentation magnitudes) keep their defaults."""
+        keys = ("epochs", "lr", "weight_decay", "batch_size", "base_channels", "depth", "augment", "seed")
+        return cls.from_dict({**{k: getattr(section, k) for k in keys}, **overrides})
 
     def unet_config(self, num_classes: int, in_channels: int = 1) -> UNetConfig:
         """The architecture this training config describes."""
@@ -322,7 +331,7 @@ def fit(cfg: TrainConfig, num_classes: int, train_batches: Batches, val_batches:
     and validation data measures the starting weights first and may keep them (best_epoch -1).
     teacher / distill: a frozen U-Net whose soft outputs (plabel.method.losses.distillation_loss)
     train, per batch, the entries of its ``distill_weight`` (N, C) if the batch has one, otherwise
-    ``distill * (weight == 0)`` (the classes the quality gate dropped). resume: a
+    ``plabel.method.losses.distillation_weight(weight, distill)`` (the classes the quality gate dropped). resume: a
     :meth:`TrainState.checkpoint` (best_* may be missing; a checkpoint without 'selector' is one of
     the mean rule, its best score in 'best'); the run continues after its epoch, init_state is ignored.
     prepare: wraps the model before the optimiser is built (Ray Train's prepare_model: device, DDP).
@@ -394,7 +403,7 @@ def fit(cfg: TrainConfig, num_classes: int, train_batches: Batches, val_batches:
             weight = torch.as_tensor(b["weight"], dtype=torch.float32)
             dw = None
             if teacher is not None:
-                dw = b["distill_weight"] if "distill_weight" in b else distill * (weight == 0).float()
+                dw = b["distill_weight"] if "distill_weight" in b else distillation_weight(weight, distill)
             losses.append(train_step(model, opt, torch.as_tensor(b["image"])[:, None], torch.as_tensor(b["masks"]),
                                      weight, state.pos_weight, cfg, gen, teacher, dw))
         sched.step()

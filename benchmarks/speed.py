@@ -286,7 +286,7 @@ def refine_main(args) -> int:
     prompts = []
     for k in range(0, len(grays), 8):
         for p in teacher_probs(unet, grays[k:k + 8], int(extra.get("image_size", 256))):
-            prompts.append(clean_and_prompt(p, CleaningConfig(**cleaning.__dict__))[2])
+            prompts.append(clean_and_prompt(p, CleaningConfig(**cleaning.model_dump()))[2])
     result["classes_refined"] = int(sum(np.asarray(p.valid).sum() for p in prompts))
     checkpoint = sam_checkpoint(args.backend, args.checkpoint, args.random_weights, work)
     stages = tuple(tuple(s) for s in SamSection(backend=args.backend).stages)

@@ -1,18 +1,25 @@
-"""The run-config schema (`plabel run CONFIG.yaml`), validated with errors naming key and value.
+"""The run-config schema (`plabel run CONFIG.yaml`), declared once as pydantic models.
 
-Every section is a dataclass; unknown keys, wrong types and out-of-range values raise
-:class:`ConfigError` with the dotted key path, e.g. ``label.sam.batch_size: expected int > 0, got 'x'``.
+Each section is a strict pydantic model: unknown keys, wrong types (no bool for an int, no string
+for a number; an int is accepted for a float) and out-of-range values raise :class:`ConfigError`
+with the dotted key path and the value, e.g. ``label.sam.batch_size: expected int > 0, got 0``.
+Every field carries its description; :func:`config_reference_markdown` renders them as the
+reference tables of docs/config.md (``python -m plabel.schemas.config --write docs/config.md``).
+
+This module imports nothing of plabel outside plabel.schemas (pydantic, yaml and the stdlib only).
 """
-from __future__ import annotations
-
-import dataclasses
+import argparse
 import math
+import re
+import sys
+import types
 import typing
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Callable, ClassVar, Optional
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError, core_schema
 
 SAM_BACKENDS = ("lite_medsam", "vit_h", "vit_l", "vit_b", "medsam", "mobile_sam", "random_tiny")
 # random weights: for plumbing tests and soak runs, never for pseudo labels (plabel.method.sam.backends)
@@ -28,341 +35,504 @@ PAPER_STAGES = (("box",), ("points", "mask"))
 # lung Dice from 0.98 to 0.77 and heart from 0.8 to 0.3, while box + stage-1 logits keeps or improves
 # stage 1 (lungs 0.97, heart 0.87). Its default therefore re-asks with the box and the logits.
 BACKEND_DEFAULT_STAGES = {"lite_medsam": (("box",), ("box", "mask"))}
+# Students a soup averages by default (student.init: teacher). Measured on JSRT (benchmarks/RESULTS.md,
+# quality): a single student loses up to 0.8 Dice points on one class against its teacher by
+# training noise alone; the average of 3 averages that noise out, at 3 student trainings.
+DEFAULT_STUDENT_SOUP = 3
+# the keys of one gate (plabel.method.gate.ClassGate); label.gate.per_class overrides these only
+GATE_KEYS = ("policy", "min_sam_iou", "min_agreement", "min_agreement_unet")
 
 
 class ConfigError(ValueError):
     """A config key has a bad value; the message names the key path and the value."""
 
 
-@dataclass
-class DataConfig:
-    source: str | None = None  # raw dataset dir: images/, masks/<class>/, classes.json
-    shards: str | None = None  # or an already ingested directory holding manifest.json
-    labelled: int = 10  # labelled training images (teacher)
-    val: int = 5  # labelled validation images (model selection, gate calibration)
-    test: int = 0  # held-out test images (final Dice table); the rest is unlabelled
-    seed: int = 0
-    shard_size: int = 64
+# ----------------------------------------------------------------------------- rules
+# A rule's failure is a PydanticCustomError whose context holds the key below the failing location
+# ("sub", a tuple of key parts), the value and the expected text; _message turns it into
+# "KEY: expected EXPECTED, got VALUE".
 
-    def validate(self, path: str) -> None:
+
+def _bad(sub: tuple, value: Any, expected: str) -> PydanticCustomError:
+    return PydanticCustomError("plabel_value", "expected {expected}, got {value}",
+                               {"sub": tuple(sub), "expected": expected, "value": repr(value)})
+
+
+def _said(sub: tuple, message: str) -> PydanticCustomError:
+    return PydanticCustomError("plabel_message", "{message}", {"sub": tuple(sub), "message": message})
+
+
+class Rule:
+    """Field metadata (``Annotated[int, Rule(...)]``) that validates a value after its type check.
+
+    ``validate(value)`` raises a _bad / _said error (None is never checked: null is the type's
+    business); ``doc`` is the field's type in the reference tables."""
+
+    def __init__(self, validate: Callable[[Any], None], doc: str):
+        self.validate, self.doc = validate, doc
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self, handler(source))
+
+    def __call__(self, value: Any) -> Any:
+        if value is not None:
+            self.validate(value)
+        return value
+
+
+def check(ok: Callable[[Any], bool], expected: str, doc: str | None = None) -> Rule:
+    """A rule from a predicate; ``expected`` completes the error message, ``doc`` (default: expected
+    without its article and its parenthesis) is the type column of the reference."""
+
+    def validate(value: Any) -> None:
+        if not ok(value):
+            raise _bad((), value, expected)
+
+    if doc is None:
+        doc = re.sub(r"^(an?) ", "", re.sub(r" \(.*\)$", "", expected))
+    return Rule(validate, doc)
+
+
+def one_of(values: tuple, expected: str | None = None) -> Rule:
+    """A string among ``values``; the message says ``expected`` (default: 'one of (values)')."""
+    return check(lambda v: v in values, expected or f"one of {values}", "one of " + ", ".join(f"`{v}`" for v in values))
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+def _str_keys(value: Any) -> Any:
+    """Mapping keys as strings (YAML may give ints), like the hand-written converter did."""
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+
+PositiveInt = Annotated[int, check(lambda v: v > 0, "int > 0")]
+NonNegativeInt = Annotated[int, check(lambda v: v >= 0, "int >= 0")]
+Fraction = Annotated[float, check(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")]
+FiniteNumber = Annotated[float, check(_finite, "a finite number")]
+StrKeys = BeforeValidator(_str_keys)
+
+
+def _field(default: Any = None, description: str = "", *, default_doc: str | None = None,
+           default_factory: Callable[[], Any] | None = None) -> Any:
+    """A config key: its default and its description (the reference table's row)."""
+    extra = {"json_schema_extra": {"default_doc": default_doc}} if default_doc else {}
+    if default_factory is not None:
+        return Field(default_factory=default_factory, description=description, **extra)
+    return Field(default, description=description, **extra)
+
+
+class _Section(BaseModel):
+    """A config section: strict types, no unknown keys, null = all defaults; rules after the types.
+    build() reports errors as ConfigError; constructing a section directly raises pydantic's
+    ValidationError (a ValueError too)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_empty(cls, data: Any) -> Any:
+        return {} if data is None else data
+
+    @model_validator(mode="after")
+    def _after_fields(self) -> "_Section":
+        self._fill()
+        self._rules()
+        return self
+
+    def _fill(self) -> None:
+        """Defaults that depend on other keys."""
+
+    def _rules(self) -> None:
+        """Rules across keys: raise _bad / _said with the key."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+class DataConfig(_Section):
+    """The dataset and its split. Give exactly one of `source` and `shards`."""
+
+    source: Optional[str] = _field(
+        None, "raw dataset folder (`images/`, `masks/<class>/`, `classes.json`), ingested into the run; a local "
+              "folder")
+    shards: Optional[str] = _field(None, "or an already ingested folder holding `manifest.json` (local path or URI)")
+    labelled: Annotated[int, check(lambda v: v > 0, "int > 0 (the teacher needs labels)")] = _field(
+        10, "labelled training images (the teacher's)")
+    val: NonNegativeInt = _field(5, "labelled validation images (model selection, gate calibration)")
+    test: NonNegativeInt = _field(0, "held-out test images (the final Dice table); all other images are unlabelled")
+    seed: int = _field(0, "seed of the split")
+    shard_size: PositiveInt = _field(64, "images per tar shard")
+
+    def _rules(self) -> None:
         if (self.source is None) == (self.shards is None):
-            raise ConfigError(f"{path}: give exactly one of 'source' (raw dataset) or 'shards' (ingested dir)")
-        for k in ("labelled", "val", "test"):
-            _check(getattr(self, k) >= 0, f"{path}.{k}", getattr(self, k), "int >= 0")
-        _check(self.labelled > 0, f"{path}.labelled", self.labelled, "int > 0 (the teacher needs labels)")
-        _check(self.shard_size > 0, f"{path}.shard_size", self.shard_size, "int > 0")
+            raise _said((), "give exactly one of 'source' (raw dataset) or 'shards' (ingested dir)")
 
 
-@dataclass
-class TrainSection:
-    image_size: int = 256  # images are resized to image_size x image_size for the U-Net
-    base_channels: int = 16
-    depth: int = 4
-    epochs: int = 40
-    batch_size: int = 4
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    augment: bool = True
-    seed: int = 0
-    num_workers: int = 1  # Ray Train workers
-    use_gpu: bool = False
-    include_labelled: bool = True  # student only: train on pseudo labels plus the labelled images
-    # student only: "teacher" starts from the teacher's weights (needs the teacher's base_channels
-    # and depth; measured better on JSRT, benchmarks/RESULTS.md), "scratch" from a fresh U-Net
-    init: str = "teacher"
-    # which epoch is kept (plabel.training.selection): "guarded" (with init: teacher) keeps only epochs whose
-    # per-class validation Dice is no more than selection_tolerance below the teacher's, and the
-    # teacher's weights if none is; "mean": the best mean validation Dice. Teachers and students
-    # from scratch always use the mean.
-    selection: str = "guarded"
-    selection_tolerance: float = 0.005  # = plabel.training.selection.GUARD_TOLERANCE (tests/test_config.py)
-    # student only: strength of distillation from the teacher's soft outputs for the (image, class)
-    # pairs without a pseudo label (dropped by the gate); 0 = off (plabel.method.losses.distillation_loss).
-    # Measured on JSRT (benchmarks/RESULTS.md): stops the student forgetting the dropped classes;
-    # they stay near the teacher (within the training noise, -0.8..+1.8 on the heart).
-    distill: float = 1.0
-    # student only, with init: teacher: train this many students with seeds seed, seed + 1, ... and
-    # keep the average of their weights (plabel.training.soup.average_checkpoints); 1 = one student.
-    # The student's default is StudentSection's; a teacher is always one model.
-    soup: int = 1
+class TrainSection(_Section):
+    """U-Net training of the teacher and of the student; keys marked *student only* do nothing for
+    the teacher."""
 
-    def validate(self, path: str) -> None:
-        for k in ("image_size", "base_channels", "depth", "epochs", "batch_size", "num_workers"):
-            _check(getattr(self, k) > 0, f"{path}.{k}", getattr(self, k), "int > 0")
-        _check(self.image_size % (2**self.depth) == 0, f"{path}.image_size", self.image_size,
-               f"a multiple of 2**depth = {2 ** self.depth}")
-        _check(self.lr > 0, f"{path}.lr", self.lr, "float > 0")
-        _check(self.init in ("teacher", "scratch"), f"{path}.init", self.init, "teacher or scratch")
-        _check(math.isfinite(self.distill) and self.distill >= 0, f"{path}.distill", self.distill, "a number >= 0")
-        _check(self.selection in ("guarded", "mean"), f"{path}.selection", self.selection, "guarded or mean")
-        _check(isinstance(self.soup, int) and not isinstance(self.soup, bool) and self.soup >= 1, f"{path}.soup",
-               self.soup, "an int >= 1")
-        _check(self.soup == 1 or self.init == "teacher", f"{path}.soup", self.soup,
-               "1 unless init is teacher (students from scratch share no starting weights to average around)")
-        _check(math.isfinite(self.selection_tolerance) and 0 <= self.selection_tolerance <= 1,
-               f"{path}.selection_tolerance", self.selection_tolerance, "a number in [0, 1]")
+    image_size: PositiveInt = _field(
+        256, "images are resized to image_size x image_size for the U-Net; a multiple of 2**depth")
+    base_channels: PositiveInt = _field(16, "channels of the U-Net's first level (level i has base_channels * 2**i)")
+    depth: PositiveInt = _field(4, "number of 2x down-samplings of the U-Net")
+    epochs: PositiveInt = _field(40, "training epochs")
+    batch_size: PositiveInt = _field(4, "training images per step and Ray Train worker")
+    lr: Annotated[float, check(lambda v: v > 0, "float > 0", "number > 0")] = _field(1e-3, "learning rate")
+    weight_decay: float = _field(1e-4, "weight decay of the optimiser")
+    augment: bool = _field(True, "augment the training images")
+    seed: int = _field(
+        0, "training seed: initial weights, augmentation and the order of the training images (with one worker, "
+           "the same seed, data and settings give the same weights)")
+    num_workers: PositiveInt = _field(1, "Ray Train workers")
+    use_gpu: bool = _field(False, "give each Ray Train worker a GPU")
+    include_labelled: bool = _field(True, "student only: train on the pseudo labels plus the labelled split")
+    init: Annotated[str, one_of(("teacher", "scratch"), "teacher or scratch")] = _field(
+        "teacher",
+        "student only. `teacher`: the student starts from the teacher's weights (needs the teacher's `base_channels` "
+        "and `depth`; a config where they differ is refused); `scratch`: a fresh U-Net, as in the paper. Measured on "
+        "JSRT (benchmarks/RESULTS.md, quality), warm start with the calibrated gate beats the teacher where a fresh "
+        "student does not; use a lower student `lr` than the teacher's (benchmarks/jsrt_n10.yaml: 0.0005 after the "
+        "teacher's 0.002)")
+    selection: Annotated[str, one_of(("guarded", "mean"), "guarded or mean")] = _field(
+        "guarded",
+        "which epoch is kept (plabel.training.selection). `guarded` (students with `init: teacher`): the teacher's "
+        "weights are measured on the validation images before the first epoch; an epoch is kept only if no class's "
+        "validation Dice is more than `selection_tolerance` below the teacher's, and the teacher's weights come back "
+        "(`best_epoch` -1) if every epoch lost a class. `mean`: the epoch with the best mean validation Dice "
+        "(teachers and students from scratch always use it). The same guard applies to the average of "
+        "`student.soup`")
+    selection_tolerance: Annotated[float, check(lambda v: math.isfinite(v) and 0 <= v <= 1, "a number in [0, 1]")] \
+        = _field(0.005, "the tolerance of `selection: guarded` (= plabel.training.selection.GUARD_TOLERANCE)")
+    distill: Annotated[float, check(lambda v: math.isfinite(v) and v >= 0, "a number >= 0")] = _field(
+        1.0,
+        "student only: strength of distillation from the teacher (plabel.method.losses.distillation_loss): for every "
+        "(image, class) pair without a pseudo label (the gate dropped it), the student's logits are trained towards "
+        "the teacher's probabilities on the same augmented image; 0 turns it off. Measured on JSRT "
+        "(benchmarks/RESULTS.md, quality): without it a warm-started student forgets the dropped classes in its "
+        "first epochs and can end below the teacher on one (seed 1: right clavicle -2.5); with it the dropped "
+        "classes stay near the teacher, but the heart still moves between -0.8 and +1.8 with the student's training "
+        "seed alone (9 students measured; see `student.soup`)")
+    soup: Annotated[int, check(lambda v: v >= 1, "an int >= 1")] = _field(
+        1, "student only (see `student.soup`); a teacher is one model: `teacher.soup` must be 1")
+
+    def _rules(self) -> None:
+        if self.image_size % (2**self.depth):
+            raise _bad(("image_size",), self.image_size, f"a multiple of 2**depth = {2 ** self.depth}")
+        if self.soup != 1 and self.init != "teacher":
+            raise _bad(("soup",), self.soup,
+                       "1 unless init is teacher (students from scratch share no starting weights to average around)")
 
 
-# Students a soup averages by default (student.init: teacher). Measured on JSRT (benchmarks/RESULTS.md,
-# quality): a single student loses up to 0.8 Dice points on one class against its teacher by
-# training noise alone; the average of 3 averages that noise out, at 3 student trainings.
-DEFAULT_STUDENT_SOUP = 3
-
-
-@dataclass
 class StudentSection(TrainSection):
     """TrainSection of the student: ``soup`` left unset is DEFAULT_STUDENT_SOUP with init: teacher and
     1 with init: scratch (students from scratch share no starting weights to average around)."""
-    soup: int | None = None
 
-    def __post_init__(self) -> None:
+    soup: Annotated[Optional[int], check(lambda v: v >= 1, "an int >= 1")] = _field(
+        None,
+        "train this many students, with seeds `seed`, `seed + 1`, ..., and keep the average of their weights as "
+        "`student.pt` (one U-Net at inference; `student-0.pt`, ... stay in the run directory, and a rerun reuses "
+        "the members that finished; plabel.training.soup.average_checkpoints). The average is scored on the "
+        "validation split (`results.json`: `student.soup_val_dice`, beside each member's best validation Dice). "
+        "With `selection: guarded` the average is held to the same rule as an epoch: if it is more than "
+        "`selection_tolerance` below the teacher's validation Dice on any class, `student.pt` is the member with "
+        "the best validation Dice instead (`results.json`: `student.soup_guard` with the teacher's per-class "
+        "validation Dice, the lost classes and what was kept). Costs that many student trainings (`plabel run` "
+        "only; `plabel train` trains one model). Why 3 (benchmarks/RESULTS.md, quality): on JSRT a single student "
+        "lands between -0.80 and +1.81 of its teacher on the heart by training noise alone, so one class could "
+        "fall more than 0.5 below the teacher; the average of 3 was within 0.26 of the teacher on every class in "
+        "all 5 configurations measured (n = 10 on 3 splits, n = 20, and `plabel run benchmarks/jsrt_n10.yaml`), "
+        "with a mean between its members'. Students from scratch share no starting weights to average around, so "
+        "`init: scratch` with a soup above 1 is refused",
+        default_doc=f"{DEFAULT_STUDENT_SOUP} with `init: teacher`, 1 with `scratch`")
+
+    def _fill(self) -> None:
         if self.soup is None:
             self.soup = DEFAULT_STUDENT_SOUP if self.init == "teacher" else 1
 
 
-@dataclass
-class CleaningSection:
-    threshold: float = 0.5
-    opening_radius: int = 0
-    closing_radius: int = 0
-    fill_holes: bool = False
+class CleaningSection(_Section):
+    """Cleaning of the teacher's probabilities before prompting (plabel.method.cleaning)."""
 
-    def validate(self, path: str) -> None:
-        _check(0.0 <= self.threshold < 1.0, f"{path}.threshold", self.threshold, "float in [0, 1)")
-        _check(self.opening_radius >= 0, f"{path}.opening_radius", self.opening_radius, "int >= 0")
-        _check(self.closing_radius >= 0, f"{path}.closing_radius", self.closing_radius, "int >= 0")
+    threshold: Annotated[float, check(lambda v: 0.0 <= v < 1.0, "float in [0, 1)", "number in [0, 1)")] = _field(
+        0.5, "probability threshold before component selection")
+    opening_radius: NonNegativeInt = _field(0, "morphological opening after component selection: radius in pixels "
+                                               "(0 = off)")
+    closing_radius: NonNegativeInt = _field(0, "morphological closing after component selection: radius in pixels "
+                                               "(0 = off)")
+    fill_holes: bool = _field(False, "fill enclosed holes after component selection")
 
 
-@dataclass
-class SamSection:
-    backend: str = "lite_medsam"
-    checkpoint: str | None = None  # path or http(s) URL (not needed for lite_medsam)
-    sha256: str | None = None  # expected SHA-256 of a downloaded checkpoint
-    # prompts per refinement stage; None = the backend's default (BACKEND_DEFAULT_STAGES)
-    stages: list[list[str]] | None = None
-    batch_size: int = 8  # images per image-encoder call
-    actors: int = 1  # SAM actor pool size
-    # where SAM actors run: auto = on GPUs when the cluster has any when labelling starts;
-    # gpu = always ask for GPUs (an autoscaler scaling a GPU group from zero starts nodes); cpu = never
-    device: str = "auto"
-    num_gpus: float = 1.0  # GPUs per SAM actor when they run on GPUs (fractions share a GPU)
-    cpus: float = 1.0  # CPUs per SAM actor when the cluster has no GPU (its torch threads)
-    autocast: str = "none"  # none | bf16 | fp16 (GPU only)
-    # torch.compile the image encoder and mask decoder in each SAM actor (plabel.method.sam.compile):
-    # same float32 maths, ~1.5x faster on CPU, 1-3 min of compilation when an actor starts
-    compile: bool = False
-    # extra Ray resources per SAM actor, e.g. {"sam_node": 1} to pin SAM to a node group
-    resources: dict[str, float] = field(default_factory=dict)
-    # host memory (GiB) Ray reserves per SAM actor (its `memory` resource), so that a node runs no
-    # more SAM actors than its memory holds; None: no reservation. Peak RSS measured on CPU:
-    # LiteMedSAM 2.7 GB (benchmarks/RESULTS.md, refinement speed)
-    memory_gb: float | None = None
+def _check_stages(stages: list[list[str]]) -> None:
+    if len(stages) < 1:
+        raise _bad((), stages, "at least one stage")
+    for i, stage in enumerate(stages):
+        if len(stage) < 1:
+            raise _bad((i,), stage, "a non-empty list of prompts")
+        for p in stage:
+            if p not in STAGE_PROMPTS:
+                raise _bad((i,), p, f"prompts from {STAGE_PROMPTS}")
+        if i == 0 and "mask" in stage:
+            raise _bad((0,), stage, "no 'mask' prompt (there is no earlier stage)")
 
-    def __post_init__(self):
+
+def _check_resources(resources: dict[str, float]) -> None:
+    for k, v in resources.items():
+        if k in ("CPU", "GPU", "memory"):
+            raise _bad((), k, "custom resource names (CPU and GPU come from cpus / num_gpus, memory from memory_gb)")
+        if not v > 0:
+            raise _bad((k,), v, "a number > 0")
+
+
+class SamSection(_Section):
+    """SAM refinement of the cleaned teacher masks (plabel.method.sam)."""
+
+    backend: Annotated[str, one_of(SAM_BACKENDS)] = _field(
+        "lite_medsam", "SAM model; `random_tiny` has random weights, for tests and soak runs, not for pseudo labels")
+    checkpoint: Optional[str] = _field(
+        None, "checkpoint path or http(s) URL (not needed for `lite_medsam`; none for `random_tiny`)")
+    sha256: Optional[str] = _field(None, "expected SHA-256 of a downloaded checkpoint")
+    stages: Annotated[Optional[list[list[str]]], Rule(_check_stages, "list of stages, each a list of prompts from "
+                                                                     "`box`, `points`, `mask`")] = _field(
+        None,
+        "prompts of each refinement stage (`mask` = the previous stage's logits, so not in the first). Default: the "
+        "paper's `[[box], [points, mask]]`; for `lite_medsam` `[[box], [box, mask]]`, because LiteMedSAM (trained "
+        "with boxes) degrades with point prompts (JSRT: lungs 0.98 -> 0.77, heart 0.8 -> 0.3 Dice)",
+        default_doc="the backend's")
+    batch_size: PositiveInt = _field(8, "images per image-encoder call")
+    actors: PositiveInt = _field(1, "SAM actor pool size")
+    device: Annotated[str, one_of(SAM_DEVICES)] = _field(
+        "auto",
+        "where SAM actors run: `auto` = on GPUs when the cluster has any when labelling starts, `gpu` = always "
+        "request `num_gpus` (use this when an autoscaler scales the GPU group from zero), `cpu` = never")
+    num_gpus: Annotated[float, check(lambda v: 0 < v <= 8, "float in (0, 8]", "number in (0, 8]")] = _field(
+        1.0, "GPUs per SAM actor when SAM runs on GPUs (fractions share a GPU)")
+    cpus: Annotated[float, check(lambda v: v > 0, "float > 0", "number > 0")] = _field(
+        1.0, "CPUs per SAM actor (its torch threads) on a cluster without GPUs")
+    autocast: Annotated[str, one_of(AUTOCAST)] = _field("none", "SAM precision on GPU")
+    compile: bool = _field(
+        False,
+        "`torch.compile` the image encoder and mask decoder of every SAM actor (plabel.method.sam.compile): same "
+        "float32 maths, about 1.5x faster on CPU (benchmarks/RESULTS.md, speed), but each actor spends 1-3 min "
+        "compiling when it starts: worth it for long jobs, not for a few hundred images")
+    resources: Annotated[dict[str, float], StrKeys, Rule(_check_resources, "mapping of resource name to number > 0")] \
+        = _field(description="extra Ray resources per SAM actor (e.g. `{sam_node: 1}` to pin SAM to nodes started "
+                             "with `--resources '{\"sam_node\": 1}'`)", default_factory=dict)
+    memory_gb: Annotated[Optional[float], check(lambda v: math.isfinite(v) and v > 0,
+                                                "a number of GiB > 0, or null (no reservation)")] = _field(
+        None,
+        "host memory (GiB) Ray reserves for each SAM actor (its `memory` resource), so that a node starts no more "
+        "SAM actors than its memory holds; null reserves nothing (Ray then packs actors by CPU / GPU alone and warns "
+        "when one uses a lot of memory). Peak RSS of a LiteMedSAM actor on CPU: 2.7 GB (benchmarks/RESULTS.md, "
+        "speed); the KubeRay config sets 4")
+
+    def _fill(self) -> None:
         if self.stages is None:
             self.stages = [list(s) for s in BACKEND_DEFAULT_STAGES.get(self.backend, PAPER_STAGES)]
 
-    def validate(self, path: str) -> None:
-        _check(self.backend in SAM_BACKENDS, f"{path}.backend", self.backend, f"one of {SAM_BACKENDS}")
-        _check(self.backend not in RANDOM_SAM_BACKENDS or self.checkpoint is None, f"{path}.checkpoint",
-               self.checkpoint, f"none for backend {self.backend!r} (random weights)")
-        _check(len(self.stages) >= 1, f"{path}.stages", self.stages, "at least one stage")
-        for i, stage in enumerate(self.stages):
-            _check(len(stage) >= 1, f"{path}.stages[{i}]", stage, "a non-empty list of prompts")
-            for p in stage:
-                _check(p in STAGE_PROMPTS, f"{path}.stages[{i}]", p, f"prompts from {STAGE_PROMPTS}")
-            _check(i > 0 or "mask" not in stage, f"{path}.stages[0]", stage,
-                   "no 'mask' prompt (there is no earlier stage)")
-        _check(self.batch_size > 0, f"{path}.batch_size", self.batch_size, "int > 0")
-        _check(self.actors > 0, f"{path}.actors", self.actors, "int > 0")
-        _check(0 < self.num_gpus <= 8, f"{path}.num_gpus", self.num_gpus, "float in (0, 8]")
-        _check(self.cpus > 0, f"{path}.cpus", self.cpus, "float > 0")
-        _check(self.autocast in AUTOCAST, f"{path}.autocast", self.autocast, f"one of {AUTOCAST}")
-        _check(isinstance(self.compile, bool), f"{path}.compile", self.compile, "true or false")
-        _check(self.device in SAM_DEVICES, f"{path}.device", self.device, f"one of {SAM_DEVICES}")
-        if self.memory_gb is not None:
-            _check(math.isfinite(self.memory_gb) and self.memory_gb > 0, f"{path}.memory_gb", self.memory_gb,
-                   "a number of GiB > 0, or null (no reservation)")
-        for k, v in self.resources.items():
-            _check(k not in ("CPU", "GPU", "memory"), f"{path}.resources", k,
-                   "custom resource names (CPU and GPU come from cpus / num_gpus, memory from memory_gb)")
-            _check(isinstance(v, (int, float)) and v > 0, f"{path}.resources.{k}", v, "a number > 0")
+    def _rules(self) -> None:
+        if self.backend in RANDOM_SAM_BACKENDS and self.checkpoint is not None:
+            raise _bad(("checkpoint",), self.checkpoint, f"none for backend {self.backend!r} (random weights)")
 
 
-@dataclass
-class GateSection:
-    policy: str = "auto"  # auto | sam | unet | drop
-    min_sam_iou: float = 0.5
-    min_agreement: float = 0.6
-    min_agreement_unet: float = 0.3
-    per_class: dict[str, dict] = field(default_factory=dict)  # class -> overrides of the keys above
-    # `plabel run`: choose each class's gate on the validation split (plabel.method.calibration) before
-    # labelling; classes listed in per_class keep their configured gate
-    calibrate: bool = True
-    drop_floor: float = 0.5  # calibration: lowest Dice a dropped image scores (break-even Dice)
-    drop_margin: float = 0.0  # calibration: break-even = max(drop_floor, teacher's Dice - drop_margin)
-    min_images: int = 3  # calibration: validation images the teacher must find a class on
-    # calibration: when keeping the cleaned U-Net mask ties with dropping the class (it scores the
-    # teacher's own Dice), drop it (measured better for the student) or keep it: drop | unet
-    prefer_on_tie: str = "drop"
-    # calibration: a dropped image scores its own teacher Dice (image) or the class's mean (mean)
-    break_even: str = "image"
-    # calibration: a sam / auto gate must keep SAM's mask on at least this share of the class's
-    # validation images (0 = no rule; plabel.method.calibration.CalibrationObjective.min_sam_share)
-    min_sam_share: float = 0.0
-    # calibration: keep a sam / auto gate only if it survives leave-one-out over the validation
-    # images (plabel.method.calibration.choose_gate); measured on JSRT, benchmarks/RESULTS.md
-    cross_validate: bool = True
+def _check_per_class(per_class: dict[str, dict]) -> None:
+    allowed = set(GATE_KEYS)
+    for cls, over in per_class.items():
+        for k, v in over.items():
+            if k not in allowed:
+                raise _bad((cls,), k, f"keys from {sorted(allowed)}")
+            if k == "policy":
+                if v not in POLICIES:
+                    raise _bad((cls, "policy"), v, f"one of {POLICIES}")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise _bad((cls, k), v, "a finite number")
 
-    GATE_KEYS = ("policy", "min_sam_iou", "min_agreement", "min_agreement_unet")
 
-    def validate(self, path: str) -> None:
-        _check(self.policy in POLICIES, f"{path}.policy", self.policy, f"one of {POLICIES}")
-        for k in ("min_sam_iou", "min_agreement", "min_agreement_unet"):
-            _check(math.isfinite(getattr(self, k)), f"{path}.{k}", getattr(self, k), "a finite number")
-        allowed = set(self.GATE_KEYS)
-        for cls, over in self.per_class.items():
-            _check(isinstance(over, dict), f"{path}.per_class.{cls}", over, "a mapping")
-            for k, v in over.items():
-                _check(k in allowed, f"{path}.per_class.{cls}", k, f"keys from {sorted(allowed)}")
-                if k == "policy":
-                    _check(v in POLICIES, f"{path}.per_class.{cls}.policy", v, f"one of {POLICIES}")
-                else:
-                    _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-                           f"{path}.per_class.{cls}.{k}", v, "a finite number")
-        _check(0.0 <= self.drop_floor <= 1.0, f"{path}.drop_floor", self.drop_floor, "a number in [0, 1]")
-        _check(-1.0 <= self.drop_margin <= 1.0, f"{path}.drop_margin", self.drop_margin, "a number in [-1, 1]")
-        _check(self.min_images >= 1, f"{path}.min_images", self.min_images, "int >= 1")
-        _check(self.prefer_on_tie in ("drop", "unet"), f"{path}.prefer_on_tie", self.prefer_on_tie, "drop or unet")
-        _check(self.break_even in ("image", "mean"), f"{path}.break_even", self.break_even, "image or mean")
-        _check(isinstance(self.min_sam_share, (int, float)) and 0.0 <= self.min_sam_share <= 1.0,
-               f"{path}.min_sam_share", self.min_sam_share, "a number in [0, 1]")
-        _check(isinstance(self.cross_validate, bool), f"{path}.cross_validate", self.cross_validate, "true or false")
+class GateSection(_Section):
+    """The quality gate (plabel.method.gate) and its calibration (plabel.method.calibration)."""
+
+    GATE_KEYS: ClassVar[tuple[str, ...]] = GATE_KEYS
+
+    policy: Annotated[str, one_of(POLICIES)] = _field(
+        "auto",
+        "per class the teacher found: `drop` drops it, `unet` keeps the cleaned U-Net mask, `sam` keeps SAM's mask "
+        "if it passes `min_sam_iou` and `min_agreement` (else drops it), `auto` as `sam` but falls back to the U-Net "
+        "mask if their agreement is at least `min_agreement_unet` (plabel.method.gate)")
+    min_sam_iou: FiniteNumber = _field(0.5, "SAM's predicted IoU needed to keep SAM's mask")
+    min_agreement: FiniteNumber = _field(0.6, "Dice between the cleaned U-Net mask and SAM's mask needed to keep "
+                                              "SAM's mask")
+    min_agreement_unet: FiniteNumber = _field(0.3, "`auto`: the agreement (Dice) needed to keep the U-Net mask when "
+                                                   "SAM's is not kept")
+    per_class: Annotated[dict[str, dict], StrKeys, Rule(_check_per_class, "mapping of class to gate keys")] = _field(
+        description="`{class: {policy: unet, ...}}`: per-class overrides of `policy`, `min_sam_iou`, "
+                    "`min_agreement`, `min_agreement_unet`; a class listed here keeps this gate even when the gate "
+                    "is calibrated", default_factory=dict)
+    calibrate: bool = _field(
+        True,
+        "`plabel run` calibrates the gate per class on the validation split before labelling (see "
+        "[Gate calibration](#gate-calibration)); no effect when `data.val` is 0")
+    drop_floor: Annotated[float, check(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")] = _field(
+        0.5, "calibration: the lowest Dice a dropped image scores (the break-even Dice is max(`drop_floor`, "
+             "teacher's Dice - `drop_margin`))")
+    drop_margin: Annotated[float, check(lambda v: -1.0 <= v <= 1.0, "a number in [-1, 1]")] = _field(
+        0.0, "calibration: break-even Dice = max(`drop_floor`, teacher's Dice - `drop_margin`)")
+    min_images: Annotated[int, check(lambda v: v >= 1, "int >= 1")] = _field(
+        3, "calibration: a class the teacher finds on fewer validation images keeps its configured gate")
+    prefer_on_tie: Annotated[str, one_of(("drop", "unet"), "drop or unet")] = _field(
+        "drop",
+        "calibration: when keeping the cleaned U-Net masks of a class ties with dropping it (they score the "
+        "teacher's own Dice, the break-even), `drop` ignores the class on the unlabelled images, `unet` keeps the "
+        "teacher's masks. A pseudo label no better than the teacher's prediction cost students 2-4 Dice points on "
+        "JSRT (benchmarks/RESULTS.md), hence `drop`")
+    break_even: Annotated[str, one_of(("image", "mean"), "image or mean")] = _field(
+        "image",
+        "calibration: a dropped image scores max(`drop_floor`, the teacher's Dice on that image - `drop_margin`) "
+        "(`image`: a kept mask earns its gain over the teacher's own prediction on that image), or the class's "
+        "mean over the validation images (`mean`)")
+    min_sam_share: Fraction = _field(
+        0.0,
+        "calibration: a `sam` / `auto` gate is a candidate only if it keeps SAM's mask on at least this share of the "
+        "class's validation images (0 = no rule; plabel.method.calibration.CalibrationObjective.min_sam_share). A "
+        "gain measured on the few images that a threshold search picks out does not generalise: JSRT n = 10 seed 2 "
+        "kept SAM for a clavicle on 3 of 10 validation images and lost 7 Dice on the unlabelled images "
+        "(benchmarks/RESULTS.md)")
+    cross_validate: bool = _field(
+        True,
+        "calibration: a `sam` / `auto` gate is kept only if the whole threshold search, repeated leaving each "
+        "validation image out and scored on that image, beats the same choice among `drop` / `unet` alone by "
+        "`min_gain`; else the better of `drop` / `unet` (plabel.method.calibration.choose_gate)")
 
     def to_gate_dict(self) -> dict:
         """plabel.method.gate.GateConfig dict: the default gate, and per class the default with its overrides."""
-        default = {k: getattr(self, k) for k in self.GATE_KEYS}
+        default = {k: getattr(self, k) for k in GATE_KEYS}
         return {"default": default, "per_class": {c: {**default, **o} for c, o in self.per_class.items()}}
 
     def with_calibrated(self, per_class: dict[str, dict]) -> "GateSection":
         """A copy whose per-class gates are ``per_class`` (class -> gate dict, e.g. the calibrated
         plabel.method.gate.ClassGate dicts), except for the classes this section's per_class lists: their
         configured overrides win."""
-        calibrated = {c: {k: g[k] for k in self.GATE_KEYS if k in g} for c, g in per_class.items()}
-        return dataclasses.replace(self, per_class={**calibrated, **self.per_class})
+        calibrated = {c: {k: g[k] for k in GATE_KEYS if k in g} for c, g in per_class.items()}
+        return self.model_copy(update={"per_class": {**calibrated, **self.per_class}})
 
 
-@dataclass
-class LabelSection:
-    cleaning: CleaningSection = field(default_factory=CleaningSection)
-    sam: SamSection = field(default_factory=SamSection)
-    gate: GateSection = field(default_factory=GateSection)
-    unet_actors: int = 1  # U-Net + cleaning actor pool size (CPU)
-    unet_batch_size: int = 8
-    # images with more pixels (H * W) become error rows before they are decoded (header check)
-    max_image_pixels: int = 64_000_000
+class LabelSection(_Section):
+    """The label job: U-Net + cleaning actors, SAM actors and the gate."""
 
-    def validate(self, path: str) -> None:
-        _check(self.unet_actors > 0, f"{path}.unet_actors", self.unet_actors, "int > 0")
-        _check(self.unet_batch_size > 0, f"{path}.unet_batch_size", self.unet_batch_size, "int > 0")
-        _check(self.max_image_pixels >= MIN_IMAGE_PIXELS, f"{path}.max_image_pixels", self.max_image_pixels,
-               f"int >= {MIN_IMAGE_PIXELS} (the smallest image plabel accepts is 8x8)")
+    cleaning: CleaningSection = Field(default_factory=CleaningSection)
+    sam: SamSection = Field(default_factory=SamSection)
+    gate: GateSection = Field(default_factory=GateSection)
+    unet_actors: PositiveInt = _field(1, "U-Net + cleaning actor pool size (CPU)")
+    unet_batch_size: PositiveInt = _field(8, "images per U-Net call")
+    max_image_pixels: Annotated[int, check(
+        lambda v: v >= MIN_IMAGE_PIXELS, f"int >= {MIN_IMAGE_PIXELS} (the smallest image plabel accepts is 8x8)")] \
+        = _field(64_000_000,
+                 "images with more pixels (height x width, read from the header before decoding) become `error` "
+                 "rows naming the image and its size; images under 8 px on a side are error rows too")
 
 
-@dataclass
-class RaySection:
-    address: str | None = None  # existing cluster ("auto", "ray://..."); None starts a local one
-    num_cpus: int | None = None  # logical CPUs of the local Ray (default: max(4, cores))
-    dashboard: bool = False
+class RaySection(_Section):
+    """The Ray cluster."""
 
-    def validate(self, path: str) -> None:
-        if self.num_cpus is not None:
-            _check(self.num_cpus > 0, f"{path}.num_cpus", self.num_cpus, "int > 0")
+    address: Optional[str] = _field(None, "an existing cluster (`auto`, `ray://...`); null starts a local Ray on "
+                                          "127.0.0.1")
+    num_cpus: Annotated[Optional[int], check(lambda v: v > 0, "int > 0")] = _field(
+        None, "logical CPUs of the local Ray (null: max(4, cores))")
+    dashboard: bool = _field(False, "start the Ray dashboard with the local Ray")
 
 
-@dataclass
-class RunConfig:
-    name: str = "run"
-    run_dir: str = "runs"  # the run writes <run_dir>/<name>/
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: TrainSection = field(default_factory=TrainSection)
-    label: LabelSection = field(default_factory=LabelSection)
-    student: StudentSection = field(default_factory=StudentSection)
-    ray: RaySection = field(default_factory=RaySection)
+class RunConfig(_Section):
+    """The whole run: `plabel run CONFIG.yaml`."""
 
-    def validate(self, path: str = "") -> None:
-        _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+    name: Annotated[str, check(lambda v: bool(v) and "/" not in v, "a non-empty name without '/'",
+                               "non-empty string without `/`")] = _field(
+        "run", "the run directory is `<run_dir>/<name>/`")
+    run_dir: str = _field("runs", "parent of run directories: a local path or an object-store URI (see "
+                                  "[Storage](#storage))")
+    # not validated when left out (build(RunConfig, {}) is a valid config for the sections that need no data)
+    data: DataConfig = Field(default_factory=lambda: DataConfig.model_construct())
+    teacher: TrainSection = Field(default_factory=TrainSection)
+    label: LabelSection = Field(default_factory=LabelSection)
+    student: StudentSection = Field(default_factory=StudentSection)
+    ray: RaySection = Field(default_factory=RaySection)
+
+    def _rules(self) -> None:
         s, t = self.student, self.teacher
         if s.init == "teacher" and (s.base_channels, s.depth) != (t.base_channels, t.depth):
-            raise ConfigError(
-                f"student.init: 'teacher' starts the student from the teacher's weights, so student.base_channels "
-                f"and student.depth must equal the teacher's: got {s.base_channels} / {s.depth}, teacher "
-                f"{t.base_channels} / {t.depth}; match them or set student.init: scratch")
-        _check(t.soup == 1, "teacher.soup", t.soup, "1 (an average of several models is a student option)")
+            raise _said(("student", "init"),
+                        f"'teacher' starts the student from the teacher's weights, so student.base_channels "
+                        f"and student.depth must equal the teacher's: got {s.base_channels} / {s.depth}, teacher "
+                        f"{t.base_channels} / {t.depth}; match them or set student.init: scratch")
+        if t.soup != 1:
+            raise _bad(("teacher", "soup"), t.soup, "1 (an average of several models is a student option)")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+# ----------------------------------------------------------------------------- errors
+
+# pydantic's type errors -> the expected text of "KEY: expected ..., got VALUE"
+_TYPE_EXPECTED = {
+    "int_type": "an integer", "float_type": "a number", "bool_type": "true or false", "string_type": "a string",
+    "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+}
 
 
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): v for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value
+def _key(path: str, loc: tuple) -> str:
+    """'label' + ('sam', 'stages', 1) -> 'label.sam.stages[1]'."""
+    key = path
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The section class at ``loc`` below ``cls``."""
+    for part in loc:
+        cls = _section_type(cls.model_fields[part].annotation)
+    return cls
+
+
+def _section_type(annotation: Any) -> Any:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _message(cls: type[BaseModel], err: ValidationError, path: str) -> str:
+    """One line for the first error of ``err``: unknown keys first (the shallowest), then wrong types,
+    then bad values, as the hand-written validator reported them."""
+    errors = err.errors(include_url=False)
+
+    def rank(e: dict) -> tuple:
+        if e["type"] == "extra_forbidden":
+            return 0, len(e["loc"])
+        return (1, 0) if e["type"] in _TYPE_EXPECTED else (2, 0)
+
+    e = min(errors, key=rank)
+    loc, kind, ctx = tuple(e["loc"]), e["type"], e.get("ctx") or {}
+    if kind == "extra_forbidden":
+        names = list(_model_at(cls, loc[:-1]).model_fields)
+        return f"{_key(path, loc)}: unknown key; expected one of {names}"
+    if kind in ("plabel_value", "plabel_message"):
+        key = _key(path, loc + tuple(ctx["sub"])) or "config"
+        if kind == "plabel_message":
+            return f"{key}: {ctx['message']}"
+        return f"{key}: expected {ctx['expected']}, got {ctx['value']}"
+    key = _key(path, loc) or "config"
+    expected = _TYPE_EXPECTED.get(kind)
+    if expected:
+        return f"{key}: expected {expected}, got {e['input']!r}"
+    return f"{key}: {e['msg']}, got {e['input']!r}"
 
 
 def build(cls: type, data: Any, path: str = ""):
-    """Instantiate dataclass ``cls`` from a mapping, validating keys, types and values."""
-    where = path or "config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in data:
-        if k not in names:
-            raise ConfigError(f"{path + '.' if path else ''}{k}: unknown key; expected one of {names}")
-    kwargs = {k: _convert(hints[k], v, f"{path + '.' if path else ''}{k}") for k, v in data.items()}
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate(path)
-    return obj
+    """Section ``cls`` from a mapping (None: the defaults), validating keys, types and values; errors are
+    ConfigError messages whose keys start at ``path`` (e.g. 'label' for a LabelSection)."""
+    try:
+        return cls.model_validate({} if data is None else data)
+    except ValidationError as e:
+        raise ConfigError(_message(cls, e, path)) from None
 
 
 def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -384,3 +554,133 @@ def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfi
     if "://" not in cfg.run_dir and not Path(cfg.run_dir).is_absolute():
         cfg.run_dir = str((path.parent / cfg.run_dir).resolve())
     return cfg
+
+
+# ----------------------------------------------------------------------------- reference (docs/config.md)
+
+BEGIN_MARKER = "<!-- BEGIN config reference: generated by `python -m plabel.schemas.config --write docs/config.md` -->"
+END_MARKER = "<!-- END config reference -->"
+
+
+def _sections(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, type[BaseModel]]]:
+    """(dotted path, class) of ``cls`` and its sections, depth first."""
+    out = [(prefix, cls)]
+    for name, f in cls.model_fields.items():
+        sub = _section_type(f.annotation)
+        if sub is not None:
+            out += _sections(sub, f"{prefix}.{name}" if prefix else name)
+    return out
+
+
+def _strip_optional(annotation: Any) -> tuple[Any, bool]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(annotation))
+    return annotation, False
+
+
+_TYPE_NAMES = {int: "int", float: "number", bool: "bool", str: "string", dict: "mapping", list: "list"}
+
+
+def _type_doc(f: Any) -> str:
+    inner, nullable = _strip_optional(f.annotation)
+    rules = [m for m in f.metadata if isinstance(m, Rule)]
+    if rules:
+        text = rules[-1].doc
+    else:
+        text = _TYPE_NAMES.get(typing.get_origin(inner) or inner, str(inner))
+    if nullable and "null" not in text:
+        text += ", or null"
+    return text
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def _default_doc(f: Any) -> str:
+    extra = f.json_schema_extra or {}
+    if extra.get("default_doc"):
+        return extra["default_doc"]
+    value = f.default_factory() if f.default_factory is not None else f.default
+    return f"`{_yaml_value(value)}`"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _rows(fields: dict) -> list[str]:
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for name, f in fields.items():
+        if _section_type(f.annotation) is None:
+            cells = (f"`{name}`", _type_doc(f), _default_doc(f), f.description or "")
+            rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return rows
+
+
+def _same_field(f: Any, g: Any) -> bool:
+    return g is not None and (f.annotation, f.default, f.description, f.json_schema_extra) == \
+        (g.annotation, g.default, g.description, g.json_schema_extra)
+
+
+def _heading(paths: list[str]) -> str:
+    return "### " + (", ".join(f"`{p}`" for p in paths) if paths != [""] else "Top level")
+
+
+def config_reference_markdown() -> str:
+    """The reference tables of docs/config.md, one per section (key, type, default, description), from
+    the declaration above: the fields' types, rules, defaults and descriptions."""
+    sections = _sections(RunConfig)
+    classes = [c for _, c in sections]
+    done: set[type] = set()
+    out: list[str] = []
+    for _, cls in sections:
+        if cls in done or any(issubclass(cls, c) and cls is not c for c in classes):
+            continue  # a subclass section (student) follows its base class's table
+        done.add(cls)
+        paths = [p for p, c in sections if c is cls]
+        doc = " ".join((cls.__doc__ or "").split())
+        out += [_heading(paths), ""] + ([doc, ""] if doc and cls is not RunConfig else []) + _rows(cls.model_fields)
+        out.append("")
+        for path, sub in sections:  # sections of a subclass: only the keys that differ
+            if sub is not cls and issubclass(sub, cls) and sub not in done:
+                done.add(sub)
+                differ = {n: f for n, f in sub.model_fields.items() if not _same_field(f, cls.model_fields.get(n))}
+                out += [_heading([path]), "", f"The keys of {', '.join(f'`{p}`' for p in paths)}, except:", "",
+                        *_rows(differ), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_docs(text: str) -> str:
+    """``text`` (docs/config.md) with the part between the markers replaced by the current reference."""
+    start, end = text.find(BEGIN_MARKER), text.find(END_MARKER)
+    if start < 0 or end < start:
+        raise ValueError(f"the reference markers are missing: {BEGIN_MARKER!r} ... {END_MARKER!r}")
+    return text[:start] + BEGIN_MARKER + "\n\n" + config_reference_markdown() + "\n" + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m plabel.schemas.config",
+                                description="The run-config reference, generated from the declaration.")
+    p.add_argument("--markdown", action="store_true", help="print the reference tables")
+    p.add_argument("--write", metavar="DOC", help="rewrite the generated part of DOC (docs/config.md)")
+    p.add_argument("--check", metavar="DOC", help="exit 1 if the generated part of DOC is out of date")
+    args = p.parse_args(argv)
+    if args.markdown or not (args.write or args.check):
+        sys.stdout.write(config_reference_markdown())
+    for doc, write in ((args.write, True), (args.check, False)):
+        if doc:
+            text = Path(doc).read_text()
+            new = render_docs(text)
+            if write and new != text:
+                Path(doc).write_text(new)
+            elif not write and new != text:
+                print(f"{doc}: the config reference is out of date; run python -m plabel.schemas.config --write {doc}",
+                      file=sys.stderr)
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -105,3 +105,43 @@ def test_student_soup_values():
         build(RunConfig, {"student": {"soup": 2, "init": "scratch"}})
     with pytest.raises(ConfigError, match=r"teacher.soup: expected 1 \(an average of several models"):
         build(RunConfig, {"teacher": {"soup": 2}})
+
+
+def test_docs_config_reference_is_generated_from_the_declaration():
+    """docs/config.md's reference tables are config_reference_markdown(): rerun
+    `python -m plabel.schemas.config --write docs/config.md` after changing a key."""
+    from pathlib import Path
+
+    from plabel.schemas.config import _sections, main, render_docs
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    text = doc.read_text()
+    assert render_docs(text) == text, \
+        "docs/config.md is out of date with schemas/config.py: run python -m plabel.schemas.config --write docs/config.md"
+    assert main(["--check", str(doc)]) == 0
+    for path, cls in _sections(RunConfig):  # every key is described, and listed
+        for name, f in cls.model_fields.items():
+            if not hasattr(f.annotation, "model_fields"):
+                assert f.description, f"{path}.{name} has no description"
+                assert f"| `{name}` |" in text
+
+
+def test_sections_are_models():
+    """The pydantic declaration: copies, dumps, null sections and mapping keys as the dataclasses had them."""
+    cfg = build(RunConfig, {"data": {"source": "x"}, "label": None, "student": {"seed": 3},
+                            "ray": {"num_cpus": 2}})
+    assert cfg.label == build(RunConfig, {}).label  # null: the defaults
+    moved = cfg.student.model_copy(update={"seed": 4})
+    assert (moved.seed, moved.soup, cfg.student.seed) == (4, 3, 3)
+    assert build(RunConfig, cfg.to_dict()) == cfg and cfg.to_dict()["label"]["sam"]["stages"] == [["box"], ["box", "mask"]]
+    assert build(RunConfig, {"label": {"sam": {"resources": {1: 2}}}}).label.sam.resources == {"1": 2.0}
+    assert build(RunConfig, {"teacher": {"lr": 1}}).teacher.lr == 1.0  # an int is a number
+    for raw, message in (({"teacher": {"lr": True}}, "teacher.lr: expected a number, got True"),
+                         ({"teacher": {"epochs": 2.0}}, "teacher.epochs: expected an integer, got 2.0"),
+                         ({"label": {"sam": {"stages": [["box"], [3]]}}}, "label.sam.stages[1][0]: expected a string, got 3"),
+                         ({"label": {"sam": {"x": 1}}}, "label.sam.x: unknown key; expected one of ['backend', "),
+                         ({"label": 3}, "label: expected a mapping, got 3"),
+                         ({"ray": {"num_cpus": 0}}, "ray.num_cpus: expected int > 0, got 0")):
+        with pytest.raises(ConfigError) as e:
+            build(RunConfig, raw)
+        assert str(e.value).startswith(message)

@@ -209,7 +209,7 @@ class Bench:
     def __init__(self, args, data: Data):
         run = run_config()
         self.args, self.data, self.classes, self.S, self.out = args, data, data.classes, args.image_size, Path(args.out)
-        self.cleaning = CleaningConfig(**dataclasses.asdict(run.label.cleaning))
+        self.cleaning = CleaningConfig(**run.label.cleaning.model_dump())
         self.gate_section = run.label.gate
         self.sections = {"teacher": run.teacher, "full": run.teacher, "student": run.student}
         self.epochs = {"teacher": args.teacher_epochs, "student": args.student_epochs, "full": args.full_epochs}

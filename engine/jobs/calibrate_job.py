@@ -3,7 +3,6 @@ few images), and the quality gate is chosen per class against their ground truth
 (plabel.method.calibration); the result is gate_policy.json, which the label stage applies."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -60,7 +59,7 @@ def sam_refiner(sam):
         log.warning("the working directory no longer exists; continuing in %s", tempfile.gettempdir())
         os.chdir(tempfile.gettempdir())
     device = "cuda" if torch.cuda.is_available() and sam.device != "cpu" else "cpu"
-    return refiner_from_config(dataclasses.asdict(sam), device, compile=False)  # few images: compiling costs more
+    return refiner_from_config(sam.model_dump(), device, compile=False)  # few images: compiling costs more
 
 
 def calibrate_stage(cfg: RunConfig, val_shards, classes, teacher_path: str, teacher_sha: str,
@@ -75,7 +74,7 @@ def calibrate_stage(cfg: RunConfig, val_shards, classes, teacher_path: str, teac
     refiner = sam_refiner(cfg.label.sam)
     images, nonfinite = validation_evidence(
         model, int(extra.get("image_size", cfg.teacher.image_size)), refiner, grays, truths, ids, classes,
-        CleaningConfig(**dataclasses.asdict(cfg.label.cleaning)), batch_size=cfg.label.sam.batch_size)
+        CleaningConfig(**cfg.label.cleaning.model_dump()), batch_size=cfg.label.sam.batch_size)
     objective = CalibrationObjective.from_gate_section(gate_cfg)
     grid = GateGrid()
     cal = calibrate_gate(images, classes, GateConfig.from_dict(gate_cfg.to_gate_dict()), objective, grid)
@@ -87,7 +86,7 @@ def calibrate_stage(cfg: RunConfig, val_shards, classes, teacher_path: str, teac
         report=cal.report,
         validation={"split": "val", "n_images": len(images), "ids": cal.ids,
                     "skipped": bad + [f"{i}: teacher probabilities not finite" for i in nonfinite]},
-        settings={"teacher_sha256": teacher_sha, "cleaning": dataclasses.asdict(cfg.label.cleaning),
+        settings={"teacher_sha256": teacher_sha, "cleaning": cfg.label.cleaning.model_dump(),
                   "sam": {"backend": sam.backend, "sha256": refiner.model.checkpoint_sha256,
                           "stages": [list(s) for s in sam.stages]},
                   "objective": objective.to_dict(), "grid": grid.to_dict()},
@@ -113,4 +112,4 @@ def labelling_config(cfg: RunConfig, policy_path: str) -> LabelSection:
         policy.gate = effective
         policy.overridden = sorted(c for c in cfg.label.gate.per_class if c in policy.calibrated.per_class)
         save_gate_policy(policy_path, policy)
-    return dataclasses.replace(cfg.label, gate=gate)
+    return cfg.label.model_copy(update={"gate": gate})

@@ -270,7 +270,7 @@ def _job_settings(classes, unet_sha256: str, label_cfg) -> dict:
         "sam": {"backend": sam.backend, "sha256": sam.sha256, "stages": [list(x) for x in sam.stages],
                 "autocast": sam.autocast,
                 "checkpoint": None if checkpoint is None else storage.redact(str(checkpoint))},
-        "cleaning": dict(label_cfg.cleaning.__dict__),
+        "cleaning": label_cfg.cleaning.model_dump(),
         "gate": label_cfg.gate.to_gate_dict(),
     }
 
@@ -315,15 +315,15 @@ def run_label_job(
                             batch_format="numpy", batch_size=16, **ray_remote_args(requests["decode"].resources))
         ds = ds.map_batches(
             TeacherStage,
-            fn_constructor_kwargs=dict(checkpoint=str(teacher_checkpoint), cleaning=label_cfg.cleaning.__dict__,
+            fn_constructor_kwargs=dict(checkpoint=str(teacher_checkpoint), cleaning=label_cfg.cleaning.model_dump(),
                                        num_classes=len(classes)),
             batch_format="numpy", batch_size=label_cfg.unet_batch_size, compute=ray.data.ActorPoolStrategy(size=requests["teacher"].count),
             **ray_remote_args(requests["teacher"].resources),
         )
         ds = ds.map_batches(
             RefineStage,
-            fn_constructor_kwargs=dict(sam=sam.__dict__, gate=label_cfg.gate.to_gate_dict(), classes=list(classes),
-                                       unet_sha256=unet_sha256, cache_dir=cache_dir),
+            fn_constructor_kwargs=dict(sam=sam.model_dump(), gate=label_cfg.gate.to_gate_dict(),
+                                       classes=list(classes), unet_sha256=unet_sha256, cache_dir=cache_dir),
             batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=requests["refine"].count),
             **ray_remote_args(requests["refine"].resources),
         )

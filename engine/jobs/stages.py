@@ -15,8 +15,6 @@ are unchanged. Adding a stage to `plabel run` is one more entry in RUN_STAGES.
 """
 from __future__ import annotations
 
-import dataclasses
-
 from plabel.data import storage
 from plabel.data.ingest import ingest
 from plabel.data.table_commit import MARKER_NAME, table_marker
@@ -88,7 +86,7 @@ def _calibrate(ctx: RunContext) -> dict:
 
 
 def _calibrate_key(ctx: RunContext) -> dict:
-    label = ctx.cfg.to_dict()["label"]
+    label = ctx.cfg.label.model_dump()
     gate = {k: v for k, v in label["gate"].items() if k != "per_class"}  # overrides apply at labelling
     return {**_data_key(ctx), "teacher": ctx.sha("teacher.pt"), "gate": gate, "cleaning": label["cleaning"],
             "sam": _sam_key(ctx.cfg.label)}
@@ -171,7 +169,7 @@ def _soup(ctx: RunContext, train, val, init: str | None, distill: str | None) ->
     section, classes = ctx.cfg.student, ctx.classes
     members = []
     for k in range(section.soup):
-        member_section = dataclasses.replace(section, seed=section.seed + k)
+        member_section = section.model_copy(update={"seed": section.seed + k})
         ckpt = ctx.at(f"student-{k}.pt")
         if storage.exists(ckpt):  # written once its training finished: an earlier run got this far
             ctx.echo(f"[student] soup member {k + 1} of {section.soup}: student-{k}.pt of an earlier run, reused")
@@ -220,7 +218,7 @@ def _guard_soup(ctx: RunContext, soup_val: dict, members: list) -> dict:
 
 def _student_key(ctx: RunContext) -> dict:
     marker = table_marker(ctx.at("pseudo_labels")) or {}
-    return {**_data_key(ctx), "teacher": ctx.sha("teacher.pt"), "student": ctx.cfg.to_dict()["student"],
+    return {**_data_key(ctx), "teacher": ctx.sha("teacher.pt"), "student": ctx.cfg.student.model_dump(),
             "table": {k: marker.get(k) for k in ("files", "rows", "ok", "empty", "error", "unet_checkpoint_sha256")}}
 
 
@@ -247,7 +245,7 @@ RUN_STAGES: tuple[Stage, ...] = (
           f"data.shards given: using the ingested shards in {storage.redact(ctx.cfg.data.shards)}",
           ray=False),
     Stage("teacher", reads=("shards: labelled, val", "teacher"), writes=("teacher.pt",),
-          key=lambda ctx: {**_data_key(ctx), "teacher": ctx.cfg.to_dict()["teacher"]}, run=_teacher,
+          key=lambda ctx: {**_data_key(ctx), "teacher": ctx.cfg.teacher.model_dump()}, run=_teacher,
           summary=lambda out: f"best validation Dice {out['best_val_dice']:.4f} (epoch {out['best_epoch']})"
           if out.get("best_val_dice") is not None else ""),
     Stage("calibrate", reads=("shards: val", "teacher.pt", "label.gate", "label.cleaning", "label.sam"),

@@ -275,10 +275,16 @@ def _job_settings(classes, unet_sha256: str, label_cfg) -> dict:
     }
 
 
+def label_settings(classes, teacher_checkpoint: str, label_cfg) -> dict:
+    """What a label job's rows depend on besides its shards: classes, the teacher's hash, SAM,
+    cleaning and the gate (wherever the files lie: a run directory can move)."""
+    return _job_settings(classes, checkpoint_sha256(teacher_checkpoint), label_cfg)
+
+
 def label_job_fingerprint(shards: Sequence[str], classes, teacher_checkpoint: str, label_cfg) -> str:
     """The fingerprint of a label job (its shards, classes, teacher, SAM, cleaning and gate), as its
     completion marker records it under ``job_fingerprint``: equal fingerprints, equal rows."""
-    return job_fingerprint(_job_settings(classes, checkpoint_sha256(teacher_checkpoint), label_cfg), shards)
+    return job_fingerprint(label_settings(classes, teacher_checkpoint, label_cfg), shards)
 
 
 def run_label_job(

@@ -20,7 +20,7 @@ from plabel.data.ingest import ingest
 from plabel.data.table_commit import MARKER_NAME, table_marker
 from plabel.jobs.calibrate_job import calibrate_stage, labelling_config
 from plabel.jobs.evaluate_job import evaluate_checkpoint
-from plabel.jobs.label_job import label_job_fingerprint, run_label_job
+from plabel.jobs.label_job import label_job_fingerprint, label_settings, run_label_job
 from plabel.jobs.runner import RunContext, Stage
 from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
 from plabel.method.calibration import POLICY_FILE
@@ -127,10 +127,11 @@ def _label(ctx: RunContext) -> dict:
 
 
 def _label_key(ctx: RunContext) -> dict:
-    """The label job's own fingerprint (classes, teacher, SAM, cleaning, the effective gate) and the data."""
+    """The label job's settings (classes, teacher, SAM, cleaning, the effective gate) and the data (by
+    its manifest, not by where the shards lie: a run directory may be moved)."""
     section = label_section(ctx)
-    job = label_job_fingerprint(ctx.paths("unlabelled"), ctx.classes, ctx.at("teacher.pt"), section)
-    return {**_data_key(ctx), "job": job, "max_image_pixels": section.max_image_pixels}
+    return {**_data_key(ctx), "job": label_settings(ctx.classes, ctx.at("teacher.pt"), section),
+            "max_image_pixels": section.max_image_pixels}
 
 
 def _label_summary(out: dict) -> str:

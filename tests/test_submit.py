@@ -8,14 +8,15 @@ import json
 import pyarrow.dataset as pads
 import pytest
 import yaml
+from local_cluster import LocalRayCluster, marked_pids
+from ray.util.state import list_actors
 from typer.testing import CliRunner
 
 from plabel.cli.main import app
 from plabel.data.demo import demo_config
-from plabel.jobs.submit import entrypoint, job_config, jobs_api_address, remote_locations
 from plabel.data.synthetic import make_synthetic_dataset
-from local_cluster import LocalRayCluster, marked_pids
-from plabel.schemas.config import build, RunConfig, load_run_config
+from plabel.jobs.submit import entrypoint, job_config, jobs_api_address, remote_locations
+from plabel.schemas.config import RunConfig, build, load_run_config
 
 
 def test_jobs_api_address_forms(monkeypatch):
@@ -101,8 +102,6 @@ def test_submit_runs_the_demo_with_sam_on_the_gpu_node(two_node_cluster, tmp_pat
     assert label["rows"] == unlabelled > 0 and label["sam_on_gpu"] is True
     table = pads.dataset(str(run / "pseudo_labels"), format="parquet").to_table(columns=["id", "status"])
     assert table.num_rows == unlabelled and len(set(table.column("id").to_pylist())) == unlabelled
-
-    from ray.util.state import list_actors
 
     actors = list_actors(address=cluster.dashboard_url, detail=True, limit=10_000)
     refine = [a for a in actors if "RefineStage" in a.class_name]

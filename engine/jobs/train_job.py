@@ -163,11 +163,11 @@ def student_dataset(table_dir: str, unlabelled_shards: Sequence[str], labelled_s
                                  ordered=is_materialized(n_images, C, image_size))
     if labelled_shards:
         ds = ds.union(labelled_dataset(labelled_shards, C, image_size))
-    return maybe_materialize(ds, n_images, C, image_size, expected_rows=pseudo_label_rows(table_dir) + n_labelled,
+    return maybe_materialize(ds, n_images, C, image_size, expected_rows=trainable_rows(table_dir) + n_labelled,
                              what=what)
 
 
-def pseudo_label_rows(table_dir: str) -> int:
+def trainable_rows(table_dir: str) -> int:
     """Rows of a finished pseudo-label table that train a student (status ok or empty)."""
 
     fs, files = table_files(table_dir)

@@ -77,8 +77,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qualitybench.grid import (BACKENDS, DEFAULT_KINDS, DEFAULT_NS, INIT_TEXT, ISSUE_GRID, KINDS, SMOKE,  # noqa: E402
-                               Bench, load_data, log, run_config, run_grid, write_json)
+import traceback
+
+import cv2
+import torch
+from qualitybench.grid import (  # noqa: E402
+    BACKENDS,
+    DEFAULT_KINDS,
+    DEFAULT_NS,
+    INIT_TEXT,
+    ISSUE_GRID,
+    KINDS,
+    SMOKE,
+    Bench,
+    load_data,
+    log,
+    run_config,
+    run_grid,
+    write_json,
+)
+from qualitybench.report import figures, machine, markdown, progress_table, summarise, timing_summary
+
+from plabel.data import storage
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "runs" / "quality"
@@ -168,11 +188,6 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    import cv2
-    import torch
-
-    from plabel.data import storage
-    from qualitybench.report import figures, machine, markdown, progress_table, summarise, timing_summary
 
     torch.set_num_threads(max(1, args.threads))
     cv2.setNumThreads(max(1, args.threads))
@@ -195,8 +210,6 @@ def main(argv=None) -> int:
     try:
         figs = figures(bench, results, summary, args.kinds, args.backend)
     except Exception as e:  # noqa: BLE001 - the tables are written; a figure bug must not hide them
-        import traceback
-
         traceback.print_exc()
         log(f"figures failed: {type(e).__name__}: {e}")
         figs = []

@@ -37,7 +37,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared /proc helpers
+import logging
+
+import cv2
+import torch
 from procs import cmdline, descendants  # noqa: E402
+
+from plabel.data.ingest import shard_paths, write_unlabelled_shards
+from plabel.data.synthetic import SYNTHETIC_CLASSES, render_synthetic
+from plabel.data.table_commit import read_pseudo_labels
+from plabel.method.unet import UNet, UNetConfig, save_checkpoint
+from plabel.schemas.config import LabelSection, build
 
 
 def actor_pids(stage: str, busy: bool = False) -> list[int]:
@@ -58,10 +68,6 @@ def corrupt(png: bytes, rng: random.Random) -> tuple[str, bytes]:
 
 def build_shards(root: Path, n: int, size: int, shard_size: int, corrupt_frac: float, seed: int) -> dict:
     """Shards + manifest.json under root/shards (split 'unlabelled'); returns the corruption log."""
-    import cv2
-
-    from plabel.data.ingest import write_unlabelled_shards
-    from plabel.data.synthetic import SYNTHETIC_CLASSES, render_synthetic
 
     rng = random.Random(seed)
     bad = set(rng.sample(range(n), int(round(n * corrupt_frac))))
@@ -81,10 +87,6 @@ def build_shards(root: Path, n: int, size: int, shard_size: int, corrupt_frac: f
 
 
 def tiny_teacher(path: Path, classes, size: int) -> None:
-    import torch
-
-    from plabel.method.unet import UNet, UNetConfig, save_checkpoint
-
     cfg = UNetConfig(num_classes=len(classes), base_channels=4, depth=2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -106,8 +108,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args(argv)
 
-    import logging
-
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="plabel-soak-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -120,11 +120,8 @@ def main(argv=None) -> int:
     tiny_teacher(work / "teacher.pt", manifest["classes"], args.size)
     prep_s = time.time() - t_all
 
-    from plabel.data.ingest import shard_paths
-    from plabel.jobs.cluster import ensure_ray
-    from plabel.jobs.label_job import run_label_job
-    from plabel.data.table_commit import read_pseudo_labels
-    from plabel.schemas.config import LabelSection, build
+    from plabel.jobs.cluster import ensure_ray  # local: Ray only in the process that runs the job
+    from plabel.jobs.label_job import run_label_job  # local: Ray only in the process that runs the job
 
     ensure_ray(num_cpus=args.num_cpus)
     cfg = build(LabelSection, {"sam": {"backend": "random_tiny", "batch_size": args.batch_size},

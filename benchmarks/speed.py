@@ -45,7 +45,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the shared /proc helpers
+import shutil
+
+import cv2
+import numpy as np
+import torch
 from procs import cmdline, descendants  # noqa: E402
+from soak import build_shards, tiny_teacher
+
+from plabel.data.ingest import shard_paths, write_unlabelled_shards
+from plabel.data.synthetic import make_synthetic_dataset
+from plabel.method.cleaning import CleaningConfig
+from plabel.method.labelling import clean_and_prompt, teacher_probs, to_unet_input
+from plabel.method.metrics import dice
+from plabel.method.sam import load_sam
+from plabel.method.sam.backends import build_architecture
+from plabel.method.sam.compile import compile_sam
+from plabel.method.sam.refine import SamRefiner, autocast_dtype, refine_reference
+from plabel.method.unet import load_checkpoint, save_checkpoint
+from plabel.schemas.config import LabelSection, SamSection, build
+from plabel.training.inprocess import fit_unet
+from plabel.training.loop import TrainConfig
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "jsrt256"
 TEACHER_IMAGES = 20  # the last images of the data set train the teacher; the others are benchmarked
@@ -65,8 +85,6 @@ def jsrt(data: Path):
 
 
 def read_gray(path: Path):
-    import cv2
-
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise SystemExit(f"cannot read image {path}")
@@ -77,13 +95,6 @@ def train_teacher(data: Path, ids, classes, out: Path, image_size: int = 128, ep
     """A small U-Net teacher on ``ids`` (in this process, seed 0); cached at ``out``."""
     if out.exists():
         return out
-    import cv2
-    import numpy as np
-
-    from plabel.method.labelling import to_unet_input
-    from plabel.method.unet import save_checkpoint
-    from plabel.training.inprocess import fit_unet
-    from plabel.training.loop import TrainConfig
 
     x = np.stack([to_unet_input(read_gray(data / "images" / f"{i}.png"), image_size) for i in ids])
     y = np.stack([[cv2.resize((read_gray(data / "masks" / c / f"{i}.png") > 127).astype(np.float32),
@@ -100,9 +111,6 @@ def train_teacher(data: Path, ids, classes, out: Path, image_size: int = 128, ep
 
 def write_shards(images, ids, classes, out: Path, shard_size: int = 16) -> Path:
     """plabel shards (split 'unlabelled') + manifest.json of gray uint8 images under out."""
-    import cv2
-
-    from plabel.data.ingest import write_unlabelled_shards
 
     write_unlabelled_shards(((i, cv2.imencode(".png", im)[1].tobytes(), *im.shape) for i, im in zip(ids, images)),
                             classes, out, shard_size)
@@ -117,9 +125,6 @@ def sam_checkpoint(backend: str, checkpoint: str | None, random_weights: bool, w
     seeded random weights saved to a file (speed does not depend on the weights)."""
     if not random_weights:
         return checkpoint
-    import torch
-
-    from plabel.method.sam.backends import build_architecture
 
     path = work / f"random-{backend}.pt"
     if not path.exists():
@@ -190,10 +195,8 @@ class GpuSampler:
 
 def job_main(args) -> int:
     """Child process: one label job; prints one JSON line (wall, steady state, memory)."""
-    from plabel.data.ingest import shard_paths
-    from plabel.jobs.cluster import ensure_ray
-    from plabel.jobs.label_job import run_label_job
-    from plabel.schemas.config import LabelSection, build
+    from plabel.jobs.cluster import ensure_ray  # local: Ray only in the process that runs the job
+    from plabel.jobs.label_job import run_label_job  # local: Ray only in the process that runs the job
 
     spec = json.loads(Path(args.spec).read_text())
     ensure_ray(num_cpus=spec["num_cpus"])
@@ -248,23 +251,10 @@ def run_job(spec: dict, work: Path, name: str) -> dict:
 
 
 def refine_main(args) -> int:
-    import numpy as np
-    import torch
-
-    from plabel.method.cleaning import CleaningConfig
-    from plabel.method.labelling import clean_and_prompt, teacher_probs
-    from plabel.method.sam import load_sam
-    from plabel.method.metrics import dice
-    from plabel.method.sam.refine import SamRefiner, autocast_dtype, refine_reference
-    from plabel.method.unet import load_checkpoint
-    from plabel.schemas.config import LabelSection, SamSection, build
-
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
     if args.synthetic:
-        from plabel.data.synthetic import make_synthetic_dataset
-
         data = work / "synthetic"
         if not (data / "classes.json").exists():
             make_synthetic_dataset(data, n_images=args.synthetic, size=256, seed=0)
@@ -320,8 +310,6 @@ def refine_main(args) -> int:
     autocast = autocast_dtype(args.autocast)
     model = load_sam(args.backend, checkpoint, device=device)
     if args.compile:
-        from plabel.method.sam.compile import compile_sam
-
         compile_sam(model)
     refiner = SamRefiner(model, stages=stages, autocast_dtype=autocast if device == "cuda" else None,
                          encoder_batch=args.batch_size if args.compile else None)
@@ -389,7 +377,6 @@ def run_c(args, result: dict, work: Path, bench_ids, grays, classes, teacher, ch
     shards = work / "shards"
     if not (shards / "manifest.json").exists() or json.loads((shards / "manifest.json").read_text()) \
             ["splits"]["unlabelled"]["ids"] != bench_ids:
-        import shutil
 
         shutil.rmtree(shards, ignore_errors=True)
         write_shards(grays, bench_ids, classes, shards, shard_size=args.shard_size)
@@ -403,7 +390,6 @@ def run_c(args, result: dict, work: Path, bench_ids, grays, classes, teacher, ch
     c = run_job(spec, work, "job")
     c["config"] = spec["label"]
     result["c"] = c
-    import shutil
 
     shutil.rmtree(table, ignore_errors=True)
     a_ips, b_ips = result["a"]["images_per_s"], result["b"]["images_per_s"]
@@ -417,8 +403,6 @@ def run_c(args, result: dict, work: Path, bench_ids, grays, classes, teacher, ch
 
 def sync(device: str) -> None:
     if device == "cuda":
-        import torch
-
         torch.cuda.synchronize()
 
 
@@ -427,8 +411,6 @@ def machine() -> str:
                 if x.startswith("model name")), platform.processor())
     out = f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     try:
-        import torch
-
         out += f", torch {torch.__version__}"
         if torch.cuda.is_available():
             out += f", {torch.cuda.get_device_name(0)}"
@@ -459,7 +441,6 @@ def print_table(r: dict) -> None:
 
 def streaming_main(args) -> int:
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from soak import build_shards, tiny_teacher
 
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -476,7 +457,6 @@ def streaming_main(args) -> int:
                 "label": {"sam": {"backend": "random_tiny", "batch_size": 16}, "unet_batch_size": 16,
                           "cleaning": {"threshold": 0.3}}}
         result[str(n)] = run_job(spec, work, f"job-{n}")
-        import shutil
 
         shutil.rmtree(table, ignore_errors=True)
         print(f"[speed] streaming {n} images: {result[str(n)]}", flush=True)

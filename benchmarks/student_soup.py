@@ -27,6 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qualitybench.grid import load_data, run_config  # noqa: E402  (quality.py's data loading)
 
+from plabel.method.labelling import teacher_probs
+from plabel.method.metrics import dice_of_probs
+from plabel.method.unet import load_checkpoint
+from plabel.training.soup import average_weights
+
 
 def load_group(paths: list[Path]) -> tuple[list[dict], Path]:
     """The students' .json records and their teacher's .json; SystemExit naming the odd one out."""
@@ -61,10 +66,6 @@ def main(argv=None) -> int:
     if len(args.students) < 2:
         ap.error("give at least two students")
     torch.set_num_threads(args.threads)
-    from plabel.method.labelling import teacher_probs
-    from plabel.method.metrics import dice_of_probs
-    from plabel.method.unet import load_checkpoint
-    from plabel.training.soup import average_weights
 
     metas, teacher_json = load_group(args.students)
     data = load_data(Path(args.data))

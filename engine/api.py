@@ -12,7 +12,7 @@ from plabel.schemas.config import LabelSection, RunConfig, load_run_config
 
 def run(config: str | Path | RunConfig, echo=print) -> dict:
     """`plabel run`: every stage from a YAML run config (path) or a RunConfig; returns results.json's content."""
-    from plabel.jobs.runner import run_pipeline  # Ray: imported when a run starts, not with `import plabel`
+    from plabel.jobs.runner import run_pipeline  # local: `import plabel` stays free of torch and Ray
 
     cfg = config if isinstance(config, RunConfig) else load_run_config(config)
     return run_pipeline(cfg, echo=echo)
@@ -24,9 +24,9 @@ def label(shards: Sequence[str], out: str, teacher: str, label_cfg: LabelSection
     into the Parquet table ``out`` (the Ray Data label job; a local Ray is started unless
     ``address``). label_cfg: the label section (default LabelSection(): LiteMedSAM, the default gate);
     classes: default the teacher checkpoint's. Returns the job's counts {rows, ok, empty, error, ...}."""
-    from plabel.jobs.cluster import ensure_ray
-    from plabel.jobs.label_job import run_label_job
-    from plabel.method.unet import load_checkpoint
+    from plabel.jobs.cluster import ensure_ray  # local: `import plabel` stays free of torch and Ray
+    from plabel.jobs.label_job import run_label_job  # local: `import plabel` stays free of torch and Ray
+    from plabel.method.unet import load_checkpoint  # local: `import plabel` stays free of torch and Ray
 
     if classes is None:
         classes = load_checkpoint(teacher)[2].get("classes")

@@ -11,7 +11,8 @@ import plabel
 from plabel.method.cleaning import CleaningConfig
 from plabel.method.gate import GateConfig
 from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows
-from plabel.schemas.tables import pseudo_label_schema
+from plabel.method.unet import load_checkpoint
+from plabel.schemas.tables import decode_class_masks, pseudo_label_schema
 
 
 def _python(code: str, cwd) -> str:
@@ -34,8 +35,6 @@ def test_import_plabel_is_light_and_the_only_top_level_name(tmp_path):
 def test_every_public_name_resolves():
     for name in plabel.__all__:
         assert getattr(plabel, name) is not None, name
-    from plabel.method.unet import load_checkpoint
-    from plabel.schemas.tables import decode_class_masks
 
     assert plabel.load_checkpoint is load_checkpoint and plabel.pseudo_label_masks is decode_class_masks
 

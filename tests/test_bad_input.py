@@ -21,15 +21,29 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
-from plabel.data.ingest import MANIFEST_FORMAT, MANIFEST_VERSION
+from plabel.data import storage
+from plabel.data.ingest import MANIFEST_FORMAT, MANIFEST_VERSION, IngestError, ingest, load_manifest
+from plabel.data.samples import decode_gray, object_array, sample_masks
 from plabel.data.shard_reader import (
     iter_shard_samples,
     read_shard_file,
     samples_table,
     unsafe_member_name,
 )
+from plabel.data.shards import ShardError, encode_masks, make_sample, sample_key, write_shards
+from plabel.data.table_commit import read_pseudo_labels
+from plabel.jobs.label_job import TeacherStage, _meta, _writable_status, decode_images, run_label_job
+from plabel.jobs.shard_dataset import read_shards
+from plabel.method.cleaning import CleaningConfig
+from plabel.method.gate import GateConfig
+from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
+from plabel.method.sam.refine import RefinementResult
+from plabel.method.unet import UNet, save_checkpoint
+from plabel.schemas.config import ConfigError, GateSection, LabelSection, build
+from plabel.schemas.tables import decode_class_masks
 
 CLASSES = ["lung", "heart"]
 IMAGE_SIZE = 32
@@ -96,7 +110,6 @@ def band_unet(num_classes: int = 2):
     by a zero weight (0 * inf = NaN), which the decoder carries to the logits. Class 0's logit is
     10 - u2, class 1's -10. All other weights are zero, every norm layer is the identity.
     """
-    from plabel.method.unet import UNet
 
     model = UNet(1, num_classes, base_channels=4, depth=1, norm="batch")
     e0c1, e0n1, _, e0c2, e0n2, _ = model.encoders[0]
@@ -128,8 +141,6 @@ def band_unet(num_classes: int = 2):
 
 
 def save_band_unet(path: Path) -> Path:
-    from plabel.method.unet import save_checkpoint
-
     model = band_unet(len(CLASSES))
     save_checkpoint(path, model, model.config, {"image_size": IMAGE_SIZE})
     return path
@@ -153,8 +164,6 @@ GOOD = tar_bytes(sample_members("a", b"A" * 1000) + sample_members("b", b"B" * 7
 
 
 def test_reader_reads_a_good_tar_like_webdataset(tmp_path):
-    import webdataset as wds
-
     rows = parse(GOOD)
     assert [(r["__key__"], r["png"], r["json"], r["__occurrence__"]) for r in rows] == [
         ("a", b"A" * 1000, _json("a"), 1), ("b", b"B" * 700, _json("b"), 1)]
@@ -282,15 +291,11 @@ def test_samples_table_keeps_known_members_only():
 
 
 def _decoded(samples, **kw):
-    from plabel.jobs.label_job import decode_images
-
     out = decode_images(numpy_batch(samples), **kw)
     return [dict(zip(out, vals)) for vals in zip(*out.values())]
 
 
 def test_decode_images_limits_and_reader_errors():
-    from plabel.data.shards import encode_masks
-
     rows = _decoded(parse(tar_bytes(
         sample_members("tiny", _png(np.zeros((1, 1), np.uint8)))
         + sample_members("big", _png(np.zeros((120, 100), np.uint8)))
@@ -317,8 +322,6 @@ def test_decode_images_limits_and_reader_errors():
 
 
 def test_max_image_pixels_config_key():
-    from plabel.schemas.config import ConfigError, LabelSection, build
-
     assert LabelSection().max_image_pixels == 64_000_000
     assert build(LabelSection, {"max_image_pixels": 5000}, "label").max_image_pixels == 5000
     with pytest.raises(ConfigError, match="label.max_image_pixels"):
@@ -328,9 +331,6 @@ def test_max_image_pixels_config_key():
 
 
 def test_decode_gray_refuses_samples_the_reader_marked():
-    from plabel.data.samples import decode_gray, sample_masks
-    from plabel.data.shards import ShardError, encode_masks
-
     rows = parse(tar_bytes(sample_members("a", _png(np.zeros((8, 8), np.uint8))) * 2))
     assert decode_gray(rows[0]).shape == (8, 8)
     with pytest.raises(ShardError, match=r"S.tar:a#2: duplicate key 'a'"):
@@ -360,8 +360,6 @@ class _NaNFor(torch.nn.Module):
 
 
 def test_teacher_probs_non_finite_per_image():
-    from plabel.method.labelling import teacher_probs
-
     grays = [np.full((20, 24), v, np.uint8) for v in (60, 60, 200)]
     model = _NaNFor(band_unet(), [1])
     probs = teacher_probs(model, grays, IMAGE_SIZE, nonfinite="none")
@@ -378,9 +376,6 @@ def test_teacher_probs_non_finite_per_image():
 
 
 def test_teacher_stage_turns_non_finite_into_error_rows(tmp_path):
-    from plabel.jobs.label_job import TeacherStage
-    from plabel.data.samples import object_array
-
     stage = TeacherStage(str(save_band_unet(tmp_path / "t.pt")), {"threshold": 0.5}, len(CLASSES))
     rows = _decoded(parse(tar_bytes(sample_members("dark", _png(np.full((16, 20), 60, np.uint8)))
                                     + sample_members("mid", _png(np.full((16, 16), 128, np.uint8))))))
@@ -394,8 +389,6 @@ def test_teacher_stage_turns_non_finite_into_error_rows(tmp_path):
 
 
 def test_refine_stage_meta_from_ray_like_columns():
-    from plabel.jobs.label_job import _meta, _writable_status
-
     batch = {"id": np.array(["a", "b", "c"], dtype=object), "shard": np.array(["S"] * 3, dtype=object),
              "key": np.array(["a", "b", "c"], dtype=object), "height": np.array([8, 8, 0], np.int32),
              "width": np.array([9, 9, 0], np.int32), "status": np.array(["ok", "ok", "error"], dtype=object),
@@ -414,8 +407,6 @@ class _FakeRefiner:
         self.cleaned, self.nan_iou, self.nan_logits = cleaned, set(nan_iou), set(nan_logits)
 
     def refine_batch(self, images, prompts):
-        from plabel.method.sam.refine import RefinementResult
-
         out = []
         for m, p in zip(self.cleaned, prompts):
             C = m.shape[0]
@@ -430,11 +421,6 @@ class _FakeRefiner:
 
 
 def test_sam_non_finite_output_falls_back_per_class():
-    from plabel.method.cleaning import CleaningConfig
-    from plabel.method.gate import GateConfig
-    from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows
-    from plabel.schemas.config import GateSection
-
     probs = np.zeros((3, 24, 24), np.float32)
     probs[0, 2:10, 2:10] = 0.9
     probs[1, 12:20, 12:20] = 0.8
@@ -465,8 +451,6 @@ def test_sam_non_finite_output_falls_back_per_class():
 
 
 def test_ingest_mask_size_mismatch_names_both_files(tmp_path):
-    from plabel.data.ingest import IngestError, ingest
-
     src = tmp_path / "src"
     for d in ("images", "masks/lung", "masks/heart"):
         (src / d).mkdir(parents=True)
@@ -485,9 +469,6 @@ def test_ingest_mask_size_mismatch_names_both_files(tmp_path):
 
 
 def test_ingest_writes_only_inside_its_output(tmp_path):
-    from plabel.data.ingest import IngestError, ingest, load_manifest
-    from plabel.data.shards import ShardError, make_sample, sample_key, write_shards
-
     for bad in ("../x", "a/b", "a\\b", "/abs", "__meta", ""):
         with pytest.raises(ShardError):
             sample_key(bad)
@@ -540,7 +521,6 @@ def _good_images() -> dict[str, tuple[bytes, str, tuple[int, int]]]:
 def build_bad_shards(root: Path):
     """Writes the crafted shards; returns (shard paths, {row id: (shard, status, [message parts], (H, W))},
     number of images written)."""
-    from plabel.data.shards import encode_masks
 
     root.mkdir(parents=True, exist_ok=True)
     black = _png(np.zeros((32, 32), np.uint8))
@@ -633,10 +613,6 @@ def build_bad_shards(root: Path):
 
 @pytest.fixture(scope="module")
 def bad_job(ray_local, tmp_path_factory):
-    from plabel.jobs.label_job import run_label_job
-    from plabel.data.table_commit import read_pseudo_labels
-    from plabel.schemas.config import LabelSection, build
-
     root = tmp_path_factory.mktemp("bad_input")
     shards, expect, images_in = build_bad_shards(root / "shards")
     teacher = save_band_unet(root / "teacher.pt")
@@ -679,8 +655,6 @@ def test_job_row_per_input(bad_job):
 
 
 def test_job_good_images_have_masks_on_their_own_grid(bad_job):
-    from plabel.schemas.tables import decode_class_masks
-
     _, rows, expect, _ = bad_job
     for row in rows:
         if row["status"] != "ok":
@@ -693,8 +667,6 @@ def test_job_good_images_have_masks_on_their_own_grid(bad_job):
 
 def test_read_shards_from_s3_with_a_truncated_shard(ray_local, s3_prefix):
     """The reader's Ray path on an object store: rows name the redacted URI; a cut shard completes."""
-    from plabel.data import storage
-    from plabel.jobs.shard_dataset import read_shards
 
     full = tar_bytes(sample_members("a", b"A" * 900) + sample_members("b", b"B" * 900))
     _, at, size = member_offsets(full)["b.png"]

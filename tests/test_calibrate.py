@@ -6,7 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import typer
 
+from plabel.cli.main import _gate_option
+from plabel.data.ingest import ingest, shard_paths
+from plabel.data.synthetic import make_synthetic_dataset
+from plabel.jobs.calibrate_job import labelling_config, read_labelled_images
 from plabel.method.calibration import (
     POLICY_FILE,
     CalibrationObjective,
@@ -20,8 +25,11 @@ from plabel.method.calibration import (
     save_gate_policy,
     validation_evidence,
 )
+from plabel.method.cleaning import CleaningConfig
 from plabel.method.gate import ClassGate, GateConfig, gate_decision
+from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
 from plabel.method.metrics import dice
+from plabel.method.sam import SamRefiner, build_random_sam
 from plabel.schemas.config import ConfigError, GateSection, LabelSection, RunConfig, build
 
 torch.set_num_threads(1)
@@ -236,9 +244,6 @@ def _phantoms(n: int = 3, size: int = 48):
 def test_evidence_is_the_label_jobs_and_calibrated_decisions_match_pseudo_label_rows():
     """validation_evidence on a known teacher and the random tiny SAM: masks, IoU and agreement
     are SAM's own, and the label job's rows under any gate keep exactly what calibration predicts."""
-    from plabel.method.cleaning import CleaningConfig
-    from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
-    from plabel.method.sam import SamRefiner, build_random_sam
 
     classes = ["bright", "mid", "none"]
     grays, truths = _phantoms()
@@ -343,8 +348,6 @@ def test_gate_section_defaults_and_configured_overrides_win():
 
 
 def test_runner_labelling_config(tmp_path):
-    from plabel.jobs.calibrate_job import labelling_config
-
     cfg = build(RunConfig, {"data": {"source": "x"}, "label": {"gate": {"per_class": {"heart": {"policy": "unet"}}}}})
     calibrated = GateConfig(per_class={"heart": ClassGate("sam", 0.8, 0.7, 0.3), "lung": ClassGate("drop")})
     path = str(tmp_path / POLICY_FILE)
@@ -359,10 +362,6 @@ def test_runner_labelling_config(tmp_path):
 
 
 def test_runner_reads_validation_shards_in_process(tmp_path):
-    from plabel.data.ingest import ingest, shard_paths
-    from plabel.jobs.calibrate_job import read_labelled_images
-    from plabel.data.synthetic import make_synthetic_dataset
-
     src = make_synthetic_dataset(tmp_path / "data", n_images=5, size=32, seed=0)
     manifest = ingest(src, tmp_path / "shards", counts={"labelled": 2, "val": 3}, seed=0, shard_size=2)
     C = len(manifest["classes"])
@@ -373,10 +372,6 @@ def test_runner_reads_validation_shards_in_process(tmp_path):
 
 
 def test_cli_gate_policy_option_takes_a_policy_or_a_file(tmp_path):
-    import typer
-
-    from plabel.cli.main import _gate_option
-
     assert _gate_option("unet", None, 0.7) == {"policy": "unet", "min_agreement": 0.7}
     calibrated = GateConfig(ClassGate("auto", 0.6), per_class={"heart": ClassGate("sam", 0.8, 0.7, 0.3)})
     path = tmp_path / POLICY_FILE

@@ -1,6 +1,20 @@
+import inspect
+from pathlib import Path
+
 import pytest
 
-from plabel.schemas.config import ConfigError, RunConfig, build, load_run_config
+from plabel.cli.main import train
+from plabel.schemas.config import (
+    DEFAULT_STUDENT_SOUP,
+    ConfigError,
+    RunConfig,
+    _sections,
+    build,
+    load_run_config,
+    main,
+    render_docs,
+)
+from plabel.training.selection import GUARD_TOLERANCE, EpochSelector
 
 
 def test_default_stages_per_backend():
@@ -51,8 +65,6 @@ def test_load_resolves_relative_paths(tmp_path):
 
 
 def test_student_init_teacher_needs_the_teachers_architecture(tmp_path):
-    from plabel.schemas.config import ConfigError, RunConfig, build
-
     cfg = build(RunConfig, {"teacher": {"base_channels": 8, "depth": 3}, "student": {"base_channels": 8, "depth": 3}})
     assert cfg.student.init == "teacher"
     with pytest.raises(ConfigError, match=r"student.base_channels and student.depth must equal the teacher's: got 16 / 4, "
@@ -67,12 +79,6 @@ def test_student_init_teacher_needs_the_teachers_architecture(tmp_path):
 
 
 def test_student_selection_defaults_to_guarded_and_checks_its_values():
-    import inspect
-
-    from plabel.cli.main import train
-    from plabel.training.selection import GUARD_TOLERANCE, EpochSelector
-    from plabel.schemas.config import ConfigError, RunConfig, build
-
     cfg = build(RunConfig, {})
     assert (cfg.student.selection, cfg.student.selection_tolerance, cfg.student.distill) == ("guarded", 0.005, 1.0)
     # one tolerance everywhere: the config, `plabel train` and the engine's own default
@@ -89,8 +95,6 @@ def test_student_selection_defaults_to_guarded_and_checks_its_values():
 
 
 def test_student_soup_values():
-    from plabel.schemas.config import DEFAULT_STUDENT_SOUP
-
     assert DEFAULT_STUDENT_SOUP == 3 and build(RunConfig, {}).student.soup == 3  # the measured default
     assert build(RunConfig, {}).teacher.soup == 1
     assert build(RunConfig, {"student": {"init": "scratch"}}).student.soup == 1  # no common start to average
@@ -110,9 +114,6 @@ def test_student_soup_values():
 def test_docs_config_reference_is_generated_from_the_declaration():
     """docs/config.md's reference tables are config_reference_markdown(): rerun
     `python -m plabel.schemas.config --write docs/config.md` after changing a key."""
-    from pathlib import Path
-
-    from plabel.schemas.config import _sections, main, render_docs
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     text = doc.read_text()

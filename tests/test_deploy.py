@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata as md
 import importlib.util
 import json
 import math
@@ -27,13 +28,13 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from shared_data import crds_path, require
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from shared_data import crds_path, require
 
-from plabel.jobs.resources import label_requests, run_requests, train_requests
-from plabel.schemas.config import load_run_config
+from plabel.jobs.resources import label_requests, ray_remote_args, refine_resources, run_requests, train_requests
+from plabel.schemas.config import SamSection, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -620,9 +621,6 @@ def test_fit_check_counts_the_memory_of_sam_actors(tmp_path):
 
 
 def test_memory_request_of_a_sam_actor():
-    from plabel.jobs.resources import refine_resources, ray_remote_args
-    from plabel.schemas.config import SamSection
-
     sam = SamSection(memory_gb=2.5, resources={"sam_node": 1})
     req = refine_resources(sam, cluster_has_gpu=True)
     assert req == {"GPU": 1.0, "memory": 2.5 * 2**30, "sam_node": 1.0}
@@ -796,7 +794,6 @@ def test_lock_is_closed_under_requirements():
     """Every requirement of a locked package, as installed here at the locked version, is locked
     too (the image installs with --no-deps). Packages installed here at another version are not
     looked into."""
-    import importlib.metadata as md
 
     make_lock = _make_lock()
     pins = lock_pins()

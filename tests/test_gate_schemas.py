@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 from plabel.method.gate import ClassGate, GateConfig, gate_decision
+from plabel.method.labelling import pseudo_label_targets
 from plabel.schemas.masks import decode_mask, encode_mask
 from plabel.schemas.tables import class_column, decode_class_masks, pseudo_label_schema, table_classes
 
@@ -76,8 +77,6 @@ def test_pseudo_label_schema_and_row_decoding():
 
 
 def test_pseudo_label_targets_are_the_kept_masks_on_the_unet_grid():
-    from plabel.method.labelling import pseudo_label_targets
-
     classes = ["lung", "heart"]
     lung = np.zeros((4, 4), bool)
     lung[0:2, 0:4] = True  # top half

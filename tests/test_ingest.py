@@ -11,8 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from shared_data import jsrt_path, require
 import webdataset as wds
+from shared_data import jsrt_path, require
 
 from plabel.data.imageio import decode_mask
 from plabel.data.ingest import (

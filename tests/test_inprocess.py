@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from plabel.training.inprocess import fit_unet
-from plabel.method.sam.variants import refine_variants
 from plabel.method.prompts import extract_prompts
 from plabel.method.sam import SamRefiner, build_random_sam
-from plabel.training.loop import TrainConfig
+from plabel.method.sam.variants import refine_variants
+from plabel.training.inprocess import fit_unet
+from plabel.training.loop import TrainConfig, evaluate_batch
 
 torch.set_num_threads(1)
 
@@ -38,7 +38,6 @@ def test_fit_is_deterministic_and_keeps_the_best_validation_epoch():
         assert torch.equal(v, b.model.state_dict()[k]), k
     assert not a.model.training
     # the returned weights are those of the best epoch: their validation Dice is the recorded one
-    from plabel.training.loop import evaluate_batch
 
     d = evaluate_batch(a.model, torch.from_numpy(images[4:])[:, None], torch.from_numpy(masks[4:]).float())
     assert float(d.mean()) == pytest.approx(a.best_val_dice, abs=1e-6)
@@ -111,8 +110,6 @@ def test_fit_warm_start_begins_at_the_given_weights():
 
 
 def _val_dice(model, images, masks):
-    from plabel.training.loop import evaluate_batch
-
     return evaluate_batch(model, torch.from_numpy(images)[:, None], torch.from_numpy(masks).float()).mean(axis=0)
 
 

@@ -5,8 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plabel.method.losses import (bce_per_entry, positive_class_weights, segmentation_loss,
-                           soft_dice_per_entry)
+from plabel.method.losses import (
+    bce_per_entry,
+    distillation_loss,
+    distillation_weight,
+    positive_class_weights,
+    segmentation_loss,
+    soft_dice_per_entry,
+)
 
 
 def _case(seed=0, n=2, c=3, h=5, w=6):
@@ -91,8 +97,6 @@ def test_positive_class_weights():
 
 
 def test_distillation_loss_hand_values():
-    from plabel.method.losses import distillation_loss
-
     # one pixel per entry; logit 0 (p = 0.5) against teacher 0.2: BCE = log 2; logit(0.9) against 0.9: H(0.9)
     logits = torch.tensor([[[[0.0]], [[math.log(9.0)]]]], requires_grad=True)
     soft = torch.tensor([[[[0.2]], [[0.9]]]])
@@ -113,8 +117,6 @@ def test_distillation_loss_hand_values():
 
 
 def test_distillation_weight_marks_the_unlabelled_entries():
-    from plabel.method.losses import distillation_weight
-
     w = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], np.float32)
     out = distillation_weight(w, 0.5)
     assert out.dtype == np.float32

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from plabel.method.metrics import dice, dice_per_class, format_dice_table, summarize_dice
+from plabel.method.metrics import dice, dice_of_probs, dice_per_class, format_dice_table, summarize_dice
 
 
 def _mask(shape, pixels):
@@ -75,8 +75,6 @@ def test_format_dice_table():
 
 
 def test_dice_of_probs_thresholds_or_cleans_each_image():
-    from plabel.method.metrics import dice_of_probs
-
     # image 1: class 0 predicted on 2 pixels (one right of a 2-pixel truth), class 1 empty in both
     p1 = np.zeros((2, 3, 3), np.float32)
     p1[0, 0, 0], p1[0, 0, 1], p1[0, 2, 2] = 0.9, 0.5, 0.7  # 0.5 is not > 0.5

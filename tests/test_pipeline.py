@@ -1,14 +1,37 @@
 """End to end: `plabel run` on a tiny synthetic config through Ray Data and Ray Train."""
 import json
+import math
+import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+import torch
+import webdataset as wds
 from typer.testing import CliRunner
 
 from plabel.cli.main import app
+from plabel.data.imageio import decode_image, to_gray_float
+from plabel.data.ingest import load_manifest, shard_paths
+from plabel.data.shards import image_member
 from plabel.data.synthetic import make_synthetic_dataset
+from plabel.jobs.calibrate_job import read_labelled_images
+from plabel.jobs.label_job import run_label_job
+from plabel.jobs.train_job import maybe_materialize, pseudo_labelled_dataset, trainable_rows
+from plabel.method.calibration import load_gate_policy
+from plabel.method.cleaning import CleaningConfig
+from plabel.method.gate import gate_decision
+from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
+from plabel.method.metrics import dice_per_class
+from plabel.method.sam import SamRefiner, load_sam
+from plabel.method.unet import checkpoint_sha256, load_checkpoint, save_checkpoint
+from plabel.schemas.config import LabelSection, SamSection
+from plabel.schemas.masks import decode_mask
+from plabel.schemas.tables import pseudo_label_schema, table_classes
+from plabel.training.selection import GUARD_TOLERANCE
+from plabel.training.soup import average_weights
 
 CONFIG = """
 name: tiny
@@ -55,10 +78,6 @@ def test_run_writes_every_stage(tiny_run):
 
 
 def test_pseudo_label_table_schema_and_rows(tiny_run):
-    from plabel.data.ingest import load_manifest
-    from plabel.method.unet import checkpoint_sha256
-    from plabel.schemas.tables import pseudo_label_schema, table_classes
-
     run, _ = tiny_run
     table = pads.dataset(str(run / "pseudo_labels"), format="parquet").to_table()
     manifest = load_manifest(run / "shards")
@@ -82,18 +101,6 @@ def test_pseudo_label_table_schema_and_rows(tiny_run):
 
 def test_ray_job_rows_equal_in_process_method(tiny_run):
     """The Ray Data job gives the same pseudo labels as calling the method functions directly."""
-    import webdataset as wds
-
-    from plabel.method.calibration import load_gate_policy
-    from plabel.method.cleaning import CleaningConfig
-    from plabel.data.imageio import decode_image, to_gray_float
-    from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
-    from plabel.data.ingest import load_manifest, shard_paths
-    from plabel.method.sam import SamRefiner, load_sam
-    from plabel.data.shards import image_member
-    from plabel.method.unet import load_checkpoint
-    from plabel.schemas.config import SamSection
-    from plabel.schemas.masks import decode_mask
 
     run, _ = tiny_run
     table = pads.dataset(str(run / "pseudo_labels"), format="parquet").to_table()
@@ -130,11 +137,6 @@ def test_ray_job_rows_equal_in_process_method(tiny_run):
 def test_calibrate_stage_writes_the_gate_policy_the_label_stage_used(tiny_run):
     """The calibrate stage reads the 2 validation images, writes gate_policy.json (the configured
     per-class override of clavicle wins), and every table row follows the stored gate."""
-    import math
-
-    from plabel.method.calibration import load_gate_policy
-    from plabel.method.gate import gate_decision
-    from plabel.data.ingest import load_manifest
 
     run, output = tiny_run
     manifest = load_manifest(run / "shards")
@@ -183,12 +185,6 @@ def test_bad_config_names_key(tmp_path):
 
 def test_bad_samples_become_error_rows_naming_the_input(tiny_run, tmp_path):
     """A corrupt image and a sample without an image give error rows; good samples still get labels."""
-    import cv2
-    import webdataset as wds
-
-    from plabel.data.ingest import load_manifest
-    from plabel.jobs.label_job import run_label_job
-    from plabel.schemas.config import LabelSection
 
     run, _ = tiny_run
     classes = load_manifest(run / "shards")["classes"]
@@ -220,16 +216,6 @@ def test_bad_samples_become_error_rows_naming_the_input(tiny_run, tmp_path):
 def test_student_soup_averages_students_of_consecutive_seeds(tiny_run, tmp_path):
     """The default student.soup (3): members of seeds 0, 1, 2, student.pt their average, the average
     scored on the validation split; a run that stops after the members reuses them."""
-    import shutil
-
-    import torch
-
-    from plabel.data.ingest import shard_paths
-    from plabel.method.labelling import teacher_probs
-    from plabel.method.metrics import dice_per_class
-    from plabel.jobs.calibrate_job import read_labelled_images
-    from plabel.training.soup import average_weights
-    from plabel.method.unet import checkpoint_sha256, load_checkpoint
 
     run, output = tiny_run
     for k in (1, 2, 3):
@@ -288,9 +274,6 @@ def test_student_soup_averages_students_of_consecutive_seeds(tiny_run, tmp_path)
 def _rerun_student_with_members(tiny_run, root, members) -> tuple[Path, str]:
     """A copy of tiny_run without its student and evaluate stages, rerun with guarded selection and
     the soup members ``members`` [(state_dict, recorded best validation Dice)] in place."""
-    import shutil
-
-    from plabel.method.unet import load_checkpoint, save_checkpoint
 
     run, _ = tiny_run
     shutil.copytree(run.parent.parent / "data", root / "data")
@@ -317,10 +300,6 @@ def test_a_soup_that_loses_a_class_on_validation_gives_way_to_its_best_member(ti
     teacher's weights (member 0), whose logits are (the teacher's - 2000) / 3, predicts nothing and
     loses every class the teacher finds; student.pt becomes member 0, the best one on
     validation, and scores exactly the teacher's test Dice."""
-    import torch
-
-    from plabel.training.selection import GUARD_TOLERANCE
-    from plabel.method.unet import checkpoint_sha256, load_checkpoint
 
     teacher = load_checkpoint(tiny_run[0] / "teacher.pt")[0].state_dict()
     blind = {k: v.clone() for k, v in teacher.items()}
@@ -346,7 +325,6 @@ def test_a_soup_that_loses_a_class_on_validation_gives_way_to_its_best_member(ti
 
 def test_a_soup_that_loses_no_class_is_kept(tiny_run, tmp_path):
     """The same guard with three copies of the teacher's weights: their average loses nothing."""
-    from plabel.method.unet import load_checkpoint
 
     teacher = load_checkpoint(tiny_run[0] / "teacher.pt")[0].state_dict()
     out, output = _rerun_student_with_members(tiny_run, tmp_path, [(teacher, 0.5), (teacher, 0.7), (teacher, 0.6)])
@@ -361,20 +339,16 @@ def test_a_soup_that_loses_no_class_is_kept(tiny_run, tmp_path):
 
 def test_student_training_set_refuses_rows_lost_in_the_join(tiny_run):
     """Pseudo-label rows whose image is missing from the unlabelled shards do not leave training silently."""
-    import pyarrow.dataset as pads
-
-    from plabel.data.ingest import load_manifest, shard_paths
-    from plabel.jobs.train_job import maybe_materialize, pseudo_label_rows, pseudo_labelled_dataset
 
     run, _ = tiny_run
     table = str(run / "pseudo_labels")
     classes = load_manifest(str(run / "shards"))["classes"]
     status = pads.dataset(table, format="parquet").to_table(columns=["status"])["status"].to_pylist()
     lab = json.loads((run / "results.json").read_text())["stages"]["label"]
-    assert len(status) == 14 and pseudo_label_rows(table) == sum(s != "error" for s in status) == lab["ok"] + lab["empty"]
+    assert len(status) == 14 and trainable_rows(table) == sum(s != "error" for s in status) == lab["ok"] + lab["empty"]
     shards = shard_paths(str(run / "shards"), "unlabelled")
     assert len(shards) == 3  # 5 + 5 + 4 images
-    rows = pseudo_label_rows(table)
+    rows = trainable_rows(table)
     full = maybe_materialize(pseudo_labelled_dataset(table, shards, classes, 64), 14, len(classes), 64,
                              expected_rows=rows, what="whole table")
     assert full.count() == rows

@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 
@@ -29,7 +30,6 @@ def test_non_convex_mask_centroid_outside_uses_farthest_interior_point():
     x, y = int(p[0]), int(p[1])
     assert m[y, x]
     # the point is as deep as the deepest pixel: distance >= 2.5 px from background (5-px-wide strokes)
-    import cv2
 
     dist = cv2.distanceTransform(np.pad(m.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
     assert dist[y, x] == pytest.approx(dist.max())

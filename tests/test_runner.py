@@ -3,6 +3,7 @@
 Stage A writes a.txt from the config value ``x``; stage B reads a.txt and writes b.txt; stage C never
 applies. What runs, what is skipped and what results.json records are checked against by-hand lists."""
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 from plabel.jobs.runner import RunContext, Stage, digest, run_stages
@@ -29,8 +30,6 @@ def _stages(calls: list):
 
 
 def ctx_path(ctx, name):
-    from pathlib import Path
-
     return Path(ctx.at(name))
 
 

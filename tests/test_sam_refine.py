@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
-from shared_data import jsrt_path, require
 import torch
+from shared_data import jsrt_path, require
 
 from plabel.method.prompts import RefinementPrompts, extract_prompts
 from plabel.method.sam import (
@@ -29,8 +29,10 @@ from plabel.method.sam import (
     build_random_sam,
     load_sam,
     refine_reference,
+    refiner_from_config,
     validate_stages,
 )
+from plabel.method.sam.compile import CompiledDecoder, compile_sam, is_compiled
 
 JSRT = jsrt_path()
 DICE_MIN = 0.99
@@ -270,7 +272,6 @@ def test_mismatched_lengths_rejected(tiny, tiny_cases):
 @pytest.fixture(scope="module")
 def lite_jsrt():
     require(JSRT, "the JSRT data (real-data equivalence test)", "classes.json")
-    import cv2
 
     classes = json.loads((JSRT / "classes.json").read_text())
     ids = sorted(p.stem for p in (JSRT / "images").glob("*.png"))[:2]
@@ -337,7 +338,6 @@ def test_fixed_encoder_batch_pads_and_matches(tiny, tiny_cases):
 def test_compiled_sam_matches_eager(tiny_cases):
     """plabel.method.sam.compile: the compiled encoder and decoder give the eager results (float32), the
     decoder is compiled for its first shapes only and runs eagerly for later new shapes."""
-    from plabel.method.sam.compile import CompiledDecoder, compile_sam, is_compiled
 
     images, prompts = tiny_cases
     eager = SamRefiner(build_random_sam(seed=3)).refine_batch(images, prompts)
@@ -354,8 +354,6 @@ def test_compiled_sam_matches_eager(tiny_cases):
 
 def test_refiner_from_config_reads_the_label_sam_section():
     """The one place a label.sam config becomes a SamRefiner (label job actors, calibrate stage)."""
-    from plabel.method.sam import refiner_from_config
-    from plabel.method.sam.compile import is_compiled
 
     sam = {"backend": "random_tiny", "checkpoint": None, "sha256": None, "stages": [["box"], ["points", "mask"]],
            "batch_size": 4, "autocast": "bf16", "compile": True}

@@ -3,21 +3,38 @@ ingest, manifests, checkpoints, the pseudo-label table's commit protocol and, en
 with its shards and run directory in S3."""
 import json
 import os
+import socket
 import time
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import torch
+from typer.testing import CliRunner
 
+from plabel.cli.main import app
 from plabel.data import storage
+from plabel.data.ingest import IngestError, ingest, load_manifest, shard_paths
+from plabel.data.synthetic import make_synthetic_dataset
+from plabel.data.table_commit import (
+    MARKER_NAME,
+    IncompleteTableError,
+    _clear_output,
+    _commit_table,
+    read_pseudo_labels,
+    table_marker,
+)
+from plabel.jobs.runner import run_pipeline
+from plabel.jobs.train_job import pseudo_labelled_dataset
+from plabel.method.unet import UNet, UNetConfig, checkpoint_sha256, load_checkpoint, save_checkpoint
+from plabel.schemas.config import RunConfig, build, load_run_config
+from plabel.schemas.tables import pseudo_label_schema
 
 S3_BUCKET = "plabel-test"  # conftest.S3_BUCKET, created by the s3_server fixture
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -183,10 +200,6 @@ def test_local_copy(tmp_path, s3_prefix):
 
 
 def test_unet_checkpoint_from_s3(tmp_path, s3_prefix, monkeypatch):
-    import torch
-
-    from plabel.method.unet import UNet, UNetConfig, checkpoint_sha256, load_checkpoint, save_checkpoint
-
     monkeypatch.setenv("PLABEL_CACHE_DIR", str(tmp_path / "cache"))
     cfg = UNetConfig(num_classes=2, base_channels=4, depth=2)
     save_checkpoint(tmp_path / "m.pt", UNet.from_config(cfg), cfg, {"role": "teacher"})
@@ -222,17 +235,12 @@ def test_gcs_round_trip_with_emulator(tmp_path):
 
 
 def test_config_keeps_uris(tmp_path):
-    from plabel.schemas.config import load_run_config
-
     (tmp_path / "c.yaml").write_text("run_dir: s3://b/runs\ndata: {shards: gs://b/shards}\n")
     cfg = load_run_config(tmp_path / "c.yaml")
     assert cfg.run_dir == "s3://b/runs" and cfg.data.shards == "gs://b/shards"
 
 
 def test_ingest_to_s3_and_read_manifest(tmp_path, s3_prefix):
-    from plabel.data.ingest import IngestError, ingest, load_manifest, shard_paths
-    from plabel.data.synthetic import make_synthetic_dataset
-
     src = make_synthetic_dataset(tmp_path / "data", n_images=8, size=32, seed=0)
     out = storage.join(s3_prefix, "shards")
     local = ingest(src, tmp_path / "local", counts={"labelled": 2, "test": 2}, shard_size=3)
@@ -266,7 +274,6 @@ def test_ingest_to_s3_and_read_manifest(tmp_path, s3_prefix):
 
 def _fake_table(location: str, n: int) -> None:
     """A table folder as Ray's write_parquet leaves it: Parquet parts, no marker."""
-    from plabel.schemas.tables import pseudo_label_schema
 
     schema = pseudo_label_schema(["a"])
     for part in range(2):
@@ -279,10 +286,6 @@ def _fake_table(location: str, n: int) -> None:
 
 
 def test_table_commit_protocol(base):
-    from plabel.data.table_commit import read_pseudo_labels
-    from plabel.data.table_commit import (
-        MARKER_NAME, IncompleteTableError, _clear_output, _commit_table, table_marker)
-
     out, tmp = storage.join(base, "pseudo_labels"), storage.join(base, ".pseudo_labels.tmp-1234")
     storage.makedirs(base)
     _fake_table(tmp, 3)
@@ -318,16 +321,6 @@ def test_table_commit_protocol(base):
 
 def test_run_pipeline_on_s3(tmp_path, s3_prefix, ray_local):
     """`plabel ingest` to S3, then `plabel run` with data.shards and run_dir in S3."""
-    from typer.testing import CliRunner
-
-    from plabel.cli.main import app
-    from plabel.data.ingest import load_manifest
-    from plabel.data.table_commit import read_pseudo_labels
-    from plabel.data.table_commit import MARKER_NAME, IncompleteTableError
-    from plabel.jobs.runner import run_pipeline
-    from plabel.jobs.train_job import pseudo_labelled_dataset
-    from plabel.data.synthetic import make_synthetic_dataset
-    from plabel.schemas.config import RunConfig, build
 
     t0 = time.time()
     # tiny_run's image and U-Net sizes (test_pipeline.py), fewer images and epochs: SAM on CPU

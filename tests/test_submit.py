@@ -8,14 +8,15 @@ import json
 import pyarrow.dataset as pads
 import pytest
 import yaml
+from local_cluster import LocalRayCluster, marked_pids
+from ray.util.state import list_actors
 from typer.testing import CliRunner
 
 from plabel.cli.main import app
 from plabel.data.demo import demo_config
-from plabel.jobs.submit import entrypoint, job_config, jobs_api_address, remote_locations
 from plabel.data.synthetic import make_synthetic_dataset
-from local_cluster import LocalRayCluster, marked_pids
-from plabel.schemas.config import build, RunConfig, load_run_config
+from plabel.jobs.submit import entrypoint, job_config, jobs_api_address, remote_locations
+from plabel.schemas.config import RunConfig, build, load_run_config
 
 
 def test_jobs_api_address_forms(monkeypatch):
@@ -83,7 +84,7 @@ def test_submit_runs_the_demo_with_sam_on_the_gpu_node(two_node_cluster, tmp_pat
     src = make_synthetic_dataset(tmp_path / "data", n_images=16, size=64, seed=3)
     cfg = demo_config(src, tmp_path, n_images=16, size=64).to_dict()
     cfg["teacher"].update(epochs=2, depth=3, base_channels=8)
-    cfg["student"].update(epochs=1, depth=3, base_channels=8)
+    cfg["student"].update(epochs=1, depth=3, base_channels=8, soup=1)  # one student: soups are test_pipeline's
     cfg["label"]["sam"].update(batch_size=4, memory_gb=0.25)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
 
@@ -101,8 +102,6 @@ def test_submit_runs_the_demo_with_sam_on_the_gpu_node(two_node_cluster, tmp_pat
     assert label["rows"] == unlabelled > 0 and label["sam_on_gpu"] is True
     table = pads.dataset(str(run / "pseudo_labels"), format="parquet").to_table(columns=["id", "status"])
     assert table.num_rows == unlabelled and len(set(table.column("id").to_pylist())) == unlabelled
-
-    from ray.util.state import list_actors
 
     actors = list_actors(address=cluster.dashboard_url, detail=True, limit=10_000)
     refine = [a for a in actors if "RefineStage" in a.class_name]

@@ -1,11 +1,25 @@
+import copy
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from plabel.training.loop import (TrainConfig, array_batches, build_model, evaluate_batch, fit, make_optimizer,
-                                  positive_fraction, shuffle_seed, train_step)
+from plabel.method.losses import positive_class_weights
+from plabel.method.unet import load_checkpoint, save_checkpoint
+from plabel.schemas.config import StudentSection, TrainSection
+from plabel.training.loop import (
+    POS_WEIGHT_BATCHES,
+    TrainConfig,
+    array_batches,
+    build_model,
+    evaluate_batch,
+    fit,
+    make_optimizer,
+    positive_fraction,
+    shuffle_seed,
+    train_step,
+)
 from plabel.training.soup import average_checkpoints, average_weights
 
 
@@ -109,8 +123,6 @@ def test_average_weights_hand_values():
 
 
 def test_average_checkpoints_is_the_mean_model(tmp_path, one_thread):
-    from plabel.method.unet import load_checkpoint, save_checkpoint
-
     paths = []
     for seed in (1, 2):
         model, ucfg = build_model(TrainConfig(base_channels=4, depth=2, seed=seed), 2)
@@ -178,8 +190,6 @@ def _squares(n=6, size=16, seed=0):
 def test_fit_measures_positive_class_weights_on_the_first_32_batches_of_epoch_0():
     """32 batches of empty masks, then 2 all positive: only the first 32 count (p clipped to 1e-4: the
     largest weight, 50); with the positive ones first, they count."""
-    from plabel.method.losses import positive_class_weights
-    from plabel.training.loop import POS_WEIGHT_BATCHES
 
     assert POS_WEIGHT_BATCHES == 32
     masks = torch.zeros(34, 1, 8, 8)
@@ -197,7 +207,6 @@ def test_fit_resumed_from_its_checkpoint_continues_the_uninterrupted_run(one_thr
     """fit(resume=state.checkpoint()) after epoch 0 runs epochs 1.. exactly as the uninterrupted run
     did (augmentation on: the generator's state travels in the checkpoint): the same losses, weights,
     kept epoch and selector."""
-    import copy
 
     x, y = _squares()
     rows = {"image": x[:4], "masks": y[:4], "weight": torch.ones(4, 2)}
@@ -244,8 +253,6 @@ def test_fit_distils_the_weight_zero_classes_unless_the_batch_says_otherwise(one
 
 
 def test_config_from_a_run_config_section():
-    from plabel.schemas.config import StudentSection, TrainSection
-
     section = StudentSection(epochs=7, lr=5e-4, weight_decay=0.0, batch_size=2, base_channels=8, depth=3,
                              augment=False, seed=4, image_size=64)
     cfg = TrainConfig.from_section(section)

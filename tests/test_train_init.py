@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from plabel.cli.main import app
-from plabel.data.ingest import ingest
-from plabel.data.synthetic import make_synthetic_dataset
-from plabel.method.unet import load_checkpoint
+from plabel.data.ingest import ingest, make_splits
+from plabel.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
+from plabel.method.unet import UNet, UNetConfig, load_checkpoint, save_checkpoint
 
 ARCH = ["--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "2"]
 
@@ -82,11 +83,6 @@ def lost_class(tmp_path_factory, ray_local):
     biases (the first by exactly lr) and its weights, which read ReLU features (>= 0): with lr 2
     every class covers every validation pixel after the first step: Dice 1 for the first classes
     (a better mean) and 0 for the last (a lost class)."""
-    import cv2
-
-    from plabel.data.ingest import make_splits
-    from plabel.data.synthetic import SYNTHETIC_CLASSES
-    from plabel.method.unet import UNet, UNetConfig, save_checkpoint
 
     root = tmp_path_factory.mktemp("lost")
     data = make_synthetic_dataset(root / "data", n_images=8, size=32, seed=5)
@@ -134,8 +130,6 @@ def test_guarded_selection_keeps_the_starting_weights_when_training_loses_a_clas
 
 
 def test_distill_from_a_teacher_of_other_classes_is_refused_before_training(shards):
-    from plabel.method.unet import UNet, UNetConfig, save_checkpoint
-
     root = shards
     other = UNetConfig(in_channels=1, num_classes=7, base_channels=4, depth=2)
     save_checkpoint(root / "other.pt", UNet.from_config(other), other)

@@ -5,8 +5,14 @@ validation Dice and weights, bit for bit."""
 from __future__ import annotations
 
 import numpy as np
+import ray
 import torch
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
+from plabel.jobs.train_job import MODEL_FILE, _data_config, _train_loop
+from plabel.method.unet import load_checkpoint
+from plabel.training.inprocess import fit_unet
 from plabel.training.loop import TrainConfig
 
 
@@ -24,14 +30,6 @@ def _data(n=10, size=16, seed=0):
 
 
 def test_the_ray_worker_and_fit_unet_run_the_same_loop(tmp_path, ray_local):
-    import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from plabel.jobs.train_job import MODEL_FILE, _data_config, _train_loop
-    from plabel.method.unet import load_checkpoint
-    from plabel.training.inprocess import fit_unet
-
     images, masks, weight = _data()
     n_train = 8  # 4 batches of 2; augmentation on: both draw it from the rank-0 generator
     cfg = TrainConfig(epochs=3, batch_size=2, base_channels=4, depth=1, lr=5e-3, seed=4, shuffle=False)

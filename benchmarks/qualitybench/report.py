@@ -2,16 +2,34 @@
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import warnings
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import torch
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
 
 from plabel.method.unet import load_checkpoint
 
-from .grid import (BACKEND_FREE, BACKENDS, DEFAULT_NS, GATED, INIT_TEXT, ISSUE_GRID, KIND_LABEL, KINDS, SMOKE,
-                   parse_student_key, run_config, student_key)
+from .grid import (
+    BACKEND_FREE,
+    BACKENDS,
+    DEFAULT_NS,
+    GATED,
+    INIT_TEXT,
+    ISSUE_GRID,
+    KIND_LABEL,
+    KINDS,
+    SMOKE,
+    parse_student_key,
+    run_config,
+    student_key,
+)
 
 ORDER = {"teacher": 0, **{k: i + 1 for i, k in enumerate(KINDS)}, "full": 99}
 
@@ -257,10 +275,6 @@ def timing_summary(bench) -> dict:
 
 
 def machine() -> str:
-    import platform
-
-    import torch
-
     cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
                 if x.startswith("model name")), platform.processor())
     return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"
@@ -274,7 +288,6 @@ CLASS_COLORS = ["#e6503c", "#3c78e6", "#f0c828", "#3cc85a", "#c850dc"]
 def plot_dice_vs_n(summary: dict, path: Path, title: str) -> bool:
     """Mean test Dice against n (log scale), one line per model (teacher and full dashed), error
     bars = std over seeds."""
-    import matplotlib.pyplot as plt
 
     series: dict = {}
     for (n, model, backend, init), rows in group(summary["test"], ("n", "model", "backend", "init")).items():
@@ -305,9 +318,6 @@ def plot_dice_vs_n(summary: dict, path: Path, title: str) -> bool:
 def overlay_figure(bench, teacher: dict, student: dict, title: str, path: Path) -> None:
     """Rows: best, median, worst test image by the student's mean Dice; columns: image, truth,
     teacher, student (each class filled at alpha 0.35 and outlined)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
 
     ids, sd = student["test_ids"], np.asarray(student["test_dice"]).mean(axis=1)
     td = dict(zip(teacher["test_ids"], np.asarray(teacher["test_dice"]).mean(axis=1)))
@@ -339,8 +349,6 @@ def overlay_figure(bench, teacher: dict, student: dict, title: str, path: Path) 
 
 
 def figures(bench, results: dict, summary: dict, kinds, backends) -> list[str]:
-    import matplotlib
-
     matplotlib.use("Agg")
     out = []
     if plot_dice_vs_n(summary, bench.out / "dice_vs_n.png", "JSRT: mean test Dice against labelled images"):

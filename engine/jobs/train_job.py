@@ -19,6 +19,26 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import ray
+import ray.train
+import torch
+from ray.data.expressions import col
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from plabel.data import storage
+from plabel.data.samples import batch_samples, decode_gray, object_array, sample_where
+from plabel.data.shards import decode_masks
+from plabel.data.table_commit import table_files
+from plabel.jobs.shard_dataset import read_shards
+from plabel.method.labelling import pseudo_label_targets
+from plabel.method.preprocess import masks_to_grid, to_unet_input
+from plabel.method.unet import UNet, load_checkpoint, save_checkpoint
+from plabel.schemas.tables import class_column
+from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, fit, shuffle_seed
+from plabel.training.selection import GUARD_TOLERANCE
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +49,6 @@ SHUFFLE_BUFFER = 64  # rows in the local shuffle of each worker's training shard
 def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
     """Raw WebDataset batch of labelled samples -> image float32 (N, S, S), masks uint8 (N, C, S, S),
     weight float32 (N, C). A sample without masks or with the wrong class count is an error."""
-    from plabel.data.samples import batch_samples, decode_gray, sample_where
-    from plabel.method.preprocess import masks_to_grid, to_unet_input
-    from plabel.data.shards import decode_masks
 
     images, masks = [], []
     for sample in batch_samples(batch):
@@ -55,8 +72,6 @@ def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
 def prepare_unlabelled_images(batch: dict, image_size: int) -> dict:
     """Raw WebDataset batch -> id, image float32 (N, S, S) (undecodable samples are skipped here:
     the pseudo-label table already records them as error rows)."""
-    from plabel.data.samples import batch_samples, decode_gray, object_array
-    from plabel.method.preprocess import to_unet_input
 
     ids, images = [], []
     for sample in batch_samples(batch):
@@ -72,7 +87,6 @@ def prepare_unlabelled_images(batch: dict, image_size: int) -> dict:
 
 def prepare_pseudo(batch: dict, classes: Sequence[str], image_size: int) -> dict:
     """Joined rows (table columns + image) -> image, masks (kept pseudo labels), weight."""
-    from plabel.method.labelling import pseudo_label_targets
 
     rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["id"]))]
     masks, weight = pseudo_label_targets(rows, classes, image_size)
@@ -80,8 +94,6 @@ def prepare_pseudo(batch: dict, classes: Sequence[str], image_size: int) -> dict
 
 
 def labelled_dataset(shards: Sequence[str], num_classes: int, image_size: int):
-    from plabel.jobs.shard_dataset import read_shards
-
     ds = read_shards(shards)
     return ds.map_batches(prepare_labelled, fn_kwargs=dict(image_size=image_size, num_classes=num_classes),
                           batch_format="numpy", batch_size=16)
@@ -96,13 +108,8 @@ def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], cl
     join's output order varies from run to run), so that a training run is reproducible; a sort is
     one more shuffle, which a streamed set (not materialized, see :func:`is_materialized`) would
     repeat every epoch."""
-    import ray
-    from plabel.data.table_commit import table_files
-    from plabel.jobs.shard_dataset import read_shards
-    from plabel.schemas.tables import class_column
 
     cols = ["id", "status", "height", "width"] + [class_column(c, f) for c in classes for f in ("mask", "kept")]
-    from ray.data.expressions import col
 
     fs, files = table_files(table_dir)
     table = ray.data.read_parquet(files, filesystem=fs).select_columns(cols).filter(expr=col("status") != "error")
@@ -156,16 +163,12 @@ def student_dataset(table_dir: str, unlabelled_shards: Sequence[str], labelled_s
                                  ordered=is_materialized(n_images, C, image_size))
     if labelled_shards:
         ds = ds.union(labelled_dataset(labelled_shards, C, image_size))
-    return maybe_materialize(ds, n_images, C, image_size, expected_rows=pseudo_label_rows(table_dir) + n_labelled,
+    return maybe_materialize(ds, n_images, C, image_size, expected_rows=trainable_rows(table_dir) + n_labelled,
                              what=what)
 
 
-def pseudo_label_rows(table_dir: str) -> int:
+def trainable_rows(table_dir: str) -> int:
     """Rows of a finished pseudo-label table that train a student (status ok or empty)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    from plabel.data.table_commit import table_files
 
     fs, files = table_files(table_dir)
     status = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=["status"])["status"]
@@ -176,14 +179,6 @@ def _train_loop(config: dict) -> None:
     """Ray Train worker: plabel.training.loop.fit over this worker's dataset shards; after every epoch
     a checkpoint (the training state, state.pt, and the kept weights, model.pt) goes to
     ray.train.report; a restarted or re-run trainer resumes from the latest one."""
-    import torch
-    import ray.train
-    from ray.train import Checkpoint
-
-    from plabel.data import storage
-    from plabel.method.unet import UNet, load_checkpoint, save_checkpoint
-    from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, fit, shuffle_seed
-    from plabel.training.selection import GUARD_TOLERANCE
 
     cfg = TrainConfig.from_dict(config["train"])
     classes, role = config["classes"], config["role"]
@@ -253,7 +248,6 @@ def _train_loop(config: dict) -> None:
 def _data_config():
     """Ray Train's data config: the training set split over the workers; blocks reach each worker in
     the dataset's order (preserve_order), so that with a seeded local shuffle a run is reproducible."""
-    from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
@@ -279,15 +273,9 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     name (after a crash, a kill, a lost node) resumes after the last one. out_path and
     storage_dir may be URIs (plabel.data.storage); Ray Train then keeps its checkpoints there.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from plabel.data import storage
-    from plabel.training.loop import TrainConfig
 
     t0 = time.time()
     train_cfg = TrainConfig.from_section(section)
-    from plabel.method.unet import load_checkpoint
 
     if distill_from is not None:  # fail here, before Ray starts, when the teacher cannot be read or used
         _, d_cfg, _ = load_checkpoint(distill_from)

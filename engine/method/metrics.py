@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from plabel.method.cleaning import CleaningConfig, clean_masks
+
 
 def dice(pred: np.ndarray, truth: np.ndarray, empty_value: float = 1.0) -> float:
     """Dice 2|P & T| / (|P| + |T|) of two boolean arrays of the same shape.
@@ -50,8 +52,6 @@ def dice_of_probs(probs, truths, threshold: float = 0.5, clean: bool = False) ->
     out = []
     for p, t in zip(probs, truths):
         if clean:
-            from plabel.method.cleaning import CleaningConfig, clean_masks
-
             pred = clean_masks(np.asarray(p), CleaningConfig(threshold=threshold))
         else:
             pred = np.asarray(p) > threshold

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from plabel.method.unet import load_checkpoint, save_checkpoint
+
 
 def average_weights(states) -> dict:
     """The element-wise mean of state dicts with the same keys and shapes: a weight "soup".
@@ -45,7 +47,6 @@ def average_checkpoints(paths, out_path, extra: dict | None = None) -> dict:
     keeps the first checkpoint's metadata, updated with ``extra`` and {"averaged_from": number of
     checkpoints}. Returns the written metadata.
     """
-    from plabel.method.unet import load_checkpoint, save_checkpoint
 
     paths = list(paths)
     if not paths:

@@ -10,12 +10,12 @@ import time
 
 import faultkit
 
+from plabel.data.ingest import shard_paths
+from plabel.data.table_commit import read_pseudo_labels
+from plabel.jobs.label_job import run_label_job
+
 
 def test_actors_killed_mid_job(fault_data, reference_table, ray_local, tmp_path):
-    from plabel.data.ingest import shard_paths
-    from plabel.jobs.label_job import run_label_job
-    from plabel.data.table_commit import read_pseudo_labels
-
     root, manifest = fault_data
     shards = shard_paths(root / "shards", "unlabelled")
     out = tmp_path / "table"

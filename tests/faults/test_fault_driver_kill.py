@@ -7,10 +7,11 @@ import json
 import subprocess
 import time
 
+import faultkit
 import pyarrow.parquet as pq
 import pytest
 
-import faultkit
+from plabel.data.table_commit import read_pseudo_labels
 
 
 def _summary(stdout: str) -> dict:
@@ -18,8 +19,6 @@ def _summary(stdout: str) -> dict:
 
 
 def test_driver_killed_then_rerun_resumes(fault_data, reference_table, tmp_path):
-    from plabel.data.table_commit import read_pseudo_labels
-
     root, manifest = fault_data
     out = tmp_path / "table"
     cmd = faultkit.plabel("label", "--shards", str(root / "shards"), "--teacher", str(root / "teacher.pt"),

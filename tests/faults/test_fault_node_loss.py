@@ -10,10 +10,10 @@ from pathlib import Path
 
 import faultkit
 
+from plabel.data.table_commit import read_pseudo_labels
+
 
 def test_worker_node_removed_mid_job(fault_data, reference_table, tmp_path):
-    from plabel.data.table_commit import read_pseudo_labels
-
     root, manifest = fault_data
     out = tmp_path / "table"
     env, run_id = faultkit.private_env()

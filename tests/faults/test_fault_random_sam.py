@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from plabel.method.sam import RANDOM_BACKENDS, SamRefiner, load_sam
 from plabel.method.prompts import RefinementPrompts
+from plabel.method.sam import RANDOM_BACKENDS, SamRefiner, load_sam
+from plabel.schemas.config import ConfigError, LabelSection, build
 
 
 def test_random_tiny_loads_without_checkpoint_and_is_reproducible():
@@ -30,8 +31,6 @@ def test_random_tiny_refines_a_batch():
 
 
 def test_config_refuses_a_checkpoint_for_random_weights():
-    from plabel.schemas.config import ConfigError, LabelSection, build
-
     assert build(LabelSection, {"sam": {"backend": "random_tiny"}}, "label").sam.backend == "random_tiny"
     with pytest.raises(ConfigError, match="label.sam.checkpoint"):
         build(LabelSection, {"sam": {"backend": "random_tiny", "checkpoint": "x.pth"}}, "label")

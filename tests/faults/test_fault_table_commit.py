@@ -4,12 +4,23 @@ import json
 import os
 
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from plabel.data import storage
-from plabel.data.table_commit import read_pseudo_labels
+from plabel.data.ingest import ingest, shard_paths
+from plabel.data.synthetic import make_synthetic_dataset
 from plabel.data.table_commit import (
-    JOB_NAME, MARKER_NAME, IncompleteTableError, ShardTableWriter, expected_keys, part_names, table_files)
+    JOB_NAME,
+    MARKER_NAME,
+    IncompleteTableError,
+    ShardTableWriter,
+    expected_keys,
+    part_names,
+    read_pseudo_labels,
+    table_files,
+)
 from plabel.schemas.tables import pseudo_label_schema, table_classes
 
 CLASSES = ["a", "b"]
@@ -50,7 +61,6 @@ def _visible(out):
         fs, files = table_files(out)
     except (FileNotFoundError, IncompleteTableError) as e:
         return type(e).__name__
-    import pyarrow.dataset as pads
 
     return sorted(pads.dataset(files, filesystem=fs, format="parquet").to_table().column("id").to_pylist())
 
@@ -80,7 +90,6 @@ def test_shards_commit_as_they_complete_and_resume(base):
     assert marker["files"] == [f"part-unlabelled-{i:06d}.parquet" for i in range(3)]
     assert marker["rows"] == 9 and marker["unet_checkpoint_sha256"] == "ab"
     fs, files = table_files(out)
-    import pyarrow.parquet as pq
 
     assert table_classes(pq.read_schema(files[0], filesystem=fs)) == CLASSES  # schema metadata restored
     if not storage.is_remote(out):
@@ -153,9 +162,6 @@ def test_interrupted_part_write_leaves_nothing_visible(tmp_path, monkeypatch):
 
 
 def test_part_names_and_expected_keys_from_manifest(tmp_path):
-    from plabel.data.ingest import ingest, shard_paths
-    from plabel.data.synthetic import make_synthetic_dataset
-
     names = part_names(["/a/x/s-000000.tar", "/b/x/s-000000.tar", "/a/x/t.tar"])
     assert names[os.path.abspath("/a/x/t.tar")] == "part-t.parquet"
     assert len({n for n in names.values()}) == 3 and all(n.startswith("part-s-000000-") for n in list(names.values())[:2])

@@ -10,12 +10,12 @@ import time
 
 import faultkit
 
+from plabel.method.unet import load_checkpoint
+
 EPOCHS = 4
 
 
 def test_training_killed_then_rerun_resumes(tmp_path):
-    from plabel.method.unet import load_checkpoint
-
     root = tmp_path
     faultkit.make_dataset(root, n_images=10, shard_size=4, labelled=6, val=2, teacher=False)
     out = root / "model" / "teacher.pt"

@@ -37,21 +37,21 @@ import json
 import os
 import platform
 import subprocess
+import shutil
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the shared /proc helpers
-import shutil
-
 import cv2
 import numpy as np
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks")]  # the shared /proc helpers; soak's shard builders
 from procs import cmdline, descendants  # noqa: E402
-from soak import build_shards, tiny_teacher
+from soak import build_shards, tiny_teacher  # noqa: E402
 
 from plabel.data.ingest import shard_paths, write_unlabelled_shards
 from plabel.data.synthetic import make_synthetic_dataset

@@ -220,7 +220,8 @@ def _guard_soup(ctx: RunContext, soup_val: dict, members: list) -> dict:
 def _student_key(ctx: RunContext) -> dict:
     marker = table_marker(ctx.at("pseudo_labels")) or {}
     return {**_data_key(ctx), "teacher": ctx.sha("teacher.pt"), "student": ctx.cfg.student.model_dump(),
-            "table": {k: marker.get(k) for k in ("files", "rows", "ok", "empty", "error", "unet_checkpoint_sha256")}}
+            "table": {k: marker.get(k) for k in ("job_fingerprint", "files", "rows", "ok", "empty", "error",
+                                                 "unet_checkpoint_sha256")}}
 
 
 # ---------------------------------------------------------------------------------------- evaluate

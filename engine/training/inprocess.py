@@ -1,4 +1,4 @@
-"""Ray-free, in-process versions of two pipeline steps, for benchmarks and experiments.
+"""Training on in-memory arrays, in this process (no Ray), for benchmarks, experiments and tests.
 
     fit_unet         train a U-Net on in-memory arrays: an adapter that runs THE training loop,
                      plabel.training.loop.fit (the one plabel.jobs.train_job's Ray worker runs), on
@@ -6,7 +6,7 @@
                      permutation per epoch, the Ray worker's seeds of rank 0) and keeps the weights
                      of the epoch the selection rule picks on the validation images
 
-Nothing here changes the method; the pipeline's Ray jobs remain the reference.
+The loop is the Ray worker's own, so results carry over to `plabel train` / `plabel run`.
 """
 from __future__ import annotations
 

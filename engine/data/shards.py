@@ -30,6 +30,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from plabel.errors import InputError
+
 __all__ = [
     "IMAGE_EXTS",
     "MASKS_MEMBER",
@@ -52,7 +54,7 @@ META_MEMBER = "json"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """Malformed sample, key or mask payload."""
 
 

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 
 from plabel.data import storage
 from plabel.data.ingest import load_manifest
+from plabel.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ JOB_FORMAT = "plabel-label-job"
 STAGING_SUFFIX = ".inprogress"
 
 
-class IncompleteTableError(RuntimeError):
+class IncompleteTableError(InputError):
     """A pseudo-label table in object storage without its completion marker (interrupted commit)."""
 
 

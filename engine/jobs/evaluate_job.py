@@ -17,6 +17,7 @@ from plabel.jobs.cluster import quiet_ray_data
 from plabel.jobs.shard_dataset import read_shards
 from plabel.method.labelling import teacher_probs
 from plabel.method.metrics import dice_of_probs, summarize_dice
+from plabel.errors import InputError
 from plabel.method.unet import load_checkpoint
 
 
@@ -34,7 +35,7 @@ class DiceStage:
         grays, truths, names = [], [], []
         for sample in batch_samples(batch):
             if "masks.npz" not in sample:
-                raise ValueError(f"{sample_where(sample)}: sample has no masks.npz member; evaluate needs labelled shards")
+                raise InputError(f"{sample_where(sample)}: sample has no masks.npz member; evaluate needs labelled shards")
             gray = decode_gray(sample)
             grays.append(gray)
             truths.append(sample_masks(sample, gray.shape, self.C))  # raises naming the sample on a size mismatch

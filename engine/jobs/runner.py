@@ -38,6 +38,7 @@ import yaml
 
 from plabel.data import storage
 from plabel.data.ingest import load_manifest, shard_paths
+from plabel.errors import InputError
 from plabel.jobs.cluster import ensure_ray
 from plabel.schemas.config import RunConfig
 
@@ -136,7 +137,7 @@ class RunContext:
         for split, why in (("labelled", "labelled images to train the teacher"),
                            ("unlabelled", "unlabelled images to pseudo-label")):
             if not (split in splits and splits[split]["n_samples"] > 0):
-                raise ValueError(f"{storage.redact(self.shards_dir)}: the manifest has no {why}")
+                raise InputError(f"{storage.redact(self.shards_dir)}: the manifest has no {why}")
         return manifest
 
     @property

@@ -35,7 +35,8 @@ from plabel.data.table_commit import table_files
 from plabel.jobs.shard_dataset import read_shards
 from plabel.method.labelling import pseudo_label_targets
 from plabel.method.preprocess import masks_to_grid, to_unet_input
-from plabel.method.unet import UNet, load_checkpoint, save_checkpoint
+from plabel.errors import InputError
+from plabel.method.unet import CheckpointError, UNet, load_checkpoint, save_checkpoint
 from plabel.schemas.tables import class_column
 from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, fit, shuffle_seed
 from plabel.training.selection import GUARD_TOLERANCE
@@ -55,10 +56,10 @@ def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
         where = sample_where(sample)
         gray = decode_gray(sample)
         if "masks.npz" not in sample:
-            raise ValueError(f"{where}: labelled sample has no masks.npz member")
+            raise InputError(f"{where}: labelled sample has no masks.npz member")
         m = decode_masks(bytes(sample["masks.npz"]))
         if m.shape[0] != num_classes or m.shape[1:] != gray.shape:
-            raise ValueError(f"{where}: masks of shape {m.shape} do not fit {num_classes} classes and image {gray.shape}")
+            raise InputError(f"{where}: masks of shape {m.shape} do not fit {num_classes} classes and image {gray.shape}")
         images.append(to_unet_input(gray, image_size))
         masks.append(masks_to_grid(m, image_size))
     n = len(images)
@@ -147,7 +148,7 @@ def maybe_materialize(ds, n_images: int, num_classes: int, image_size: int, limi
     ds.context.execution_options.preserve_order = True  # the same block order in every run (reproducible)
     ds = ds.materialize()
     if expected_rows is not None and (got := ds.count()) != expected_rows:
-        raise ValueError(f"{what}: {got} rows were prepared for training, expected {expected_rows}")
+        raise InputError(f"{what}: {got} rows were prepared for training, expected {expected_rows}")
     return ds
 
 
@@ -280,13 +281,13 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     if distill_from is not None:  # fail here, before Ray starts, when the teacher cannot be read or used
         _, d_cfg, _ = load_checkpoint(distill_from)
         if d_cfg.num_classes != len(classes):
-            raise ValueError(f"{storage.redact(str(distill_from))}: its U-Net has {d_cfg.num_classes} classes, the "
+            raise CheckpointError(f"{storage.redact(str(distill_from))}: its U-Net has {d_cfg.num_classes} classes, the "
                              f"{role}'s data {len(classes)}; cannot distil from it")
     if init_checkpoint is not None:  # fail here, before Ray starts, when the weights cannot fit
         _, init_cfg, _ = load_checkpoint(init_checkpoint)
         want = train_cfg.unet_config(len(classes))
         if init_cfg != want:
-            raise ValueError(f"{storage.redact(str(init_checkpoint))}: its U-Net (base_channels {init_cfg.base_channels}, "
+            raise CheckpointError(f"{storage.redact(str(init_checkpoint))}: its U-Net (base_channels {init_cfg.base_channels}, "
                              f"depth {init_cfg.depth}, {init_cfg.num_classes} classes) does not match the {role}'s "
                              f"(base_channels {want.base_channels}, depth {want.depth}, {want.num_classes} classes); "
                              "cannot start from its weights")

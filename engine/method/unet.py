@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plabel.data import storage
+from plabel.errors import InputError
 from plabel.data.files import sha256_file
 
 CHECKPOINT_FORMAT = "plabel-unet-v1"
@@ -191,28 +192,60 @@ def save_checkpoint(path: str | os.PathLike, model: UNet, config: UNetConfig,
     storage.write_bytes(os.fspath(path), buffer.getvalue())  # atomic: temp file + rename, or one PUT
 
 
+class CheckpointError(InputError):
+    """A file that is not a loadable plabel U-Net checkpoint, or whose classes do not fit the data."""
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
                     ) -> tuple[UNet, UNetConfig, dict]:
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
 
-    Returns (model in eval mode on ``device``, config, extra). A file that needs full
-    unpickling is refused with ValueError (it could run arbitrary code). ``path`` may be a URI
-    (``s3://``, ``gs://``): the file is loaded from a local cached copy (plabel.data.storage.local_copy).
+    Returns (model in eval mode on ``device``, config, extra). ``path`` may be a URI (``s3://``,
+    ``gs://``): the file is loaded from a local cached copy (plabel.data.storage.local_copy).
+    Raises FileNotFoundError for a missing file and CheckpointError (naming the file) for one
+    that is not a plabel checkpoint: not a PyTorch file, truncated, another format, weights that
+    do not fit its architecture, or a pickle that needs full unpickling (it could run code).
     """
     name = storage.redact(os.fspath(path))
     path = os.fspath(storage.local_copy(os.fspath(path)))
+    if os.path.isdir(path):
+        raise CheckpointError(f"{name} is a folder, not a checkpoint file")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a legacy pickle
+        what = "an empty file" if not head else f"starts with {head!r}, not a zip or pickle"
+        raise CheckpointError(f"{name} is not a plabel checkpoint (not a PyTorch file: {what})")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ValueError(f"checkpoint {name} needs pickle (weights_only=False) to load; "
-                         f"refusing to unpickle it: {exc}") from exc
+        raise CheckpointError(f"{name} is not a plabel checkpoint: it needs full pickle loading "
+                              f"(weights_only=False), which could run code; refused "
+                              f"({str(exc).split('.')[0][:120]})") from exc
+    except OSError:
+        raise
+    except Exception as exc:  # torch.load raises many types on foreign bytes (KeyError, IndexError, EOFError ...)
+        reason = "an empty file" if os.path.getsize(path) == 0 else f"{type(exc).__name__}: {str(exc)[:120]}"
+        raise CheckpointError(f"{name} is not a plabel checkpoint (not a readable PyTorch file: "
+                              f"{' '.join(reason.split())})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{name} is not a {CHECKPOINT_FORMAT} checkpoint")
-    config = UNetConfig.from_dict(payload["config"])
-    model = UNet.from_config(config)
-    model.load_state_dict(payload["state_dict"])
+        raise CheckpointError(f"{name} is not a {CHECKPOINT_FORMAT} checkpoint")
+    try:
+        config = UNetConfig.from_dict(payload["config"])
+        model = UNet.from_config(config)
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{name}: a damaged {CHECKPOINT_FORMAT} checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160]})") from exc
     model.to(device).eval()
     return model, config, payload.get("extra", {})
+
+
+def check_classes(extra: dict, classes: list[str], name: str) -> None:
+    """Raise CheckpointError when the checkpoint's classes (``extra["classes"]``) differ from the
+    data's ``classes``, naming both lists. A checkpoint without recorded classes passes."""
+    own = extra.get("classes")
+    if own is not None and list(own) != list(classes):
+        raise CheckpointError(f"{name} was trained on classes {list(own)}, the data has {list(classes)}")
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:

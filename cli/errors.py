@@ -1,0 +1,76 @@
+"""How the CLI ends on an error: one line on stderr, no traceback (``--debug`` shows it).
+
+    error: <what is wrong> (<the input>)      exit 2: a user mistake (a missing file, a bad option,
+                                                       a checkpoint that does not fit the data ...)
+    error: internal error: <type>: <message>  exit 1: anything else (a bug: rerun with --debug)
+
+Every command runs inside :class:`PlabelGroup`, which maps exceptions to these lines; commands
+only raise. Light on purpose: no torch, Ray or pyarrow (``plabel --help`` stays fast).
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
+
+from plabel.errors import InputError
+
+#: Set by the ``--debug`` option: re-raise with the traceback instead of the one-line message.
+DEBUG = {"on": False}
+
+
+class UsageError(Exception):
+    """A user mistake found by the CLI's own checks; its message names the input."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input: plabel's InputError (IngestError, CheckpointError,
+    ImageDecodeError, ShardError ... derive from it), the config's ConfigError (loaded when a
+    config was read) and the file-system errors about the paths given."""
+    types: list[type[BaseException]] = [UsageError, InputError, FileNotFoundError, FileExistsError,
+                                        IsADirectoryError, NotADirectoryError, PermissionError, ConnectionError]
+    config = sys.modules.get("plabel.schemas.config")  # not imported here: it loads pydantic
+    if config is not None:
+        types.append(config.ConfigError)
+    return tuple(types)
+
+
+def _text(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (Ray wraps task errors: their cause's message)."""
+    cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError keeps the original exception
+    if isinstance(cause, BaseException):
+        exc = cause
+    if isinstance(exc, FileNotFoundError) and exc.filename and exc.strerror:
+        text = f"{exc.strerror} ({exc.filename})"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def describe(exc: BaseException) -> tuple[int, str]:
+    """(exit code, message) for an exception that ended a command."""
+    if isinstance(exc, _user_error_types()):
+        return 2, _text(exc)
+    return 1, f"internal error: {type(exc).__name__}: {_text(exc)} (rerun with --debug for the traceback)"
+
+
+class PlabelGroup(TyperGroup):
+    """Typer's command group, with plabel's error lines around every command."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException):  # Typer's own exits and usage errors
+            raise
+        except KeyboardInterrupt:
+            typer.secho("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if DEBUG["on"]:
+                traceback.print_exc()
+            code, message = describe(exc)
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code) from None

@@ -18,8 +18,9 @@ from typer.exceptions import TyperException
 
 from plabel.errors import InputError
 
-#: Set by the ``--debug`` option: re-raise with the traceback instead of the one-line message.
-DEBUG = {"on": False}
+#: on: set by ``--debug`` (print the traceback too); log_file: the command's log file, if any
+#: (an internal error names it: the traceback and the framework's lines are there).
+DEBUG: dict = {"on": False, "log_file": None}
 
 
 class UsageError(Exception):
@@ -54,7 +55,8 @@ def describe(exc: BaseException) -> tuple[int, str]:
     """(exit code, message) for an exception that ended a command."""
     if isinstance(exc, _user_error_types()):
         return 2, _text(exc)
-    return 1, f"internal error: {type(exc).__name__}: {_text(exc)} (rerun with --debug for the traceback)"
+    where = f"; log: {DEBUG['log_file']}" if DEBUG.get("log_file") else ""
+    return 1, f"internal error: {type(exc).__name__}: {_text(exc)} (rerun with --debug for the traceback{where})"
 
 
 class PlabelGroup(TyperGroup):

@@ -12,6 +12,7 @@ import typer
 
 from plabel.cli import inputs
 from plabel.cli.errors import DEBUG, PlabelGroup, UsageError
+from plabel.console import Console, capture_logs
 
 app = typer.Typer(
     cls=PlabelGroup,  # every command's errors end in one line: cli/errors.py
@@ -55,12 +56,35 @@ def _main(
                                  help="Print the versions of plabel, torch, ray and the SAM packages, and exit."),
     debug: bool = typer.Option(False, "--debug", envvar="PLABEL_DEBUG",
                                help="On an error, print the Python traceback as well as the one-line message."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", envvar="PLABEL_VERBOSE",
+                                 help="Show Ray's and the workers' log lines on the console too (they always go "
+                                      "to the log file)."),
+    log_file: Optional[Path] = typer.Option(None, "--log-file",
+                                            help="Where the framework's log lines go. Default: <run_dir>/<name>/logs/"
+                                                 "plabel.log for run and demo, plabel-logs/<command>-<time>.log for "
+                                                 "train, label and evaluate."),
 ):
-    DEBUG["on"] = debug
+    DEBUG.update(on=debug, log_file=None)
+    CONSOLE.update(verbose=verbose, log_file=log_file)
+
+
+CONSOLE: dict = {"verbose": False, "log_file": None}
+
+
+def _quiet(default_log: Path):
+    """The console of a command that runs Ray: framework logs to the log file (capture_logs)."""
+    log_file = CONSOLE["log_file"] or default_log
+    DEBUG["log_file"] = str(log_file)
+    return capture_logs(log_file, verbose=CONSOLE["verbose"])
+
+
+def _command_log(command: str) -> Path:
+    import time  # imported on use: light --help
+
+    return Path("plabel-logs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def _ray(address: Optional[str], num_cpus: Optional[int]) -> None:
-    inputs.address(address)  # a wrong --address fails in seconds, not after Ray's retries
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.jobs.cluster import ensure_ray
 
@@ -143,9 +167,7 @@ def train(
 ):
     """Train a U-Net teacher (labelled shards) or student (pseudo labels) with Ray Train."""
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
-    from plabel.data.ingest import shard_paths
-    from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
-    from plabel.data.storage import dirname, is_uri, join, redact
+    from plabel.data.storage import redact
     from plabel.schemas.config import ConfigError, TrainSection, build
 
     if role not in ("teacher", "student"):
@@ -165,11 +187,34 @@ def train(
     for option, ckpt in (("--init-from", init_from), ("--distill-from", distill_from)):
         if ckpt is not None:
             inputs.checkpoint(option, ckpt, classes, data_option=f"--shards {redact(shards)}")
-    _ray(address, num_cpus)
+    inputs.address(address)  # a wrong --address fails in seconds, not after Ray's retries
+    with _quiet(_command_log("train")) as console:
+        console.echo(f"logs: {DEBUG['log_file']}")
+        _ray(address, num_cpus)
+        result = _train(console, shards, out, role, pseudo_labels, include_labelled, init_from, distill_from, section,
+                        manifest, storage)
+    typer.echo(json.dumps(result, indent=2))
+
+
+def _train(console: Console, shards, out, role, pseudo_labels, include_labelled, init_from, distill_from, section,
+           manifest, storage) -> dict:
+    """`plabel train`'s Ray part, inside the quiet console."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
+    from plabel.data.ingest import shard_paths
+    from plabel.data.storage import dirname, is_uri, join, redact
+    from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
+
+    classes = manifest["classes"]
     C, S = len(classes), section.image_size
     n = {k: v["n_samples"] for k, v in manifest["splits"].items()}
     val_split = "val" if n.get("val", 0) else "labelled"
     storage = storage or (join(dirname(out), "ray_train") if is_uri(out) else Path(out).resolve().parent / "ray_train")
+    bar = console.progress(role, section.epochs, "epochs")
+
+    def on_epoch(e: dict) -> None:
+        note = f"loss {e['loss']:.4f}" + (f", val Dice {e['val_dice']:.4f}" if e.get("val_dice") is not None else "")
+        bar.update(int(e["epoch"]), total=int(e["epochs"]), note=note)
+
     try:
         val_ds = maybe_materialize(labelled_dataset(shard_paths(shards, val_split), C, S), n.get(val_split, 0), C, S,
                                    expected_rows=n.get(val_split, 0), what=f"{val_split} split of {redact(str(shards))}")
@@ -182,11 +227,11 @@ def train(
                                        n.get("unlabelled", 0), n.get("labelled", 0) if labelled else 0,
                                        what=f"{redact(str(pseudo_labels))} joined with the unlabelled shards of "
                                             f"{redact(str(shards))}")
-        result = train_unet(train_ds, val_ds, classes, section, out, storage, Path(redact(out)).stem, role=role,
-                            init_checkpoint=init_from, distill_from=distill_from)
+        with bar:
+            return train_unet(train_ds, val_ds, classes, section, out, storage, Path(redact(out)).stem, role=role,
+                              init_checkpoint=init_from, distill_from=distill_from, on_epoch=on_epoch)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    typer.echo(json.dumps(result, indent=2))
 
 
 @app.command()
@@ -245,8 +290,13 @@ def label(
     manifest = inputs.manifest("--shards", shards)
     inputs.split("--split", split, manifest)
     inputs.checkpoint("--teacher", teacher, manifest["classes"], data_option=f"--shards {redact(shards)}")
-    _ray(address, num_cpus)
-    summary = run_label_job(shard_paths(shards, split), out, manifest["classes"], str(teacher), section)
+    inputs.address(address)  # a wrong --address fails in seconds, not after Ray's retries
+    with _quiet(_command_log("label")) as console:
+        console.echo(f"logs: {DEBUG['log_file']}")
+        _ray(address, num_cpus)
+        with console.progress("label", manifest["splits"][split]["n_samples"], "images") as bar:
+            summary = run_label_job(shard_paths(shards, split), out, manifest["classes"], str(teacher), section,
+                                    progress=lambda n, total: bar.advance(n, total=total))
     summary["images_in"] = manifest["splits"][split]["n_samples"]
     if summary.get("shards_skipped"):
         typer.echo(f"resumed: skipped {summary['shards_skipped']} of {summary['shards']} shard(s) "
@@ -315,8 +365,11 @@ def evaluate(
         paths, classes = shard_paths(data, split), manifest["classes"]
     if not paths:
         _fail(f"split {split!r} has no shards (--data {redact(data)})")
-    _ray(address, num_cpus)
-    summary = evaluate_checkpoint(str(model), paths, classes, threshold=threshold, clean=clean)
+    inputs.address(address)  # a wrong --address fails in seconds, not after Ray's retries
+    with _quiet(_command_log("evaluate")) as console:
+        console.echo(f"logs: {DEBUG['log_file']}")
+        _ray(address, num_cpus)
+        summary = evaluate_checkpoint(str(model), paths, classes, threshold=threshold, clean=clean)
     typer.echo(format_dice_table({Path(redact(model)).stem: summary}, classes))
     if json_out:
         write_text(json_out, json.dumps(summary, indent=2))
@@ -329,7 +382,6 @@ def run(
 ):
     """Every stage from one config: ingest, teacher, label, student, evaluate."""
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
-    from plabel.jobs.runner import run_pipeline
     from plabel.schemas.config import ConfigError, load_run_config
 
     try:
@@ -340,7 +392,20 @@ def run(
     if address:
         cfg.ray.address = address
     inputs.address(cfg.ray.address)
-    run_pipeline(cfg, echo=typer.echo)
+    _run_quietly(cfg)
+
+
+def _run_quietly(cfg) -> None:
+    """run_pipeline with the framework's logs in <run_dir>/<name>/logs/plabel.log (a local file; for a
+    run_dir in object storage: plabel-logs/<name>.log here)."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
+    from plabel.data.storage import is_uri
+    from plabel.jobs.runner import run_pipeline
+
+    log = Path("plabel-logs") / f"{cfg.name}.log" if is_uri(cfg.run_dir) else Path(cfg.run_dir) / cfg.name / "logs" / "plabel.log"
+    with _quiet(log) as console:
+        console.echo(f"logs: {DEBUG['log_file']}")
+        run_pipeline(cfg, console=console)
 
 
 @app.command()
@@ -383,14 +448,13 @@ def demo(
     """Smoke demo: a small synthetic dataset, then every stage with the bundled LiteMedSAM on a local Ray."""
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.data.demo import demo_config
-    from plabel.jobs.runner import run_pipeline
     from plabel.data.synthetic import make_synthetic_dataset
 
     typer.echo("plabel demo: a SMOKE TEST on synthetic radiograph-like images, not a quality benchmark.\n"
                "For real data see README.md ('Running on your data').")
     src = make_synthetic_dataset(directory / "data", n_images=images, size=size, seed=0)
     cfg = demo_config(src, directory, n_images=images, size=size)
-    run_pipeline(cfg, echo=typer.echo)
+    _run_quietly(cfg)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,6 +1,7 @@
 """End to end: `plabel run` on a tiny synthetic config through Ray Data and Ray Train."""
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -75,6 +76,31 @@ def test_run_writes_every_stage(tiny_run):
         assert per_image.shape == (4, 4)
         assert ev[model]["mean_dice"] == pytest.approx(per_image.mean(axis=1).mean())
     assert "teacher" in output and "student" in output and "mean ± std" in output
+
+
+# What Ray and its workers print; none of it may reach the console of a plain `plabel run`.
+RAY_LOG_LINE = re.compile(r"\(\w+ pid=\d+|\bpid=\d+\)|core_worker|raylet|\bINFO\b|\bWARNING\b|Ray Data|"
+                          r"Running Dataset|\[repeated \d+x|ray\.train|ray\.data|Deprecat|logs? (are|is) in")
+
+
+def test_console_holds_progress_and_summaries_not_ray_logs(tiny_run):
+    """The console of `plabel run` (not a terminal here): plabel's lines only. Each long stage shows
+    its progress (epochs or images done of total) and ends with one summary line; Ray's and the
+    workers' lines went to <run>/logs/plabel.log."""
+    run, output = tiny_run
+    lines = output.splitlines()
+    noise = [ln for ln in lines if RAY_LOG_LINE.search(ln)]
+    assert noise == [], noise
+    assert lines[0] == f"logs: {run / 'logs' / 'plabel.log'}"
+    assert "[teacher] 25/25 epochs" in output and "val Dice" in output  # the last epoch's progress line
+    for k in (1, 2, 3):
+        assert f"[student {k}/3] 1/1 epochs" in output
+    assert re.search(r"^\[label\] 14/14 images", output, re.M)
+    for stage in ("ingest", "teacher", "calibrate", "label", "student", "evaluate"):
+        assert len([ln for ln in lines if ln.startswith(f"[{stage}] finished in ")]) == 1, stage
+    assert re.search(r"^\[label\] finished in [\d.]+ s: 14 rows \(ok \d+, empty \d+, error 0\)$", output, re.M)
+    log = (run / "logs" / "plabel.log").read_text()
+    assert re.search(r"\(RayTrainWorker pid=\d+", log)  # the workers' forwarded output is in the file
 
 
 def test_pseudo_label_table_schema_and_rows(tiny_run):

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from plabel.training.selection import EpochSelector, guard_average, lost_classes
+from plabel.jobs.stages import student_note
+from plabel.training.selection import EpochSelector, describe_guard, guard_average, guard_note, lost_classes
 
 
 def test_mean_rule_keeps_the_highest_mean_and_the_first_of_ties():
@@ -85,3 +86,34 @@ def test_guard_average_keeps_the_average_or_the_best_member():
     assert guard_average([0.81, 0.596], ref, [0.7, 0.9], 0.005) == ([], None)  # nothing lost: the average
     assert guard_average([0.81, 0.59], ref, [0.7, 0.9, 0.9], 0.005) == ([1], 1)  # lost: the best, first of ties
     assert guard_average([math.nan, 0.7], ref, [None, 0.2], 0.005) == ([0], 1)  # None counts lowest
+
+
+def test_guard_note_names_the_best_refused_epoch_and_what_it_lost():
+    ref = [0.80, 0.60, 0.90]
+    epochs = [(0, [0.70, 0.70, 0.90]),   # mean 0.7667, lost a (0.10)
+              (1, [0.79, 0.75, 0.85]),   # mean 0.7967: the best, lost c by 0.05 (a by 0.01 too)
+              (2, None)]                 # no validation: not a candidate
+    note = guard_note(ref, epochs, ["a", "b", "c"], tolerance=0.005)
+    assert note == {"epoch": 2, "mean_val_dice": 0.7967, "start_mean_val_dice": 0.7667,
+                    "lost": {"a": 0.01, "c": 0.05}}
+    assert describe_guard(note) == ("kept the teacher's weights: every epoch lost a class on the validation "
+                                    "images; the best one (epoch 2, mean Dice 0.7967 vs 0.7667) lost a by 0.0100, "
+                                    "c by 0.0500")
+    assert guard_note(ref, [(0, None)], ["a", "b", "c"]) is None
+
+
+def test_student_note_says_when_the_student_is_the_teacher_or_one_member():
+    guard = {"epoch": 3, "mean_val_dice": 0.9, "start_mean_val_dice": 0.8, "lost": {"heart": 0.02}}
+    assert student_note({"best_epoch": 5}) is None
+    assert student_note({"guard": guard}).startswith("the student is the teacher: guarded selection kept the teacher's")
+    members = [{"guard": guard}, {"guard": guard}]
+    assert "every soup member kept the teacher's weights" in student_note({"soup": members})
+    assert student_note({"soup": [{"guard": guard}, {"guard": None}]}) == (
+        "1 of 2 soup members kept the teacher's weights (guarded selection)")
+    fell = {"soup": [{}, {}], "soup_val_dice": {"per_class": {"heart": 0.85, "lung": 0.95}},
+            "soup_guard": {"kept": "student-1.pt", "lost_classes": ["heart"], "tolerance": 0.005,
+                           "teacher_val_dice": {"heart": 0.88, "lung": 0.94}}}
+    assert student_note(fell) == ("the student is one soup member (student-1.pt), not the average: the average "
+                                  "fell below the teacher on the validation images (tolerance 0.005): heart by 0.0300")
+    fell["soup_guard"]["kept"] = "soup"
+    assert student_note(fell) is None

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +22,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
-        if not sys.stderr.isatty():  # progress bars on a terminal, plain logs in files and CI
-            os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # plabel.console shows progress
     import ray  # local: Ray reads its constants on import: plabel's environment comes first
 
     if ray.is_initialized():
+        quiet_ray_data()
         return
     if address:
         ray.init(address=address, log_to_driver=True)
+        quiet_ray_data()
         return
     from ray._private import ray_constants  # local: after the variables above are set
 
@@ -46,6 +46,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+    quiet_ray_data()
     log.info("started a local Ray with %d logical CPUs on 127.0.0.1", cpus)
 
 
@@ -57,9 +58,11 @@ def cluster_gpus() -> float:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data progress bars on a terminal only; no execution-plan dump at each start."""
+    """No Ray Data progress bars (plabel shows its own, plabel.console) and no execution-plan dump at
+    each start. Datasets carry the driver's DataContext to the workers that iterate them (Ray Train
+    workers reading their validation set each epoch), so this is set on the driver once Ray is up."""
     import ray  # local: Ray reads its constants on import: plabel's environment comes first
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -294,12 +294,13 @@ def run_label_job(
     teacher_checkpoint: str,
     label_cfg,
     cache_dir: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> dict:
     """Run the labelling job into out_dir (a local folder or a URI), shard by shard (see the module
     docstring); a job interrupted earlier with the same settings is resumed. Returns counts
     {rows, ok, empty, error}, wall time, and shards / shards_skipped (committed by an earlier run).
-    ``progress(n)`` is called on the driver with the number of rows of every block that arrives."""
+    ``progress(n, total)`` is called on the driver with the rows of every block that arrives and the
+    rows the job expects (the samples of the shards it labels; None when a shard cannot be listed)."""
 
     quiet_ray_data()
     out = str(out_dir).rstrip("/") if storage.is_remote(out_dir) else str(Path(storage.local_path(out_dir)).absolute())
@@ -333,10 +334,14 @@ def run_label_job(
             batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=requests["refine"].count),
             **ray_remote_args(requests["refine"].resources),
         )
+        keys = [writer.expected.get(k) for k in writer.expected]
+        total = None if any(k is None for k in keys) else sum(len(k) for k in keys)
+        if progress is not None:
+            progress(0, total)
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             writer.add(block)  # writes each shard's part as soon as its last row arrived
             if progress is not None:
-                progress(block.num_rows)
+                progress(block.num_rows, total)
     counts = writer.finish({"unet_checkpoint_sha256": unet_sha256, "job_fingerprint": writer.fingerprint})
     return {**counts, "wall_s": round(time.time() - t0, 2), "sam_on_gpu": "GPU" in requests["refine"].resources,
             "shards": len(writer.shards), "shards_skipped": writer.skipped,

@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 
 import yaml
 
+from plabel.console import Console, Progress
 from plabel.data import storage
 from plabel.data.ingest import load_manifest, shard_paths
 from plabel.errors import InputError
@@ -115,6 +116,21 @@ class RunContext:
     run: str  # the run directory (path or URI)
     echo: Callable[[str], None] = print
     results: dict = field(default_factory=lambda: {"stages": {}})
+    console: Console = field(default_factory=Console)
+
+    def progress(self, label: str, total: int | None, unit: str) -> Progress:
+        """A progress display for a long step (live on a terminal, plain lines through echo elsewhere)."""
+        return self.console.progress(label, total, unit, echo=self.echo)
+
+    def epoch_progress(self, label: str, epochs: int):
+        """(progress, on_epoch) for a Ray Train run of ``epochs`` epochs (train_job.train_unet's on_epoch)."""
+        bar = self.progress(label, epochs, "epochs")
+
+        def on_epoch(e: dict) -> None:
+            note = f"loss {e['loss']:.4f}" + (f", val Dice {e['val_dice']:.4f}" if e.get("val_dice") is not None else "")
+            bar.update(int(e["epoch"]), total=int(e["epochs"]), note=note)
+
+        return bar, on_epoch
 
     def at(self, *parts: str) -> str:
         """A path (or URI) inside the run directory."""
@@ -196,14 +212,16 @@ def run_stages(stages: Sequence[Stage], ctx: RunContext, connect: Callable[[], N
     return ctx.results
 
 
-def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print, stages: Sequence[Stage] | None = None) -> dict:
+def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] | None = None, stages: Sequence[Stage] | None = None,
+                 console: Console | None = None) -> dict:
     """`plabel run`: the stages of plabel.jobs.stages.RUN_STAGES (or ``stages``) in
     <run_dir>/<name>/; returns results.json's content."""
     from plabel.jobs.stages import RUN_STAGES, final_report  # local: stages.py imports Stage from here
 
     run = storage.join(cfg.run_dir, cfg.name) if storage.is_uri(cfg.run_dir) else str(Path(cfg.run_dir) / cfg.name)
     storage.makedirs(run)
-    ctx = RunContext(cfg, run, echo)
+    console = console or Console()
+    ctx = RunContext(cfg, run, echo or console.echo, console=console)
     storage.write_text(ctx.at("config.yaml"), yaml.safe_dump(redact_uris(cfg.to_dict()), sort_keys=False))
     write_json(ctx.at("environment.json"), environment())
     results_path = ctx.at("results.json")

@@ -27,7 +27,7 @@ from plabel.method.calibration import POLICY_FILE
 from plabel.method.metrics import format_dice_table
 from plabel.method.unet import checkpoint_sha256, load_checkpoint
 from plabel.schemas.config import LabelSection
-from plabel.training.selection import guard_average
+from plabel.training.selection import describe_guard, guard_average
 from plabel.training.soup import average_checkpoints
 
 # ------------------------------------------------------------------------------------------ ingest
@@ -58,8 +58,10 @@ def _teacher(ctx: RunContext) -> dict:
     section, C = ctx.cfg.teacher, len(ctx.classes)
     train = maybe_materialize(labelled_dataset(ctx.paths("labelled"), C, section.image_size), ctx.n("labelled"), C,
                               section.image_size, expected_rows=ctx.n("labelled"), what="labelled split")
-    out = train_unet(train, _validation_set(ctx, section.image_size), ctx.classes, section, ctx.at("teacher.pt"),
-                     ctx.at("ray_train"), "teacher", role="teacher")
+    bar, on_epoch = ctx.epoch_progress("teacher", section.epochs)
+    with bar:
+        out = train_unet(train, _validation_set(ctx, section.image_size), ctx.classes, section, ctx.at("teacher.pt"),
+                         ctx.at("ray_train"), "teacher", role="teacher", on_epoch=on_epoch)
     out["sha256"] = checkpoint_sha256(ctx.at("teacher.pt"))
     return out
 
@@ -119,7 +121,9 @@ def _label(ctx: RunContext) -> dict:
             return {k: marker[k] for k in ("rows", "ok", "empty", "error")}
         ctx.echo("[label] the committed table came from another teacher or other label settings: labelling again")
         storage.delete_dir(table)
-    out = run_label_job(shards, table, ctx.classes, ctx.at("teacher.pt"), section)
+    with ctx.progress("label", ctx.n("unlabelled"), "images") as bar:
+        out = run_label_job(shards, table, ctx.classes, ctx.at("teacher.pt"), section,
+                            progress=lambda n, total: bar.advance(n, total=total))
     if out.get("shards_skipped"):
         ctx.echo(f"[label] resumed: {out['shards_skipped']} of {out['shards']} shard(s) were committed by an "
                  "earlier run, skipped")
@@ -152,8 +156,12 @@ def _student(ctx: RunContext) -> dict:
     init = ctx.at("teacher.pt") if section.init == "teacher" else None
     distill = ctx.at("teacher.pt") if section.distill > 0 else None
     if section.soup == 1:
-        out = train_unet(train, val, classes, section, ctx.at("student.pt"), ctx.at("ray_train"), "student",
-                         role="student", init_checkpoint=init, distill_from=distill)
+        bar, on_epoch = ctx.epoch_progress("student", section.epochs)
+        with bar:
+            out = train_unet(train, val, classes, section, ctx.at("student.pt"), ctx.at("ray_train"), "student",
+                             role="student", init_checkpoint=init, distill_from=distill, on_epoch=on_epoch)
+        if out.get("guard"):
+            ctx.echo(f"[student] guarded selection {describe_guard(out['guard'])}")
     else:
         out = _soup(ctx, train, val, init, distill)
     out["init"] = section.init
@@ -179,8 +187,12 @@ def _soup(ctx: RunContext, train, val, init: str | None, distill: str | None) ->
                       "epochs": member_section.epochs, "reused": True}
         else:
             ctx.echo(f"[student] soup member {k + 1} of {section.soup} (seed {member_section.seed})")
-            member = train_unet(train, val, classes, member_section, ckpt, ctx.at("ray_train"), f"student-{k}",
-                                role="student", init_checkpoint=init, distill_from=distill)
+            bar, on_epoch = ctx.epoch_progress(f"student {k + 1}/{section.soup}", member_section.epochs)
+            with bar:
+                member = train_unet(train, val, classes, member_section, ckpt, ctx.at("ray_train"), f"student-{k}",
+                                    role="student", init_checkpoint=init, distill_from=distill, on_epoch=on_epoch)
+            if member.get("guard"):
+                ctx.echo(f"[student {k + 1}/{section.soup}] guarded selection {describe_guard(member['guard'])}")
         members.append({**member, "seed": member_section.seed, "checkpoint": f"student-{k}.pt",
                         "sha256": checkpoint_sha256(ckpt)})
     average_checkpoints([ctx.at(m["checkpoint"]) for m in members], ctx.at("student.pt"),
@@ -261,11 +273,35 @@ RUN_STAGES: tuple[Stage, ...] = (
 )
 
 
+def student_note(out: dict) -> str | None:
+    """One line when the student stage handed back the teacher (guarded selection) or a soup
+    fell back to one member; None when the student is what was trained and averaged."""
+    if out.get("guard"):
+        return f"the student is the teacher: guarded selection {describe_guard(out['guard'])}"
+    members = out.get("soup") or []
+    guarded = [m for m in members if m.get("guard")]
+    if members and len(guarded) == len(members):
+        return (f"the student is the teacher: every soup member kept the teacher's weights (member 1: "
+                f"{describe_guard(guarded[0]['guard'])})")
+    soup_guard = out.get("soup_guard") or {}
+    if soup_guard.get("kept", "soup") != "soup":
+        soup_val, teacher_val = (out.get("soup_val_dice") or {}).get("per_class", {}), soup_guard["teacher_val_dice"]
+        lost = ", ".join(f"{c} by {teacher_val[c] - soup_val[c]:.4f}" if c in soup_val else c
+                         for c in soup_guard["lost_classes"])
+        return (f"the student is one soup member ({soup_guard['kept']}), not the average: the average fell below "
+                f"the teacher on the validation images (tolerance {soup_guard['tolerance']}): {lost}")
+    if guarded:
+        return f"{len(guarded)} of {len(members)} soup members kept the teacher's weights (guarded selection)"
+    return None
+
+
 def final_report(ctx: RunContext) -> None:
     """The console's closing lines: the Dice table, stage times, the table's counts, the run directory."""
     stages = ctx.results["stages"]
     if "evaluate" in stages and storage.exists(ctx.at("dice_table.txt")):
         ctx.echo(storage.read_text(ctx.at("dice_table.txt")).rstrip("\n"))
+    if "student" in stages and (note := student_note(stages["student"])):
+        ctx.echo(f"note: {note}")
     ctx.echo("stage wall times (s): " + ", ".join(f"{k} {v['wall_s']:.1f}" for k, v in stages.items()))
     if "label" in stages:
         ctx.echo(f"pseudo labels: {_label_summary(stages['label'])} in {storage.join(ctx.name, 'pseudo_labels')}")

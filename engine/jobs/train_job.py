@@ -9,14 +9,16 @@ worker here feeds it the Ray dataset shards and reports its checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow.compute as pc
@@ -39,12 +41,57 @@ from plabel.errors import InputError
 from plabel.method.unet import CheckpointError, UNet, load_checkpoint, save_checkpoint
 from plabel.schemas.tables import class_column
 from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, fit, shuffle_seed
-from plabel.training.selection import GUARD_TOLERANCE
+from plabel.training.selection import GUARD_TOLERANCE, guard_note
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 SHUFFLE_BUFFER = 64  # rows in the local shuffle of each worker's training shard (Ray Data)
+POLL_S = 1.0  # how often the driver reads the training progress
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Where rank 0 of a Ray Train run posts each finished epoch, for the driver to show (a tiny
+    actor: Ray Train's own reports reach its controller, not the driver)."""
+
+    def __init__(self):
+        self.last: dict | None = None
+
+    def post(self, epoch: dict) -> None:
+        self.last = epoch
+
+    def read(self) -> dict | None:
+        return self.last
+
+
+@contextlib.contextmanager
+def _watch(board, on_epoch: Callable[[dict], None]):
+    """Call ``on_epoch`` on the driver with every new epoch posted to ``board`` while the body runs."""
+    stop, seen = threading.Event(), [None]
+
+    def show() -> None:
+        try:
+            epoch = ray.get(board.read.remote(), timeout=10)
+        except Exception:  # a busy or restarting cluster: the next poll shows it
+            return
+        if epoch is not None and epoch != seen[0]:
+            seen[0] = epoch
+            on_epoch(epoch)
+
+    def poll() -> None:
+        while not stop.wait(POLL_S):
+            show()
+
+    thread = threading.Thread(target=poll, name="plabel-train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        show()  # the last epoch, if the poll missed it
+        ray.kill(board)
 
 
 def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
@@ -234,12 +281,20 @@ def _train_loop(config: dict) -> None:
                 torch.save(full, os.path.join(d, "state.pt"))
                 best_model = UNet.from_config(state.config)
                 best_model.load_state_dict(kept["best_state"])
+                guard = None
+                if kept["best_epoch"] == -1 and state.reference_val_dice is not None:  # the teacher's weights kept
+                    guard = guard_note(state.reference_val_dice, [(e["epoch"], e["val_dice_per_class"])
+                                                                  for e in state.history], classes, tolerance)
                 save_checkpoint(os.path.join(d, MODEL_FILE), best_model, state.config,
                                 {"classes": classes, "image_size": config["image_size"], "epoch": kept["best_epoch"],
                                  "val_dice": state.best_val_dice, "role": role,
-                                 "val_dice_per_class": kept["best_val_dice_per_class"], "selection": rule})
+                                 "val_dice_per_class": kept["best_val_dice_per_class"], "selection": rule,
+                                 "guard": guard})
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0 and config.get("progress_board") is not None:
+            config["progress_board"].post.remote({"epoch": h["epoch"] + 1, "epochs": cfg.epochs, "loss": h["loss"],
+                                                  "val_dice": h["val_dice"]})
 
     fit(cfg, len(classes), train_batches, val_batches, init_state=init_state, selection=rule, tolerance=tolerance,
         teacher=teacher, distill=distill, resume=resume, prepare=ray.train.torch.prepare_model, rank=rank,
@@ -257,7 +312,7 @@ def _data_config():
 
 def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str | Path, storage_dir: str | Path,
                name: str, role: str = "teacher", init_checkpoint: str | None = None,
-               distill_from: str | None = None) -> dict:
+               distill_from: str | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Fit a U-Net with a TorchTrainer; copies the best-validation model to out_path.
 
     init_checkpoint: a U-Net checkpoint (path or URI) of the same architecture to start from (the
@@ -273,6 +328,8 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     plus the best-validation model) in storage_dir/name; re-running with the same storage_dir and
     name (after a crash, a kill, a lost node) resumes after the last one. out_path and
     storage_dir may be URIs (plabel.data.storage); Ray Train then keeps its checkpoints there.
+    on_epoch: called on the driver after every epoch (as rank 0 finishes it, polled every
+    POLL_S seconds) with {"epoch": epochs done, "epochs", "loss", "val_dice"}.
     """
 
     t0 = time.time()
@@ -296,13 +353,15 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     else:
         storage_fs, storage_path = None, str(Path(storage_dir).resolve())
     storage_name = storage.join(storage.redact(str(storage_path if storage_fs is None else storage_dir)), name)
+    board = ProgressBoard.remote() if on_epoch is not None else None
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": train_cfg.to_dict(), "classes": list(classes), "image_size": section.image_size,
                            "role": role, "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
                            "selection": section.selection, "selection_tolerance": section.selection_tolerance,
                            "distill": section.distill if distill_from is not None else 0.0,
-                           "distill_from": None if distill_from is None else str(distill_from)},
+                           "distill_from": None if distill_from is None else str(distill_from),
+                           "progress_board": board},
         scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
                                      resources_per_worker={"CPU": 1}),
         datasets={"train": train_ds, "val": val_ds},
@@ -311,7 +370,8 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=2)),
     )
-    result = trainer.fit()  # resumes from the run's latest checkpoint in storage_dir/name, if any
+    with _watch(board, on_epoch) if board is not None else contextlib.nullcontext():
+        result = trainer.fit()  # resumes from the run's latest checkpoint in storage_dir/name, if any
     if result.error:
         raise result.error
     if result.checkpoint is None:
@@ -330,6 +390,8 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
         _, _, extra = load_checkpoint(best_path)
     metrics = result.metrics or {}
     return {"best_val_dice": extra.get("val_dice"), "best_epoch": extra.get("epoch"), "epochs": section.epochs,
+            # guarded selection kept the starting weights (best_epoch -1): why (selection.guard_note)
+            "guard": extra.get("guard"),
             # 0: trained from scratch; k: resumed after epoch k from a checkpoint of an earlier run
             "resumed_from_epoch": int(metrics.get("start_epoch", 0)),
             "wall_s": round(time.time() - t0, 2)}

@@ -62,7 +62,7 @@ def _main(
     log_file: Optional[Path] = typer.Option(None, "--log-file",
                                             help="Where the framework's log lines go. Default: <run_dir>/<name>/logs/"
                                                  "plabel.log for run and demo, plabel-logs/<command>-<time>.log for "
-                                                 "train, label and evaluate."),
+                                                 "train, label and evaluate (folder: $PLABEL_LOG_DIR)."),
 ):
     DEBUG.update(on=debug, log_file=None)
     CONSOLE.update(verbose=verbose, log_file=log_file)
@@ -79,9 +79,11 @@ def _quiet(default_log: Path):
 
 
 def _command_log(command: str) -> Path:
-    import time  # imported on use: light --help
+    """plabel-logs/<command>-<time>.log (the folder: $PLABEL_LOG_DIR, default ./plabel-logs)."""
+    import os  # imported on use: light --help
+    import time
 
-    return Path("plabel-logs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    return Path(os.environ.get("PLABEL_LOG_DIR", "plabel-logs")) / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def _ray(address: Optional[str], num_cpus: Optional[int]) -> None:
@@ -109,7 +111,7 @@ _LABEL_OPTIONS = {f"label.{k}": f"--{v}" for k, v in {
 
 @app.command()
 def ingest(
-    src: Path = typer.Argument(..., help="Source folder (local only): images/ (PNG, JPEG, TIFF) and, for labelled data, masks/<class>/<id>.png plus classes.json."),
+    src: Path = typer.Argument(..., help="Source folder (local only): images/ (PNG, JPEG, TIFF, DICOM .dcm) and, for labelled data, masks/<class>/<id>.png plus classes.json."),
     out: str = typer.Argument(..., help="Output folder for the WebDataset shards and manifest.json (missing or empty); a local path or an s3:// / gs:// URI."),
     labelled: int = typer.Option(0, help="Images to put in the labelled (teacher training) split."),
     val: int = typer.Option(0, help="Images to put in the labelled validation split."),
@@ -402,7 +404,7 @@ def _run_quietly(cfg) -> None:
     from plabel.data.storage import is_uri
     from plabel.jobs.runner import run_pipeline
 
-    log = Path("plabel-logs") / f"{cfg.name}.log" if is_uri(cfg.run_dir) else Path(cfg.run_dir) / cfg.name / "logs" / "plabel.log"
+    log = _command_log(cfg.name) if is_uri(cfg.run_dir) else Path(cfg.run_dir) / cfg.name / "logs" / "plabel.log"
     with _quiet(log) as console:
         console.echo(f"logs: {DEBUG['log_file']}")
         run_pipeline(cfg, console=console)

@@ -5,6 +5,8 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# the log files of single-stage commands (cli/main.py _command_log) stay out of the repository
+os.environ.setdefault("PLABEL_LOG_DIR", os.path.join(__import__("tempfile").mkdtemp(prefix="plabel-test-logs-")))
 
 
 def _free_port() -> int:

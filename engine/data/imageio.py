@@ -1,4 +1,4 @@
-"""Robust decoding of medical images (PNG, JPEG, TIFF) from bytes.
+"""Robust decoding of medical images (PNG, JPEG, TIFF, DICOM) from bytes.
 
 Every decoder returns one of two layouts:
 
@@ -15,7 +15,8 @@ Backends: PNG goes through ``cv2.imdecode`` (exact for 8/16-bit gray and colour)
 walk (lengths, CRCs, IEND) that catches truncation libpng lets through, JPEG through Pillow
 (handles CMYK/YCCK correctly, refuses truncated streams), TIFF through ``tifffile`` with ``cv2`` and Pillow as
 fallbacks (``tifffile`` needs ``imagecodecs`` for LZW/PackBits, ``cv2`` does not). EXIF
-orientation tags are ignored: pixels are returned in stored order.
+orientation tags are ignored: pixels are returned in stored order. DICOM (Part 10, one frame)
+goes through plabel.data.dicom: modality and VOI LUT applied, MONOCHROME1 inverted, uint16 out.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from plabel.data import dicom
 from plabel.errors import InputError
 
 __all__ = [
@@ -61,7 +63,9 @@ class ImageDecodeError(InputError):
 
 
 def sniff_format(data: bytes) -> str | None:
-    """Return ``"png"``, ``"jpeg"`` or ``"tiff"`` from the magic bytes, or None if unknown."""
+    """Return ``"png"``, ``"jpeg"``, ``"tiff"`` or ``"dicom"`` from the magic bytes, or None if unknown."""
+    if dicom.is_dicom(data):
+        return "dicom"
     head = bytes(data[:8])
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
@@ -78,6 +82,12 @@ def sniff_format(data: bytes) -> str | None:
 
 def _probe_size(data: bytes, fmt: str) -> tuple[int, int] | None:
     """(height, width) from the header, or None when the header cannot be read cheaply."""
+    if fmt == "dicom":
+        try:
+            head = dicom.header(data)
+        except dicom.DicomRefused as exc:
+            raise _Refused(str(exc)) from None
+        return head.rows, head.columns
     if fmt == "png" and len(data) >= 24 and data[12:16] == b"IHDR":
         width = int.from_bytes(data[16:20], "big")
         height = int.from_bytes(data[20:24], "big")
@@ -244,15 +254,23 @@ def _decode_tifffile(data: bytes) -> np.ndarray:
     return _finish(arr, bgr=False)
 
 
+def _decode_dicom(data: bytes) -> np.ndarray:
+    try:
+        return dicom.pixels(data)
+    except dicom.DicomRefused as exc:
+        raise _Refused(str(exc)) from None
+
+
 _BACKENDS = {
     "png": (("opencv", _decode_png), ("pillow", _decode_pil)),
     "jpeg": (("pillow", _decode_pil),),
     "tiff": (("tifffile", _decode_tifffile), ("opencv", _decode_cv2), ("pillow", _decode_pil)),
+    "dicom": (("pydicom", _decode_dicom),),
 }
 
 
 def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> np.ndarray:
-    """Decode PNG/JPEG/TIFF bytes.
+    """Decode PNG/JPEG/TIFF/DICOM bytes.
 
     Args:
         data: encoded file content.
@@ -274,8 +292,11 @@ def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> np.nda
     data = bytes(data)
     fmt = sniff_format(data)
     if fmt is None:
-        raise ImageDecodeError(name, "not a PNG, JPEG or TIFF file (unrecognised signature)")
-    size = _probe_size(data, fmt)
+        raise ImageDecodeError(name, "not a PNG, JPEG, TIFF or DICOM file (unrecognised signature)")
+    try:
+        size = _probe_size(data, fmt)
+    except _Refused as exc:
+        raise ImageDecodeError(name, str(exc)) from None
     if size is not None:
         _check_size(size[0], size[1], name, max_pixels)
     reasons = []

@@ -42,7 +42,7 @@ import numpy as np
 
 from plabel.errors import InputError
 
-from . import storage
+from . import dicom, storage
 from .imageio import ImageDecodeError, decode_image, decode_mask
 from .shards import IMAGE_EXTS, ShardError, make_sample, sample_key, write_shards
 
@@ -437,6 +437,9 @@ def _build_samples(index: SourceIndex, ids, store_masks: bool, errors: list, siz
                 "height": h,
                 "width": w,
             }
+            if dicom.is_dicom(data):  # the source object, for exports that reference it (DICOM SEG)
+                head = dicom.header(data)
+                meta.update(sop_instance_uid=head.sop_instance_uid, modality=head.modality)
             yield make_sample(sample_key(image_id), data, _ext(path), meta, masks)
         except (ImageDecodeError, IngestError, ShardError, OSError) as exc:
             errors.append(str(exc))

@@ -46,7 +46,7 @@ __all__ = [
     "write_shards",
 ]
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "tif", "tiff")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "tif", "tiff", "dcm")
 MASKS_MEMBER = "masks.npz"
 META_MEMBER = "json"
 

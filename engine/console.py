@@ -100,8 +100,9 @@ class Progress:
             return
         now = time.monotonic()
         step = max(1, (self.total or 0) // 10)
-        finished = self.total is not None and done >= self.total
-        if finished or now - self._last_line_t >= self.every_s or done - self._last_line_done >= step:
+        moved = done != self._last_line_done or note is not None
+        finished = self.total is not None and done >= self.total and done != self._last_line_done
+        if finished or done - self._last_line_done >= step or (moved and now - self._last_line_t >= self.every_s):
             self._last_line_t, self._last_line_done = now, done
             self.echo(self.line())
 

@@ -417,14 +417,21 @@ def submit(
                                           help="Ray Jobs API of the cluster's head node, e.g. http://127.0.0.1:8265 (after kubectl port-forward svc/plabel-head-svc 8265)."),
     job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id (default plabel-<name>-<random>); must be new on the cluster."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Stream the job's logs until it ends and exit with its outcome; --no-wait returns after submitting."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the cluster's Ray token (clusters with token authentication, as deploy/k8s sets up). Default: RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token. The token is sent as a bearer header, never printed."),
 ):
     """Run every stage on an existing Ray cluster: submits `plabel run` through the Ray Jobs API."""
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
+    from ray.exceptions import AuthenticationError
+
     from plabel.jobs.submit import submit_run
     from plabel.schemas.config import ConfigError
 
     try:
-        sub = submit_run(config, address, job_id=job_id, wait=wait, echo=typer.echo)
+        sub = submit_run(config, address, job_id=job_id, wait=wait, echo=typer.echo, token_file=token_file)
+    except AuthenticationError as e:
+        refused = "a wrong token" if getattr(e, "message", "").startswith("Authentication failed") else "no token"
+        _fail(f"the Ray Jobs API at {address} refused the request ({refused}): give the cluster's token with "
+              f"RAY_AUTH_TOKEN or --token-file (--address {address})")
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     except (ConnectionError, OSError) as e:

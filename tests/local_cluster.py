@@ -54,8 +54,10 @@ class LocalRayCluster:
     """Head (no GPU) + one worker node (fake GPUs, custom resources), both on 127.0.0.1."""
 
     def __init__(self, head_cpus: int = 3, worker_cpus: int = 2, worker_gpus: int = 1,
-                 worker_resources: dict | None = None):
+                 worker_resources: dict | None = None, auth_token: str | None = None):
+        """auth_token: start with Ray token authentication (RAY_AUTH_MODE=token, this token)."""
         self.head_cpus, self.worker_cpus, self.worker_gpus = head_cpus, worker_cpus, worker_gpus
+        self.auth_token = auth_token
         self.worker_resources = worker_resources or {}
         self.marker = uuid.uuid4().hex
         self.temp_dir = tempfile.mkdtemp(prefix="plr-", dir="/tmp")  # short: Ray's socket paths
@@ -76,6 +78,10 @@ class LocalRayCluster:
                     # a multi-node cluster needs cluster mode; nodes still advertise 127.0.0.1
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+        env.pop("RAY_AUTH_TOKEN", None)
+        env.pop("RAY_AUTH_TOKEN_PATH", None)
+        if self.auth_token:
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.auth_token)
         return env
 
     def _ray(self, *args: str) -> None:
@@ -102,6 +108,23 @@ class LocalRayCluster:
                   f"--resources={json.dumps(self.worker_resources)}")
         self.wait_for_nodes(2)
         return self
+
+    def start_head(self, timeout_s: float = 120.0) -> "LocalRayCluster":
+        """The head node only; waits for the dashboard's public health endpoint (with token
+        authentication every other endpoint needs the token)."""
+        self._ray("--head", *self._node_ports(), f"--node-ip-address={self.ip}", f"--port={self.gcs_port}",
+                  f"--num-cpus={self.head_cpus}", "--num-gpus=0", "--include-dashboard=true",
+                  "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                  f"--ray-client-server-port={self.client_port}", f"--temp-dir={self.temp_dir}")
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/gcs_healthz", timeout=5):
+                    return self
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def nodes(self) -> list[dict]:
         """Alive nodes as the dashboard reports them (node_id, resources_total, ...)."""

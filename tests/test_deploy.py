@@ -53,6 +53,8 @@ PVC_RENDERS = ("base", "cluster", "job")
 JOB_RENDERS = ("job", "job-s3")
 # Created by the operator (deploy/README.md, "Object storage"), never part of the manifests.
 CREDENTIALS_SECRET = "plabel-s3-credentials"
+# The Ray token (key auth_token), created by the operator (deploy/README.md, "Token authentication").
+TOKEN_SECRET = "plabel-ray-token"
 CONFIG_KEY = "plabel.yaml"
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -318,12 +320,13 @@ def test_renders(name):
         if name != "base":
             assert d["metadata"].get("namespace") == "plabel", (d["kind"], d["metadata"])
     kinds = sorted(d["kind"] for d in docs)
+    policies = ["NetworkPolicy", "NetworkPolicy"]  # the head's and the workers' (networkpolicy.yaml)
     if name in ("base", "cluster"):
-        assert kinds == ["ConfigMap", "PersistentVolumeClaim", "RayCluster", "ServiceAccount"]
+        assert kinds == ["ConfigMap", *policies, "PersistentVolumeClaim", "RayCluster", "ServiceAccount"]
     elif name == "job":
-        assert kinds == ["ConfigMap", "PersistentVolumeClaim", "RayJob", "ServiceAccount"]
+        assert kinds == ["ConfigMap", *policies, "PersistentVolumeClaim", "RayJob", "ServiceAccount"]
     else:
-        assert kinds == ["ConfigMap", "RayJob", "ServiceAccount"]
+        assert kinds == ["ConfigMap", *policies, "RayJob", "ServiceAccount"]
 
 
 @needs_kubectl
@@ -461,7 +464,7 @@ def test_every_referenced_object_is_rendered(name):
     docs = render(name)
     present = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for label, tpl in pod_templates(docs):
-        missing = references(tpl) - present - {("Secret", CREDENTIALS_SECRET)}
+        missing = references(tpl) - present - {("Secret", CREDENTIALS_SECRET), ("Secret", TOKEN_SECRET)}
         assert not missing, f"{label} refers to objects that are not in the render: {sorted(missing)}"
 
 
@@ -815,3 +818,40 @@ def test_readme_documents_the_credentials_secret_and_the_overlays():
     assert CREDENTIALS_SECRET in text
     for overlay in ("overlays/job", "overlays/cluster", "overlays/job-s3"):
         assert f"kubectl apply -k deploy/k8s/{overlay}" in text, overlay
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", sorted(RENDERS))
+def test_every_ray_cluster_requires_the_token(name):
+    """Token mode on every RayCluster (and every RayJob's cluster), the token from one Secret, and the
+    RayJob submitter sends it."""
+    docs = render(name)
+    specs = cluster_specs(docs)
+    assert specs
+    for label, spec in specs:
+        assert spec.get("authOptions") == {"mode": "token", "secretName": TOKEN_SECRET}, label
+    for job in of_kind(docs, "RayJob"):
+        env = {e["name"]: e for c in all_containers(job["spec"]["submitterPodTemplate"]) for e in c.get("env", [])}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": TOKEN_SECRET, "key": "auth_token"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", sorted(RENDERS))
+def test_network_policies_admit_only_the_clusters_pods_and_the_operator(name):
+    docs = render(name)
+    policies = {d["metadata"]["name"]: d["spec"] for d in of_kind(docs, "NetworkPolicy")}
+    assert set(policies) == {"plabel-ray-head", "plabel-ray-workers"}
+    own = {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "plabel"}}}
+    head, workers = policies["plabel-ray-head"], policies["plabel-ray-workers"]
+    assert head["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "plabel", "ray.io/node-type": "head"}
+    assert workers["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "plabel", "ray.io/node-type": "worker"}
+    assert head["policyTypes"] == ["Ingress"] and workers["policyTypes"] == ["Ingress"]
+    assert workers["ingress"] == [{"from": [own]}]
+    assert head["ingress"][0] == {"from": [own]}  # the cluster's own pods: every port
+    operator = head["ingress"][1]  # the operator: the dashboard / Jobs API only
+    assert operator["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}] and len(head["ingress"]) == 2
+    # every pod the policies must let in carries the label they select on
+    for label, tpl in pod_templates(docs):
+        assert tpl.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/part-of") == "plabel", label

@@ -121,3 +121,38 @@ def test_submit_reports_a_failed_run(two_node_cluster, tmp_path):
     assert result.exit_code == 1
     assert "FAILED" in result.output
     assert str(missing) in result.output  # the driver's error, streamed back, names the input
+
+
+def test_a_cluster_with_token_auth_refuses_a_submit_without_the_token(tmp_path, monkeypatch):
+    """A head started with RAY_AUTH_MODE=token: `plabel submit` without the token and with a wrong
+    one ends in one error line (exit 2), with it the job is accepted; the token is never printed."""
+    token = "plabel-test-" + __import__("uuid").uuid4().hex
+    (tmp_path / "c.yaml").write_text("name: tok\nrun_dir: runs\ndata: {shards: none}\n")  # fails fast on the cluster
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of this machine
+    cluster = LocalRayCluster(head_cpus=1, auth_token=token)
+    try:
+        cluster.start_head()
+        args = ["submit", str(tmp_path / "c.yaml"), "--address", cluster.dashboard_url, "--no-wait"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == (f"error: the Ray Jobs API at {cluster.dashboard_url} refused the request "
+                                         f"(no token): give the cluster's token with RAY_AUTH_TOKEN or --token-file "
+                                         f"(--address {cluster.dashboard_url})")
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not-the-token\n")
+        result = CliRunner().invoke(app, [*args, "--token-file", str(wrong)])
+        assert result.exit_code == 2 and "(a wrong token)" in result.stderr
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+        result = CliRunner().invoke(app, [*args, "--job-id", "plabel-token-test"])
+        assert result.exit_code == 0, result.output
+        assert "submitted plabel-token-test" in result.output and token not in result.output
+        right = tmp_path / "token"
+        right.write_text(token + "\n")
+        monkeypatch.delenv("RAY_AUTH_TOKEN")
+        result = CliRunner().invoke(app, [*args, "--job-id", "plabel-token-test-2", "--token-file", str(right)])
+        assert result.exit_code == 0, result.output
+    finally:
+        cluster.stop()
+    assert cluster.leftovers() == []

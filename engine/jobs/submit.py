@@ -4,6 +4,11 @@ This is what a KubeRay RayJob's submitter does: the run config travels with the 
 job's working directory), the entrypoint runs on the cluster's head node and joins the cluster
 with `--address auto`. Data and run-directory locations in the config must be reachable from the
 cluster (a shared volume or an s3:// / gs:// URI); plabel does not copy data.
+
+A cluster with Ray token authentication (deploy/k8s: authOptions mode token) refuses requests
+without its token: :func:`auth_headers` sends it as ``Authorization: Bearer <token>``, read as Ray
+reads it (RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token) or from the
+file given. The token is never printed, logged or written anywhere.
 """
 from __future__ import annotations
 
@@ -47,6 +52,31 @@ def jobs_api_address(address: str | None) -> str:
     return address if "://" in address else f"http://{address}"
 
 
+def read_token(token_file: str | os.PathLike | None = None) -> str | None:
+    """The cluster's token: the contents of ``token_file``, else RAY_AUTH_TOKEN, else the file named
+    by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token; None when there is none. Surrounding
+    whitespace is stripped; an empty or unreadable named file raises ValueError (naming the file)."""
+    named = token_file or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token_file and os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    if not named and not path.is_file():
+        return None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the Ray token file {path}: {type(exc).__name__}") from None
+    if not token:
+        raise ValueError(f"the Ray token file {path} is empty")
+    return token
+
+
+def auth_headers(token_file: str | os.PathLike | None = None) -> dict[str, str]:
+    """HTTP headers for the Jobs API: the bearer token when there is one (read_token), else none."""
+    token = read_token(token_file)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def remote_locations(cfg: RunConfig) -> dict[str, str]:
     """The config's data and output locations the cluster must reach, by config key."""
     keys = {"data.source": cfg.data.source, "data.shards": cfg.data.shards, "run_dir": cfg.run_dir,
@@ -67,7 +97,8 @@ def entrypoint() -> str:
 
 
 def submit_run(config: str | Path, address: str | None, job_id: str | None = None, wait: bool = True,
-               echo: Callable[[str], None] = print, poll_s: float = 2.0, agent_wait_s: float = 120.0) -> Submission:
+               echo: Callable[[str], None] = print, poll_s: float = 2.0, agent_wait_s: float = 120.0,
+               token_file: str | os.PathLike | None = None) -> Submission:
     """Submit `plabel run CONFIG` as a Ray job; with wait, stream its logs until it ends.
 
     A cluster whose job agent is not up yet (a head node that just started) is retried for
@@ -79,7 +110,7 @@ def submit_run(config: str | Path, address: str | None, job_id: str | None = Non
     workdir = Path(tempfile.mkdtemp(prefix="plabel-submit-"))
     try:
         (workdir / CONFIG_NAME).write_text(yaml.safe_dump(job_config(cfg), sort_keys=False))
-        client = JobSubmissionClient(url)
+        client = JobSubmissionClient(url, headers=auth_headers(token_file))  # raises AuthenticationError
         deadline = time.time() + agent_wait_s
         while True:
             try:

@@ -78,3 +78,18 @@ def test_verbose_shows_them_on_the_console_too(tmp_path):
     assert sorted(out.splitlines()) == ["after", "plabel line", "python print", "raw fd 1"]
     assert sorted(err.splitlines()) == ["python stderr", "raw fd 2"]
     assert sorted(log.splitlines()) == ["python print", "python stderr"]
+
+
+def test_live_display_on_a_terminal_keeps_plabel_lines_above_the_bar():
+    out = io.StringIO()
+    con = Console(out, live=True)  # as on a terminal: rich draws the bar
+    with con.progress("teacher", 5, "epochs") as bar:
+        for i in range(5):
+            bar.update(i + 1, note=f"loss {1 / (i + 1):.3f}")
+            con.echo(f"line {i}")
+    con.echo("after")
+    text = out.getvalue()
+    for i in range(5):
+        assert f"line {i}\n" in text
+    assert "5/5" in text and "loss 0.200" in text  # the bar's last frame
+    assert text.endswith("after\n")

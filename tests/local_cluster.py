@@ -155,7 +155,7 @@ class LocalRayCluster:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 15
+        deadline = time.time() + 5  # then SIGKILL (a raylet's agents may ignore SIGTERM for long)
         while time.time() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
             time.sleep(0.3)
         for pid in cluster_pids(self.marker, known=tuple(pids)):

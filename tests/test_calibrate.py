@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
-import typer
 
+from plabel.cli.errors import UsageError
 from plabel.cli.main import _gate_option
 from plabel.data.ingest import ingest, shard_paths
 from plabel.data.synthetic import make_synthetic_dataset
@@ -378,9 +378,9 @@ def test_cli_gate_policy_option_takes_a_policy_or_a_file(tmp_path):
     save_gate_policy(path, GatePolicy(gate=calibrated, calibrated=calibrated))
     section = build(LabelSection, {"gate": _gate_option(str(path), None, None)}, "label")
     assert GateConfig.from_dict(section.gate.to_gate_dict()) == calibrated
-    with pytest.raises(typer.Exit):
+    with pytest.raises(UsageError, match="is a policy file: its gate sets the thresholds"):
         _gate_option(str(path), 0.5, None)  # thresholds come from the file
-    with pytest.raises(typer.Exit):
+    with pytest.raises(UsageError, match="no such file"):
         _gate_option(str(tmp_path / "nope.json"), None, None)
 
 

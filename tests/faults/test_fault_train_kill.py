@@ -20,7 +20,8 @@ def test_training_killed_then_rerun_resumes(tmp_path):
     faultkit.make_dataset(root, n_images=10, shard_size=4, labelled=6, val=2, teacher=False)
     out = root / "model" / "teacher.pt"
     storage = root / "model" / "ray_train" / "teacher"  # `plabel train`'s default: next to --out, named after it
-    cmd = faultkit.plabel("train", "--shards", str(root / "shards"), "--out", str(out), "--epochs", str(EPOCHS),
+    train_log = root / "train.log"  # the command's log file: the Ray Train worker's lines ([teacher] epoch k/n)
+    cmd = faultkit.plabel("--log-file", str(train_log), "train", "--shards", str(root / "shards"), "--out", str(out), "--epochs", str(EPOCHS),
                           "--image-size", "64", "--base-channels", "4", "--depth", "2", "--batch-size", "2",
                           "--num-cpus", "4")
     env, run_id = faultkit.private_env()
@@ -33,7 +34,7 @@ def test_training_killed_then_rerun_resumes(tmp_path):
         assert proc.poll() is None, "training finished before it could be killed:\n" + log.read_text()[-3000:]
     finally:
         faultkit.kill_run(proc, run_id)
-    first = log.read_text()
+    first = train_log.read_text()
     done_before = sorted({int(m) for m in re.findall(r"\[teacher\] epoch (\d+)/", first)})
     print(f"killed at {time.time() - t0:.1f} s after epochs {done_before}")
     assert not out.exists() and done_before and max(done_before) < EPOCHS
@@ -44,7 +45,7 @@ def test_training_killed_then_rerun_resumes(tmp_path):
         rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
     finally:
         faultkit.kill_run(None, run_id)
-    text = rerun.stdout + rerun.stderr
+    text = train_log.read_text()[len(first):] + rerun.stdout + rerun.stderr  # the rerun appends to the log file
     assert rerun.returncode == 0, text[-4000:]
     result = json.loads(rerun.stdout[rerun.stdout.index("{"):])
     resumed = re.search(r"\[teacher\] resuming from the checkpoint of epoch (\d+)/", text)

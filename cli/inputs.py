@@ -41,7 +41,7 @@ def split(option: str, value: str, manifest_: dict) -> None:
 def checkpoint(option: str, location: str, classes: Optional[list[str]] = None, data_option: str = "") -> dict:
     """Load a U-Net checkpoint on the driver (a missing or foreign file fails here, not in a
     worker); with ``classes``, its classes must equal the data's. Returns its metadata."""
-    from plabel.method.unet import CheckpointError, check_classes, load_checkpoint  # local: torch
+    from plabel.method.unet import CheckpointError, load_checkpoint  # local: torch
 
     where = _named(option, location)
     try:
@@ -51,11 +51,18 @@ def checkpoint(option: str, location: str, classes: Optional[list[str]] = None, 
     except CheckpointError as exc:
         raise UsageError(f"{_without_name(str(exc), location)} ({where})") from None
     if classes is not None:
-        try:
-            check_classes(extra, classes, "the checkpoint")
-        except CheckpointError as exc:
-            raise UsageError(f"{exc} ({where}{', ' + data_option if data_option else ''})") from None
+        classes_fit(option, location, extra, classes, data_option)
     return extra
+
+
+def classes_fit(option: str, location: str, extra: dict, classes: list[str], data_option: str = "") -> None:
+    """The classes a checkpoint's metadata ``extra`` records must equal the data's ``classes``."""
+    from plabel.method.unet import CheckpointError, check_classes  # local: torch
+
+    try:
+        check_classes(extra, classes, "the checkpoint")
+    except CheckpointError as exc:
+        raise UsageError(f"{exc} ({_named(option, location)}{', ' + data_option if data_option else ''})") from None
 
 
 def _without_name(text: str, location: str) -> str:

@@ -50,6 +50,10 @@ def _show_version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: set by the global options: --verbose, --log-file (read by _quiet)
+CONSOLE: dict = {"verbose": False, "log_file": None}
+
+
 @app.callback()
 def _main(
     version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
@@ -66,9 +70,6 @@ def _main(
 ):
     DEBUG.update(on=debug, log_file=None)
     CONSOLE.update(verbose=verbose, log_file=log_file)
-
-
-CONSOLE: dict = {"verbose": False, "log_file": None}
 
 
 def _quiet(default_log: Path):
@@ -211,12 +212,7 @@ def _train(console: Console, shards, out, role, pseudo_labels, include_labelled,
     n = {k: v["n_samples"] for k, v in manifest["splits"].items()}
     val_split = "val" if n.get("val", 0) else "labelled"
     storage = storage or (join(dirname(out), "ray_train") if is_uri(out) else Path(out).resolve().parent / "ray_train")
-    bar = console.progress(role, section.epochs, "epochs")
-
-    def on_epoch(e: dict) -> None:
-        note = f"loss {e['loss']:.4f}" + (f", val Dice {e['val_dice']:.4f}" if e.get("val_dice") is not None else "")
-        bar.update(int(e["epoch"]), total=int(e["epochs"]), note=note)
-
+    bar, on_epoch = console.epoch_progress(role, section.epochs)
     try:
         val_ds = maybe_materialize(labelled_dataset(shard_paths(shards, val_split), C, S), n.get(val_split, 0), C, S,
                                    expected_rows=n.get(val_split, 0), what=f"{val_split} split of {redact(str(shards))}")
@@ -363,7 +359,7 @@ def evaluate(
     else:
         manifest = inputs.manifest("--data", data)
         inputs.split("--split", split, manifest)
-        inputs.checkpoint("--model", model, manifest["classes"], data_option=f"--data {redact(data)}")
+        inputs.classes_fit("--model", model, extra, manifest["classes"], data_option=f"--data {redact(data)}")
         paths, classes = shard_paths(data, split), manifest["classes"]
     if not paths:
         _fail(f"split {split!r} has no shards (--data {redact(data)})")

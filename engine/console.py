@@ -69,13 +69,24 @@ class Progress:
         r = self.rate()
         return (self.total - self.done) / r if r and self.total is not None else None
 
+    def rate_text(self, short: bool = False) -> str:
+        """The rate for a person: ``2.31 images/s`` or, below one per second, ``3.7 s per image``
+        (short, for the live bar: ``2.31/s``, ``3.7 s/image``); "" before the first unit."""
+        r, one = self.rate(), self.unit.rstrip("s")
+        if r is None:
+            return ""
+        if r >= 1:
+            return f"{r:.2f}/s" if short else f"{r:.2f} {self.unit}/s"
+        return f"{1 / r:.1f} s/{one}" if short else f"{1 / r:.1f} s per {one}"
+
     def line(self) -> str:
         """``[label] 64/140 images, 2.31 images/s, ETA 0:33, <note>``."""
-        r, eta = self.rate(), self.eta()
+        eta = self.eta()
         parts = [f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"]
         parts[0] += f" {self.unit}"
-        if r is not None:
-            parts.append(f"{r:.2f} {self.unit}/s" if r >= 1 else f"{1 / r:.1f} s per {self.unit.rstrip('s')}")
+        rate = self.rate_text()
+        if rate:
+            parts.append(rate)
         if eta is not None and self.done < (self.total or 0):
             parts.append(f"ETA {_fmt_duration(eta)}")
         if self.note:
@@ -93,10 +104,8 @@ class Progress:
             self.note = note
         self.done = done
         if self._live is not None:
-            r = self.rate()
             self._live.update(self._task, completed=done, total=self.total, note=self.note,
-                              rate=f"{r:.2f}/s" if r is not None and r >= 1 else
-                              (f"{1 / r:.1f} s/{self.unit.rstrip('s')}" if r else ""))
+                              rate=self.rate_text(short=True))
             return
         now = time.monotonic()
         step = max(1, (self.total or 0) // 10)
@@ -147,6 +156,19 @@ class Console:
                  echo: Optional[Callable[[str], None]] = None) -> Progress:
         """A progress display for one step (plain lines go to ``echo``, default :meth:`echo`)."""
         return Progress(self, label, total, unit, every_s=every_s, echo=echo)
+
+    def epoch_progress(self, label: str, epochs: int, echo: Optional[Callable[[str], None]] = None
+                       ) -> tuple[Progress, Callable[[dict], None]]:
+        """(progress, on_epoch) for a U-Net training of ``epochs`` epochs: on_epoch takes what
+        plabel.jobs.train_job.train_unet reports after each epoch ({"epoch", "epochs", "loss",
+        "val_dice"}) and shows it as ``k/n epochs, ..., loss L, val Dice D``."""
+        bar = self.progress(label, epochs, "epochs", echo=echo)
+
+        def on_epoch(e: dict) -> None:
+            note = f"loss {e['loss']:.4f}" + (f", val Dice {e['val_dice']:.4f}" if e.get("val_dice") is not None else "")
+            bar.update(int(e["epoch"]), total=int(e["epochs"]), note=note)
+
+        return bar, on_epoch
 
 
 class _Tee(io.TextIOBase):

@@ -25,14 +25,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # plabel.console shows progress
     import ray  # local: Ray reads its constants on import: plabel's environment comes first
 
-    if ray.is_initialized():
-        quiet_ray_data()
-        return
+    if not ray.is_initialized():
+        _init(ray, address, num_cpus, dashboard)
+    quiet_ray_data()
+
+
+def _init(ray, address: str | None, num_cpus: int | None, dashboard: bool) -> None:
+    """ray.init for :func:`ensure_ray`: join ``address``, or start the local loopback Ray."""
     if address:
         ray.init(address=address, log_to_driver=True)
-        quiet_ray_data()
         return
-    from ray._private import ray_constants  # local: after the variables above are set
+    from ray._private import ray_constants  # local: after ensure_ray's variables are set
 
     if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
         ray_constants.ENABLE_RAY_CLUSTER = False  # ray was imported before the variable was set
@@ -46,7 +49,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
         configure_logging=True,
         logging_level=logging.WARNING,
     )
-    quiet_ray_data()
     log.info("started a local Ray with %d logical CPUs on 127.0.0.1", cpus)
 
 

@@ -334,7 +334,7 @@ def run_label_job(
             batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=requests["refine"].count),
             **ray_remote_args(requests["refine"].resources),
         )
-        keys = [writer.expected.get(k) for k in writer.expected]
+        keys = writer.expected.values()  # per remaining shard: its sample keys, None when unknown
         total = None if any(k is None for k in keys) else sum(len(k) for k in keys)
         if progress is not None:
             progress(0, total)

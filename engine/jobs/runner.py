@@ -123,14 +123,8 @@ class RunContext:
         return self.console.progress(label, total, unit, echo=self.echo)
 
     def epoch_progress(self, label: str, epochs: int):
-        """(progress, on_epoch) for a Ray Train run of ``epochs`` epochs (train_job.train_unet's on_epoch)."""
-        bar = self.progress(label, epochs, "epochs")
-
-        def on_epoch(e: dict) -> None:
-            note = f"loss {e['loss']:.4f}" + (f", val Dice {e['val_dice']:.4f}" if e.get("val_dice") is not None else "")
-            bar.update(int(e["epoch"]), total=int(e["epochs"]), note=note)
-
-        return bar, on_epoch
+        """(progress, on_epoch) for a Ray Train run of ``epochs`` epochs (Console.epoch_progress)."""
+        return self.console.epoch_progress(label, epochs, echo=self.echo)
 
     def at(self, *parts: str) -> str:
         """A path (or URI) inside the run directory."""

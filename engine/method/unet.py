@@ -224,9 +224,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
     except OSError:
         raise
     except Exception as exc:  # torch.load raises many types on foreign bytes (KeyError, IndexError, EOFError ...)
-        reason = "an empty file" if os.path.getsize(path) == 0 else f"{type(exc).__name__}: {str(exc)[:120]}"
-        raise CheckpointError(f"{name} is not a plabel checkpoint (not a readable PyTorch file: "
-                              f"{' '.join(reason.split())})") from exc
+        reason = " ".join(f"{type(exc).__name__}: {str(exc)[:120]}".split())  # (an empty file failed the signature)
+        raise CheckpointError(f"{name} is not a plabel checkpoint (not a readable PyTorch file: {reason})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{name} is not a {CHECKPOINT_FORMAT} checkpoint")
     try:

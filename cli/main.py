@@ -344,7 +344,7 @@ def evaluate(
     address: Optional[str] = _ADDRESS,
     num_cpus: Optional[int] = _NUM_CPUS,
 ):
-    """Dice per class and mean ± std over images (classes absent in both count as 1)."""
+    """Dice per class and mean ± std over images (classes absent in both count as 1), and HD95 in pixels."""
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.data.ingest import shard_paths
     from plabel.data.storage import exists, redact, write_text
@@ -368,7 +368,8 @@ def evaluate(
         console.echo(f"logs: {DEBUG['log_file']}")
         _ray(address, num_cpus)
         summary = evaluate_checkpoint(str(model), paths, classes, threshold=threshold, clean=clean)
-    typer.echo(format_dice_table({Path(redact(model)).stem: summary}, classes))
+    name = Path(redact(model)).stem
+    typer.echo(format_dice_table({name: summary}, classes, hd95={name: summary["hd95"]}))
     if json_out:
         write_text(json_out, json.dumps(summary, indent=2))
 
@@ -442,6 +443,148 @@ def submit(
     typer.echo(f"job {sub.job_id}: {sub.status}")
     if sub.status != "SUCCEEDED":
         raise typer.Exit(1)
+
+
+def _csv(option: str, value: Optional[str]) -> Optional[tuple[str, ...]]:
+    """A comma-separated option as a tuple (None when not given); an empty list is an error."""
+    if value is None:
+        return None
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        _fail(f"expected a comma-separated list, got {value!r} ({option})")
+    return items
+
+
+@app.command()
+def export(
+    table: str = typer.Argument(..., help="A pseudo-label table (pseudo_labels/ of a run, or `plabel label --out`), a prediction table (`plabel predict`'s predictions/), or a run directory. Local path or URI (s3://, gs://)."),
+    out: str = typer.Argument(..., help="Output folder (missing or empty). Local path or URI (s3://, gs://)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="png: images/ + masks/<class>/<id>.png + classes.json, the layout `plabel ingest` reads; nnunet: an nnU-Net v2 raw dataset (region-based labels for overlapping classes, `ignore` where a class is not known); coco: COCO instance JSON with RLE masks and scores (CVAT, Label Studio); dicom-seg: one DICOM Segmentation per DICOM source image, referencing it (PACS, viewers)."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated classes to export (default: all, in the table's order)."),
+    status: str = typer.Option("ok,empty", help="Comma-separated row statuses to export: ok, empty (error rows have no masks and are never exported)."),
+    kept: str = typer.Option("sam,unet,empty", help="Gate decisions whose masks are exported: sam, unet, empty (no pixel of the class). A class with another decision (dropped by the gate, or left out here) is 'not known' on that image: png skips the image, nnunet marks its box `ignore`, coco leaves it out."),
+    min_score: Optional[float] = typer.Option(None, help="Treat a class whose quality score is lower as not known: SAM's predicted IoU where SAM's mask was kept, the U-Net's mean probability where the U-Net's mask was kept (0-1)."),
+    address: Optional[str] = _ADDRESS,
+    num_cpus: Optional[int] = _NUM_CPUS,
+):
+    """Export a pseudo-label or prediction table for other tools (ingest, nnU-Net, CVAT / Label Studio, PACS)."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
+    from plabel.data.export.parts import WRITERS
+    from plabel.data.export.select import Selection
+    from plabel.jobs.export_job import check_out, open_table, run_export
+
+    if fmt not in WRITERS:
+        _fail(f"expected one of {', '.join(WRITERS)}, got {fmt!r} (--format {fmt})")
+    sel = Selection(classes=_csv("--classes", classes), status=_csv("--status", status),
+                    kept=_csv("--kept", kept), min_score=min_score)
+    _, _, _, table_classes, rows = open_table(table)
+    try:
+        sel.check(table_classes, table)
+    except ValueError as e:
+        _fail(str(e))
+    check_out(out)
+    inputs.address(address)
+    with _quiet(_command_log("export")) as console:
+        console.echo(f"logs: {DEBUG['log_file']}")
+        _ray(address, num_cpus)
+        with console.progress(f"export {fmt}", rows, "rows") as bar:
+            summary = run_export(table, out, fmt, sel, progress=lambda n, total: bar.advance(n, total=total))
+    skipped = sum(summary["skipped"].values())
+    typer.echo(f"exported {summary['images']} images and {summary['masks']} masks of {summary['rows']} rows "
+               f"({fmt}) to {summary['out']}" + (f"; skipped {skipped} rows:" if skipped else ""))
+    for reason, n in summary["skipped"].items():
+        typer.echo(f"  {n:6d}  {reason}")
+    if summary.get("absent_classes"):
+        typer.echo(f"  classes with no pixel in the export, left out of dataset.json: {', '.join(summary['absent_classes'])}")
+    if fmt == "png" and summary["skipped"]:
+        typer.echo("  (png writes an image only when every exported class is known on it: `plabel ingest` needs "
+                   "them all; --classes selects fewer)")
+    typer.echo(f"details: {summary['out']}/plabel_export.json")
+
+
+@app.command()
+def predict(
+    input: str = typer.Argument(..., metavar="INPUT", help="Images to predict: a folder with images/ (the formats `plabel ingest` reads: PNG, JPEG, TIFF, DICOM; local), an ingested folder (manifest.json), or one .tar shard. Local path or URI (s3://, gs://) for shards."),
+    out: str = typer.Argument(..., help="Output folder: predictions/ (the Parquet table), shards/ (when INPUT is an image folder), png/ (with --png). Local path or URI (s3://, gs://)."),
+    model: str = typer.Option(..., "--model", help="U-Net checkpoint (.pt: a student or teacher from `plabel run` / `plabel train`). Local path or URI (s3://, gs://)."),
+    split: Optional[str] = typer.Option(None, help="For an ingested folder: the split to predict (default: every split)."),
+    threshold: float = typer.Option(0.5, help="Probability threshold of the masks."),
+    clean: bool = typer.Option(False, help="Clean the masks as the label job does (largest-confidence component per class); `plabel evaluate --clean` scores the same masks."),
+    png: bool = typer.Option(False, "--png", help="Also write out/png/: images/, masks/<class>/<id>.png and classes.json (`plabel export --format png` of the table: a folder `plabel ingest` reads)."),
+    actors: int = typer.Option(1, help="U-Net actor pool size (one CPU each; one GPU each when the cluster has GPUs)."),
+    batch_size: int = typer.Option(8, help="Images per U-Net call."),
+    address: Optional[str] = _ADDRESS,
+    num_cpus: Optional[int] = _NUM_CPUS,
+):
+    """Apply a U-Net to new images: a prediction table (one row per image, a mask per class), as one Ray Data job."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
+    from plabel.data import storage
+    from plabel.data.export.select import Selection
+    from plabel.data.ingest import ingest as run_ingest, shard_paths
+    from plabel.jobs.export_job import check_out, run_export
+    from plabel.jobs.predict_job import run_predict_job
+
+    extra = inputs.checkpoint("--model", model)
+    classes = extra.get("classes")
+    if not classes:
+        _fail(f"the checkpoint records no class names (--model {storage.redact(model)})")
+    table = storage.join(out, "predictions")
+    if storage.exists(storage.join(table, "_plabel_complete.json")):
+        _fail(f"a finished prediction table is there already; choose another output folder ({storage.redact(out)})")
+    if png:
+        check_out(storage.join(out, "png"))
+    if storage.redact(input).endswith(".tar"):
+        if not storage.exists(input):
+            _fail(f"no such shard file ({storage.redact(input)})")
+        paths = [str(input)]
+    elif storage.exists(storage.join(input, "manifest.json")):
+        manifest = inputs.manifest("INPUT", input)
+        inputs.classes_fit("--model", model, extra, manifest["classes"], data_option=f"INPUT {storage.redact(input)}")
+        if split is not None:
+            inputs.split("--split", split, manifest)
+        paths = [p for s in ([split] if split else manifest["splits"]) for p in shard_paths(input, s)]
+    elif not storage.is_uri(input) and Path(input, "images").is_dir():
+        shards = storage.join(out, "shards")
+        typer.echo(f"ingest {input} -> {storage.redact(shards)}")
+        manifest = run_ingest(Path(input), shards, counts={"labelled": 0, "val": 0, "test": 0})
+        paths = shard_paths(shards, "unlabelled")
+    else:
+        _fail(f"expected an image folder (with images/), an ingested folder (manifest.json) or a .tar shard "
+              f"({storage.redact(input)})")
+    if not paths:
+        _fail(f"no shards to predict ({storage.redact(input)})")
+    inputs.address(address)
+    with _quiet(_command_log("predict")) as console:
+        console.echo(f"logs: {DEBUG['log_file']}")
+        _ray(address, num_cpus)
+        with console.progress("predict", None, "images") as bar:
+            summary = run_predict_job(paths, table, classes, str(model), threshold=threshold, clean=clean,
+                                      actors=actors, batch_size=batch_size,
+                                      progress=lambda n, total: bar.advance(n, total=total))
+        if png:
+            exported = run_export(table, storage.join(out, "png"), "png", Selection(kept=("unet", "empty")))
+    typer.echo(f"predicted {summary['rows']} images: {summary['ok']} ok, {summary['empty']} empty (no class found), "
+               f"{summary['error']} error -> {storage.redact(table)}")
+    if png:
+        typer.echo(f"png: {exported['images']} images, {exported['masks']} masks -> {exported['out']}")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory of `plabel run` (holding results.json); a local path."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the HTML report; report tables go beside "
+                                                         "it as JSON (same name, .json). Default: RUN_DIR/report.html."),
+    review: int = typer.Option(8, "--review", min=0, help="Pseudo labels in each review queue: the N whose kept masks "
+                                                          "agree least with SAM, and N drawn at random."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the review queue's random sample."),
+):
+    """One self-contained HTML page (images inline, no network) to decide whether to trust a run, and report.json."""
+    # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
+    from plabel.report import build_report
+
+    result = build_report(run_dir, out, review=review, seed=seed)
+    typer.echo(f"report: {result['html']} ({result['bytes'] / 1e6:.1f} MB, {result['images']} images, "
+               f"{result['seconds']:.1f} s); tables: {result['json']}")
 
 
 @app.command()

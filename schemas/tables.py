@@ -5,6 +5,10 @@ every class ``<c>`` (in the order of the schema metadata ``plabel.classes``), th
 ``<c>.mask``, ``<c>.box``, ``<c>.points``, ``<c>.point_labels``, ``<c>.area``, ``<c>.unet_prob``,
 ``<c>.sam_iou``, ``<c>.agreement_dice`` and ``<c>.kept``. It is readable with pyarrow or pandas
 alone; :func:`decode_class_masks` turns a row back into numpy masks.
+
+The prediction table (``plabel predict``) has the same image-level columns (without the SAM ones)
+and, per class, ``<c>.mask``, ``<c>.area`` and ``<c>.unet_prob`` (mean probability inside the mask).
+:func:`table_info` tells the two apart.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import pyarrow as pa
 from plabel.schemas.masks import decode_mask
 
 PSEUDO_LABEL_SCHEMA_VERSION = "1"
+PREDICTION_SCHEMA_VERSION = "1"
+TABLE_KINDS = {"pseudo_labels": PSEUDO_LABEL_SCHEMA_VERSION, "predictions": PREDICTION_SCHEMA_VERSION}
 STATUS_VALUES = ("ok", "empty", "error")
 # sam: SAM's refined mask kept; unet: the cleaned U-Net mask kept; dropped: class ignored when
 # training the student (quality gate said neither is trustworthy); empty: the teacher found no
@@ -74,17 +80,41 @@ def pseudo_label_schema(classes: Sequence[str], extra_metadata: Mapping[str, str
     return pa.schema(fields, metadata=metadata)
 
 
+PREDICTION_IMAGE_FIELDS = [f for f in IMAGE_FIELDS if not f.name.startswith("sam_")]
+PREDICTION_CLASS_FIELD_TYPES = {k: CLASS_FIELD_TYPES[k] for k in ("mask", "area", "unet_prob")}
+
+
+def prediction_schema(classes: Sequence[str], extra_metadata: Mapping[str, str] | None = None) -> pa.Schema:
+    """Arrow schema of the prediction table (``plabel predict``) for the given class order."""
+    base = pseudo_label_schema(classes)  # the same checks of the class names
+    fields = list(PREDICTION_IMAGE_FIELDS)
+    for c in classes:
+        fields += [pa.field(class_column(c, f), t) for f, t in PREDICTION_CLASS_FIELD_TYPES.items()]
+    metadata = {k.decode(): v.decode() for k, v in base.metadata.items()}
+    metadata.update({"plabel.table": "predictions", "plabel.schema_version": PREDICTION_SCHEMA_VERSION})
+    metadata.update(extra_metadata or {})
+    return pa.schema(fields, metadata=metadata)
+
+
+def table_info(schema: pa.Schema) -> tuple[str, list[str]]:
+    """``(kind, classes)`` of a plabel table: kind 'pseudo_labels' or 'predictions' (ValueError
+    for any other table or an unsupported schema version)."""
+    meta = schema.metadata or {}
+    kind = meta.get(b"plabel.table", b"").decode()
+    if kind not in TABLE_KINDS:
+        raise ValueError("not a plabel pseudo-label or prediction table (schema metadata plabel.table missing)")
+    version = meta.get(b"plabel.schema_version", b"").decode()
+    if version != TABLE_KINDS[kind]:
+        raise ValueError(f"{kind} table schema version {version!r} is not supported (expected {TABLE_KINDS[kind]})")
+    return kind, json.loads(meta[b"plabel.classes"].decode())
+
+
 def table_classes(schema: pa.Schema) -> list[str]:
     """Class order stored in a pseudo-label schema's metadata (ValueError if it is not one)."""
-    meta = schema.metadata or {}
-    if meta.get(b"plabel.table") != b"pseudo_labels":
+    kind, classes = table_info(schema)
+    if kind != "pseudo_labels":
         raise ValueError("not a plabel pseudo-label table (schema metadata plabel.table missing)")
-    version = meta.get(b"plabel.schema_version", b"").decode()
-    if version != PSEUDO_LABEL_SCHEMA_VERSION:
-        raise ValueError(
-            f"pseudo-label table schema version {version!r} is not supported (expected {PSEUDO_LABEL_SCHEMA_VERSION})"
-        )
-    return json.loads(meta[b"plabel.classes"].decode())
+    return classes
 
 
 def decode_class_masks(row: Mapping, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -65,3 +65,21 @@ def ray_local():
     ensure_ray(num_cpus=4)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, ray_local):
+    """(run directory, console output) of ONE `plabel run` of tiny_config.CONFIG on 26 synthetic
+    images, shared by every test file that needs a finished run (pipeline, export, predict, report)."""
+    from typer.testing import CliRunner
+
+    from plabel.cli.main import app
+    from plabel.data.synthetic import make_synthetic_dataset
+    from tiny_config import CONFIG
+
+    root = tmp_path_factory.mktemp("run")
+    make_synthetic_dataset(root / "data", n_images=26, size=64, seed=1)
+    (root / "cfg.yaml").write_text(CONFIG)
+    result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return root / "runs" / "tiny", result.output

@@ -33,37 +33,13 @@ from plabel.schemas.masks import decode_mask
 from plabel.schemas.tables import pseudo_label_schema, table_classes
 from plabel.training.selection import GUARD_TOLERANCE
 from plabel.training.soup import average_weights
-
-CONFIG = """
-name: tiny
-run_dir: runs
-data: {source: data, labelled: 6, val: 2, test: 4, shard_size: 5}
-teacher: {epochs: 25, image_size: 64, base_channels: 8, depth: 3, lr: 0.005, batch_size: 3}
-# student.soup 3 (set here, not taken from the default); selection mean: with one epoch, guarded selection
-# may hand the teacher's weights back to every soup member, and the soup test needs members that differ
-student: {epochs: 1, image_size: 64, base_channels: 8, depth: 3, selection: mean, soup: 3}
-label:
-  cleaning: {threshold: 0.3}
-  sam: {batch_size: 4}
-  gate: {per_class: {clavicle: {policy: unet}}}
-  unet_batch_size: 4
-"""
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("run")
-    make_synthetic_dataset(root / "data", n_images=26, size=64, seed=1)
-    (root / "cfg.yaml").write_text(CONFIG)
-    result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return root / "runs" / "tiny", result.output
+from tiny_config import CONFIG  # the session's one tiny run (fixture tiny_run, conftest.py)
 
 
 def test_run_writes_every_stage(tiny_run):
     run, output = tiny_run
     results = json.loads((run / "results.json").read_text())
-    assert set(results["stages"]) == {"ingest", "teacher", "calibrate", "label", "student", "evaluate"}
+    assert set(results["stages"]) == {"ingest", "teacher", "calibrate", "label", "student", "evaluate", "report"}
     assert results["stages"]["ingest"]["counts"] == {"labelled": 6, "val": 2, "test": 4, "unlabelled": 14}
     for name in ("config.yaml", "environment.json", "teacher.pt", "student.pt", "dice_table.txt"):
         assert (run / name).exists(), name
@@ -96,7 +72,7 @@ def test_console_holds_progress_and_summaries_not_ray_logs(tiny_run):
     for k in (1, 2, 3):
         assert f"[student {k}/3] 1/1 epochs" in output
     assert re.search(r"^\[label\] 14/14 images", output, re.M)
-    for stage in ("ingest", "teacher", "calibrate", "label", "student", "evaluate"):
+    for stage in ("ingest", "teacher", "calibrate", "label", "student", "evaluate", "report"):
         assert len([ln for ln in lines if ln.startswith(f"[{stage}] finished in ")]) == 1, stage
     assert re.search(r"^\[label\] finished in [\d.]+ s: 14 rows \(ok \d+, empty \d+, error 0\)$", output, re.M)
     log = (run / "logs" / "plabel.log").read_text()
@@ -380,9 +356,9 @@ def test_student_training_set_refuses_rows_lost_in_the_join(tiny_run):
     assert full.count() == rows
     # the join's output order varies between executions; ordered (the default) sorts it by id, so a
     # student's training set, and with it the student, is the same in every run
-    sums = [[float(np.asarray(r["image"]).sum()) for r in maybe_materialize(
-        pseudo_labelled_dataset(table, shards, classes, 64), 14, len(classes), 64).iter_rows()] for _ in range(2)]
-    assert sums[0] == sums[1] == [float(np.asarray(r["image"]).sum()) for r in full.iter_rows()]
+    again = [float(np.asarray(r["image"]).sum()) for r in maybe_materialize(
+        pseudo_labelled_dataset(table, shards, classes, 64), 14, len(classes), 64).iter_rows()]
+    assert again == [float(np.asarray(r["image"]).sum()) for r in full.iter_rows()]
     # the last shard (4 images) is gone: its rows find no image, and the count says so
     with pytest.raises(ValueError, match=rf"^the table: {rows - 4} rows were prepared for training, expected {rows}$"):
         maybe_materialize(pseudo_labelled_dataset(table, shards[:-1], classes, 64), 14, len(classes), 64,

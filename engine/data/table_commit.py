@@ -118,7 +118,7 @@ def _clear_output(out: str) -> None:
     if storage.is_remote(out):
         _check_prefix(out)
         if table_marker(out) is not None:
-            raise FileExistsError(f"{name}: the pseudo-label table exists already; remove it or choose another output")
+            raise FileExistsError(f"{name}: the table exists already; remove it or choose another output")
         leftover = storage.list_files(out)
         if any(not _table_file(f) for f in leftover):
             raise FileExistsError(f"{name} holds files that are not a plabel table; choose another output")
@@ -129,7 +129,7 @@ def _clear_output(out: str) -> None:
         return
     out_dir = Path(out)
     if out_dir.exists():
-        raise FileExistsError(f"{out_dir}: the pseudo-label table exists already; remove it or choose another output")
+        raise FileExistsError(f"{out_dir}: the table exists already; remove it or choose another output")
     _delete_stale_tmp(out)
 
 
@@ -304,9 +304,9 @@ class ShardTableWriter:
         if self.remote:
             _check_prefix(self.out)
             if table_marker(self.out) is not None:
-                raise FileExistsError(f"{name}: the pseudo-label table exists already; remove it or choose another output")
+                raise FileExistsError(f"{name}: the table exists already; remove it or choose another output")
         elif Path(self.out).exists():
-            raise FileExistsError(f"{name}: the pseudo-label table exists already; remove it or choose another output")
+            raise FileExistsError(f"{name}: the table exists already; remove it or choose another output")
         _delete_stale_tmp(self.out)
         job = self._read_job()
         if job is not None and job.get("fingerprint") == self.fingerprint:

@@ -1,8 +1,10 @@
-"""`plabel evaluate`: Dice of a U-Net checkpoint on labelled shards, as a Ray Data job.
+"""`plabel evaluate`: Dice and HD95 of a U-Net checkpoint on labelled shards, as a Ray Data job.
 
 Each image is predicted at the model's input size, the probabilities are resized back to the
-image's own grid, thresholded (optionally cleaned) and compared with the stored masks there.
-Only per-image Dice vectors (N x C floats) come back to the driver.
+image's own grid, thresholded (optionally cleaned: plabel.method.prediction.predicted_masks, the
+masks `plabel predict` writes) and compared with the stored masks there. Only per-image Dice and
+HD95 vectors (N x C floats) come back to the driver. HD95 is in pixels (shards do not record a
+pixel spacing).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from plabel.data.samples import batch_samples, decode_gray, object_array, sample
 from plabel.jobs.cluster import quiet_ray_data
 from plabel.jobs.shard_dataset import read_shards
 from plabel.method.labelling import teacher_probs
-from plabel.method.metrics import dice_of_probs, summarize_dice
+from plabel.method.metrics import dice_per_class, hd95_per_class, summarize_dice, summarize_hd95
+from plabel.method.prediction import predicted_masks
 from plabel.errors import InputError
 from plabel.method.unet import load_checkpoint
 
@@ -41,14 +44,19 @@ class DiceStage:
             truths.append(sample_masks(sample, gray.shape, self.C))  # raises naming the sample on a size mismatch
             ids.append(str(sample["__key__"]))
             names.append(sample_where(sample))
-        dices = dice_of_probs(teacher_probs(self.model, grays, self.image_size, names=names), truths,
-                              self.threshold, self.clean)
-        return {"key": object_array(ids), "dice": np.asarray(dices, np.float64).reshape(len(ids), self.C)}
+        probs = teacher_probs(self.model, grays, self.image_size, names=names)
+        preds = [predicted_masks(p, self.threshold, self.clean) for p in probs]
+        dices = [dice_per_class(p, t) for p, t in zip(preds, truths)]
+        hd = [hd95_per_class(p, t) for p, t in zip(preds, truths)]
+        return {"key": object_array(ids), "dice": np.asarray(dices, np.float64).reshape(len(ids), self.C),
+                "hd95": np.asarray(hd, np.float64).reshape(len(ids), self.C)}
 
 
 def evaluate_checkpoint(checkpoint: str, shards: Sequence[str], classes: Sequence[str], threshold: float = 0.5,
                         clean: bool = False, actors: int = 1) -> dict:
-    """summarize_dice of the checkpoint on the shards, plus 'per_image': {key: [dice per class]}.
+    """summarize_dice of the checkpoint on the shards, plus 'per_image': {key: [dice per class]},
+    'hd95': summarize_hd95 (pixels) and 'per_image_hd95': {key: [hd95 per class]}; nan (a class in
+    only one of prediction and truth) is stored as None so the summary is plain JSON.
 
     checkpoint and shards may be local paths or URIs (plabel.data.storage)."""
 
@@ -62,4 +70,16 @@ def evaluate_checkpoint(checkpoint: str, shards: Sequence[str], classes: Sequenc
     per_image = np.array([r["dice"] for r in rows], dtype=np.float64).reshape(len(rows), len(classes))
     summary = summarize_dice(per_image, list(classes))
     summary["per_image"] = {r["key"]: [float(v) for v in r["dice"]] for r in rows}
+    hd = np.array([r["hd95"] for r in rows], dtype=np.float64).reshape(len(rows), len(classes))
+    summary["hd95"] = _json_safe(summarize_hd95(hd, list(classes)))
+    summary["per_image_hd95"] = {r["key"]: _json_safe([float(v) for v in r["hd95"]]) for r in rows}
     return summary
+
+
+def _json_safe(value):
+    """nan -> None, recursively through dicts and lists (JSON has no nan)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and np.isnan(value) else value

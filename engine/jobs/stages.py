@@ -9,6 +9,8 @@
     student    pseudo_labels/, shards, teacher.pt,     student.pt (student-k.pt: soup members)
                student:
     evaluate   test shards, teacher.pt, student.pt     dice_table.txt
+    report     results.json, the table, the models,    report.html + report.json (plabel.report, no Ray)
+               a few shard images
 
 Each stage's key names what its result depends on; the runner skips a stage whose key and outputs
 are unchanged. Adding a stage to `plabel run` is one more entry in RUN_STAGES.
@@ -26,6 +28,8 @@ from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_d
 from plabel.method.calibration import POLICY_FILE
 from plabel.method.metrics import format_dice_table
 from plabel.method.unet import checkpoint_sha256, load_checkpoint
+from plabel.report import build_report
+from plabel.report.collect import REPORT_VERSION
 from plabel.schemas.config import LabelSection
 from plabel.training.selection import describe_guard, guard_average
 from plabel.training.soup import average_checkpoints
@@ -245,12 +249,34 @@ def _evaluate_applies(ctx: RunContext) -> str | None:
 
 def _evaluate(ctx: RunContext) -> dict:
     out = {m: evaluate_checkpoint(ctx.at(f"{m}.pt"), ctx.paths("test"), ctx.classes) for m in ("teacher", "student")}
-    storage.write_text(ctx.at("dice_table.txt"), format_dice_table(out, ctx.classes) + "\n")
+    table = format_dice_table(out, ctx.classes, hd95={m: s["hd95"] for m, s in out.items()})
+    storage.write_text(ctx.at("dice_table.txt"), table + "\n")
     return out
 
 
 def _evaluate_key(ctx: RunContext) -> dict:
     return {**_data_key(ctx), "teacher": ctx.sha("teacher.pt"), "student": ctx.sha("student.pt")}
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _report_applies(ctx: RunContext) -> str | None:
+    if storage.is_remote(ctx.run):
+        return "the run directory is in object storage: `plabel report` builds it from a local copy"
+    return None
+
+
+def _report(ctx: RunContext) -> dict:
+    out = build_report(ctx.run)  # the review queue's defaults: 8 + 8 images, seed 0
+    return {"html": "report.html", "json": "report.json", "bytes": out["bytes"], "images": out["images"]}
+
+
+def _report_key(ctx: RunContext) -> dict:
+    """Everything the report shows: the other stages' results, the table, the models, the gate."""
+    return {"stages": {k: v for k, v in ctx.results["stages"].items() if k != "report"},
+            "table": table_marker(ctx.at("pseudo_labels")), "teacher": ctx.sha("teacher.pt"),
+            "student": ctx.sha("student.pt"), "gate_policy": ctx.sha(POLICY_FILE), "version": REPORT_VERSION}
 
 
 RUN_STAGES: tuple[Stage, ...] = (
@@ -270,6 +296,9 @@ RUN_STAGES: tuple[Stage, ...] = (
           writes=("student.pt",), key=_student_key, run=_student),
     Stage("evaluate", reads=("shards: test", "teacher.pt", "student.pt"), writes=("dice_table.txt",),
           key=_evaluate_key, run=_evaluate, applies=_evaluate_applies),
+    Stage("report", reads=("results.json", "pseudo_labels", POLICY_FILE, "teacher.pt", "student.pt", "shards"),
+          writes=("report.html",), key=_report_key, run=_report, applies=_report_applies, ray=False,
+          summary=lambda out: f"report.html ({out['bytes'] / 1e6:.1f} MB, {out['images']} images)"),
 )
 
 
@@ -306,3 +335,5 @@ def final_report(ctx: RunContext) -> None:
     if "label" in stages:
         ctx.echo(f"pseudo labels: {_label_summary(stages['label'])} in {storage.join(ctx.name, 'pseudo_labels')}")
     ctx.echo(f"run directory: {ctx.name}")
+    if "report" in stages and storage.exists(ctx.at("report.html")):
+        ctx.echo(f"report: {ctx.at('report.html')}")

@@ -19,6 +19,7 @@ import torch
 from plabel.method.cleaning import CleaningConfig, clean_masks
 from plabel.method.gate import GateConfig, gate_decision
 from plabel.method.metrics import dice
+from plabel.method.prediction import mask_confidence
 from plabel.method.preprocess import masks_to_grid, probs_to_image, to_unet_input
 from plabel.method.prompts import RefinementPrompts, extract_prompts
 from plabel.method.unet import predict_probs
@@ -73,10 +74,7 @@ def clean_and_prompt(probs: np.ndarray, cfg: CleaningConfig) -> tuple[np.ndarray
     """float32 (C, H, W) -> cleaned bool (C, H, W), mean probability inside each cleaned mask
     float32 (C,) (NaN where the class is absent), and the SAM prompts."""
     cleaned = clean_masks(probs, cfg)
-    area = cleaned.reshape(len(cleaned), -1).sum(1)
-    inside = (probs * cleaned).reshape(len(cleaned), -1).sum(1)
-    unet_prob = np.where(area > 0, inside / np.maximum(area, 1), np.nan).astype(np.float32)
-    return cleaned, unet_prob, extract_prompts(cleaned)
+    return cleaned, mask_confidence(probs, cleaned), extract_prompts(cleaned)
 
 
 def empty_row(meta: ImageMeta, classes: Sequence[str], status: str, message: str | None, provenance: dict) -> dict:

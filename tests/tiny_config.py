@@ -1,0 +1,17 @@
+"""The config of the tiny end-to-end run that several test files share (fixture ``tiny_run``,
+conftest.py: ONE `plabel run` per session, about 200 s here)."""
+
+CONFIG = """
+name: tiny
+run_dir: runs
+data: {source: data, labelled: 6, val: 2, test: 4, shard_size: 5}
+teacher: {epochs: 25, image_size: 64, base_channels: 8, depth: 3, lr: 0.005, batch_size: 3}
+# student.soup 3 (set here, not taken from the default); selection mean: with one epoch, guarded selection
+# may hand the teacher's weights back to every soup member, and the soup test needs members that differ
+student: {epochs: 1, image_size: 64, base_channels: 8, depth: 3, selection: mean, soup: 3}
+label:
+  cleaning: {threshold: 0.3}
+  sam: {batch_size: 4}
+  gate: {per_class: {clavicle: {policy: unet}}}
+  unet_batch_size: 4
+"""

@@ -12,10 +12,14 @@ The public Python API (everything else is internal and may move):
 
 Rooms of the package (one concern each; only plabel.jobs imports Ray):
     plabel.method    the paper's method as plain numpy/torch functions (U-Net, losses, cleaning,
-                     prompts, SAM refinement, the gate, calibration, metrics, per-image labelling)
-    plabel.data      images, ingest, WebDataset shards, storage (local / s3 / gs), the table on disk
+                     prompts, SAM refinement, the gate, calibration, metrics (Dice, HD95),
+                     per-image labelling, prediction)
+    plabel.data      images, ingest, WebDataset shards, storage (local / s3 / gs), the table on disk,
+                     exports (data/export: png, nnU-Net, COCO, DICOM SEG)
     plabel.training  the one training loop, epoch selection, weight soups
-    plabel.jobs      Ray: cluster, Ray Data jobs (label, evaluate), Ray Train, submit, the run's stages
+    plabel.report    the run's report.html (Ray-free: reads a run directory)
+    plabel.jobs      Ray: cluster, Ray Data jobs (label, predict, export, evaluate), Ray Train, submit,
+                     the run's stages
     plabel.schemas   config, table schema and mask codec (depends on nothing else in plabel)
     plabel.cli       the `plabel` command
 

@@ -86,6 +86,10 @@ def test_submit_runs_the_demo_with_sam_on_the_gpu_node(two_node_cluster, tmp_pat
     cfg["teacher"].update(epochs=2, depth=3, base_channels=8)
     cfg["student"].update(epochs=1, depth=3, base_channels=8, soup=1)  # one student: soups are test_pipeline's
     cfg["label"]["sam"].update(batch_size=4, memory_gb=0.25)
+    # this test is about where the job's actors run: no calibration and no test split (both are
+    # test_pipeline's), which spares two SAM loads and an evaluation on the fresh cluster
+    cfg["label"]["gate"] = {"calibrate": False}
+    cfg["data"].update(test=0)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
 
     result = CliRunner().invoke(app, ["submit", str(tmp_path / "demo.yaml"), "--address", cluster.dashboard_url,

@@ -681,3 +681,22 @@ def test_read_shards_from_s3_with_a_truncated_shard(ray_local, s3_prefix):
     assert "'b.png'" in err and "truncated" in err
     with pytest.raises(FileNotFoundError, match="missing.tar"):
         read_shards([good, storage.join(s3_prefix, "missing.tar")])
+
+
+def test_one_failing_image_does_not_cost_its_batch():
+    """label_job.per_image: the batch call fails because of image 2; each image is then processed
+    alone, 2 is reported with its exception, the others keep their results (label, refine, predict)."""
+    from plabel.jobs.label_job import per_image
+
+    calls, errors = [], []
+
+    def process(idx):
+        calls.append(list(idx))
+        if 2 in idx:
+            raise ValueError("image 2 is broken")
+        return [10 * i for i in idx]
+
+    out = per_image([0, 2, 5], process, lambda i, e: errors.append((i, str(e))))
+    assert out == {0: 0, 5: 50} and errors == [(2, "image 2 is broken")]
+    assert calls == [[0, 2, 5], [0], [2], [5]]
+    assert per_image([1, 3], process, lambda i, e: errors.append(i)) == {1: 10, 3: 30}  # no failure: one call

@@ -336,7 +336,9 @@ def test_run_pipeline_on_s3(tmp_path, s3_prefix, ray_local):
     cfg = build(RunConfig, {
         "name": "tiny", "run_dir": storage.join(s3_prefix, "runs"), "data": {"shards": shards},
         "teacher": {**train, "epochs": 1, "lr": 0.005}, "student": {**train, "epochs": 1, "soup": 1},
-        "label": {"cleaning": {"threshold": 0.3}, "sam": {"batch_size": 4}, "unet_batch_size": 4},
+        # random_tiny SAM: the files are what is tested here; LiteMedSAM's masks are test_pipeline's
+        "label": {"cleaning": {"threshold": 0.3}, "sam": {"backend": "random_tiny", "batch_size": 4},
+                  "unet_batch_size": 4},
     })
     lines = []
     results = run_pipeline(cfg, echo=lambda m: (lines.append(m), print(f"{time.time() - t0:6.1f} {m}", flush=True)))

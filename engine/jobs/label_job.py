@@ -80,6 +80,29 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def per_image(indices: list[int], process: Callable[[list[int]], list],
+              on_error: Callable[[int, Exception], None]) -> dict:
+    """``{i: result}`` of ``process(indices)`` (one result per index, in order); when the batch call
+    raises, each index is processed alone and ``on_error(i, exc)`` is called for those that still fail
+    (they get no result), so one bad image never costs the rest of its batch."""
+    try:
+        return dict(zip(indices, process(indices)))
+    except Exception:  # noqa: BLE001 - isolate the failing image(s)
+        results = {}
+        for i in indices:
+            try:
+                results[i] = process([i])[0]
+            except Exception as e:  # noqa: BLE001
+                on_error(i, e)
+        return results
+
+
+def _fail(batch: dict, i: int, reason: str) -> None:
+    """Mark row ``i`` of a batch as an error whose message names its shard and key."""
+    batch["status"][i] = "error"
+    batch["message"][i] = f"{batch['shard'][i]}:{batch['key'][i]}: {reason}"
+
+
 def _writable_status(batch: dict) -> None:
     """Make 'status' and 'message' writable object arrays of str / None (Ray may hand the stage
     read-only arrays, and an all-null message column as floats)."""
@@ -165,16 +188,8 @@ class TeacherStage:
         n = len(batch["id"])
         C = self.C
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
-        results: dict[int, tuple] = {}
-        try:
-            results = dict(zip(ok, self._process([batch["image"][i] for i in ok])))
-        except Exception:  # noqa: BLE001 - isolate the failing image(s)
-            for i in ok:
-                try:
-                    results[i] = self._process([batch["image"][i]])[0]
-                except Exception as e:  # noqa: BLE001
-                    batch["status"][i] = "error"
-                    batch["message"][i] = f"{batch['shard'][i]}:{batch['key'][i]}: teacher: {type(e).__name__}: {e}"
+        results = per_image(ok, lambda idx: self._process([batch["image"][i] for i in idx]),
+                            lambda i, e: _fail(batch, i, f"teacher: {type(e).__name__}: {e}"))
         for i in ok:
             if i in results and results[i] is None:
                 batch["status"][i] = "error"
@@ -239,16 +254,8 @@ class RefineStage:
         _writable_status(batch)
         n = len(batch["id"])
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
-        rows: dict[int, dict] = {}
-        try:
-            rows = dict(zip(ok, self._rows(batch, ok)))
-        except Exception:  # noqa: BLE001 - isolate the failing image(s)
-            for i in ok:
-                try:
-                    rows[i] = self._rows(batch, [i])[0]
-                except Exception as e:  # noqa: BLE001
-                    batch["status"][i] = "error"
-                    batch["message"][i] = f"{batch['shard'][i]}:{batch['key'][i]}: sam: {type(e).__name__}: {e}"
+        rows = per_image(ok, lambda idx: self._rows(batch, idx),
+                         lambda i, e: _fail(batch, i, f"sam: {type(e).__name__}: {e}"))
         out = []
         for i in range(n):
             if i in rows:

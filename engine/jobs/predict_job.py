@@ -24,7 +24,7 @@ import torch
 from plabel.data import storage
 from plabel.data.table_commit import ShardTableWriter
 from plabel.jobs.cluster import cluster_gpus, quiet_ray_data
-from plabel.jobs.label_job import decode_images
+from plabel.jobs.label_job import decode_images, per_image
 from plabel.jobs.shard_dataset import read_shards
 from plabel.method.labelling import NONFINITE_TEACHER, teacher_probs
 from plabel.method.prediction import error_row, mask_confidence, predicted_masks, prediction_row
@@ -67,16 +67,10 @@ class PredictStage:
     def __call__(self, batch: dict):
         n = len(batch["id"])
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
-        rows: dict[int, dict] = {}
-        try:
-            rows = dict(zip(ok, self._rows(batch, ok)))
-        except Exception:  # noqa: BLE001 - isolate the failing image(s)
-            for i in ok:
-                try:
-                    rows[i] = self._rows(batch, [i])[0]
-                except Exception as e:  # noqa: BLE001
-                    rows[i] = error_row(self._image(batch, i), f"{batch['shard'][i]}:{batch['key'][i]}: unet: "
-                                        f"{type(e).__name__}: {e}", self.classes)
+        failed: dict[int, dict] = {}
+        rows = per_image(ok, lambda idx: self._rows(batch, idx), lambda i, e: failed.__setitem__(i, error_row(
+            self._image(batch, i), f"{batch['shard'][i]}:{batch['key'][i]}: unet: {type(e).__name__}: {e}", self.classes)))
+        rows.update(failed)
         out = [rows[i] if i in rows else error_row(self._image(batch, i), batch["message"][i], self.classes)
                for i in range(n)]
         return pa.Table.from_pylist(out, schema=self.schema)

@@ -20,6 +20,8 @@ from typing import Callable
 import pyarrow.parquet as pq
 import ray
 
+import plabel
+
 from plabel.data import storage
 from plabel.data.export.parts import WRITERS, export_part, scan_part
 from plabel.data.export.select import Selection
@@ -102,7 +104,7 @@ def run_export(table: str, out: str, fmt: str, selection: Selection | None = Non
     def dataset():
         return ray.data.from_items(items, override_num_blocks=len(items))
 
-    plan: dict = {"version": _version()}
+    plan: dict = {"version": plabel.__version__}
     if fmt == "nnunet":
         scans = [json.loads(r["scan"]) for r in dataset().map_batches(_scan_batch, fn_kwargs=common,
                                                                         batch_size=1, num_cpus=1).take_all()]
@@ -117,7 +119,7 @@ def run_export(table: str, out: str, fmt: str, selection: Selection | None = Non
         records += got
         if progress is not None:
             progress(len(got), total)
-    meta = {"table": storage.redact(str(table)), "kind": kind, "version": _version(), "name": "plabel"}
+    meta = {"table": storage.redact(str(table)), "kind": kind, "version": plabel.__version__, "name": "plabel"}
     index = WRITERS[fmt].finish(out, records, classes, plan, meta)
     skipped = [r for r in records if "skipped" in r]
     summary = {
@@ -140,12 +142,3 @@ def _reason(text: str) -> str:
             return {"sample ": "sample not found in its shard", "unusable sample": "unusable sample in its shard",
                     "id ": "id cannot be a file name"}[head]
     return text
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("plabel")
-    except PackageNotFoundError:
-        return "unknown"

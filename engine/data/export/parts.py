@@ -40,10 +40,10 @@ def with_images(rows: list[ExportRow]) -> Iterator[tuple[ExportRow, str | None, 
     for er in rows:
         by_shard[er.shard][er.key] = er
     for shard, wanted in by_shard.items():
-        fs, path = storage.resolve(shard)
         local = not storage.is_uri(shard)
+        fs, path = (None, shard) if local else storage.resolve(shard)
         try:
-            samples = read_shard_file(path if not local else shard, shard, None if local else fs)
+            samples = read_shard_file(path, shard, fs)
             for sample in samples:
                 er = wanted.pop(str(sample["__key__"]), None)
                 if er is None:

@@ -39,6 +39,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+_RAY_DATA_RETRY_NOTE = "Failed to apply UDF transform after"
+
+
 def _text(exc: BaseException) -> str:
     """The message of ``exc`` on one line (Ray wraps task errors: their cause's message)."""
     cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError keeps the original exception
@@ -48,13 +51,29 @@ def _text(exc: BaseException) -> str:
         text = f"{exc.strerror} ({exc.filename})"
     else:
         text = str(exc) or type(exc).__name__
+    text = text.split(_RAY_DATA_RETRY_NOTE)[0]  # Ray Data appends its retry advice to a UDF's error
     return " ".join(text.split())
+
+
+def _user_cause(exc: BaseException) -> BaseException | None:
+    """The user error inside ``exc``: itself, or the one a Ray task raised (RayTaskError keeps it as
+    ``cause``; Ray Data wraps a UDF's error in UserCodeException, its ``__cause__``)."""
+    seen: set[int] = set()
+    types = _user_error_types()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, types):
+            return exc
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+    return None
 
 
 def describe(exc: BaseException) -> tuple[int, str]:
     """(exit code, message) for an exception that ended a command."""
-    if isinstance(exc, _user_error_types()):
-        return 2, _text(exc)
+    user = _user_cause(exc)
+    if user is not None:
+        return 2, _text(user)
     where = f"; log: {DEBUG['log_file']}" if DEBUG.get("log_file") else ""
     return 1, f"internal error: {type(exc).__name__}: {_text(exc)} (rerun with --debug for the traceback{where})"
 

@@ -223,7 +223,7 @@ def _train(console: Console, shards, out, role, pseudo_labels, include_labelled,
             labelled = shard_paths(shards, "labelled") if include_labelled else []
             train_ds = student_dataset(str(pseudo_labels), shard_paths(shards, "unlabelled"), labelled, classes, S,
                                        n.get("unlabelled", 0), n.get("labelled", 0) if labelled else 0,
-                                       what=f"{redact(str(pseudo_labels))} joined with the unlabelled shards of "
+                                       what=f"{redact(str(pseudo_labels))} with the unlabelled shards of "
                                             f"{redact(str(shards))}")
         with bar:
             return train_unet(train_ds, val_ds, classes, section, out, storage, Path(redact(out)).stem, role=role,

@@ -5,6 +5,10 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train polls its workers every 2 s and watches for preemption every 5 s: each run of the suite's
+# ~30 tiny Ray Train runs then ends seconds after its last epoch (about 3.5 s per run measured here)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # the log files of single-stage commands (cli/main.py _command_log) stay out of the repository
 os.environ.setdefault("PLABEL_LOG_DIR", os.path.join(__import__("tempfile").mkdtemp(prefix="plabel-test-logs-")))
 

@@ -3,29 +3,33 @@ import json
 import math
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
 from typer.testing import CliRunner
 
+from plabel.cli.errors import describe
 from plabel.cli.main import app
 from plabel.data.imageio import decode_image, to_gray_float
 from plabel.data.ingest import load_manifest, shard_paths
 from plabel.data.shards import image_member
-from plabel.data.synthetic import make_synthetic_dataset
 from plabel.jobs.calibrate_job import read_labelled_images
 from plabel.jobs.label_job import run_label_job
 from plabel.jobs.train_job import maybe_materialize, pseudo_labelled_dataset, trainable_rows
 from plabel.method.calibration import load_gate_policy
 from plabel.method.cleaning import CleaningConfig
 from plabel.method.gate import gate_decision
+from plabel.data.table_commit import table_files
 from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
 from plabel.method.metrics import dice_per_class
+from plabel.method.preprocess import masks_to_grid, to_unet_input
 from plabel.method.sam import SamRefiner, load_sam
 from plabel.method.unet import checkpoint_sha256, load_checkpoint, save_checkpoint
 from plabel.schemas.config import LabelSection, SamSection
@@ -33,6 +37,7 @@ from plabel.schemas.masks import decode_mask
 from plabel.schemas.tables import pseudo_label_schema, table_classes
 from plabel.training.selection import GUARD_TOLERANCE
 from plabel.training.soup import average_weights
+from plabel.training.student_set import pseudo_part_arrays, shard_lookup
 from tiny_config import CONFIG  # the session's one tiny run (fixture tiny_run, conftest.py)
 
 
@@ -339,8 +344,10 @@ def test_a_soup_that_loses_no_class_is_kept(tiny_run, tmp_path):
     assert "the soup lost" not in output
 
 
-def test_student_training_set_refuses_rows_lost_in_the_join(tiny_run):
-    """Pseudo-label rows whose image is missing from the unlabelled shards do not leave training silently."""
+def test_student_training_set_takes_each_parts_images_from_its_shard(tiny_run, tmp_path):
+    """The student's pseudo-labelled set: each table part with the images of the one shard its rows
+    name (no join on id), in shard order, the same in every run; a row whose shard or sample is gone
+    stops it with an error naming the row (a pseudo label never leaves training silently)."""
 
     run, _ = tiny_run
     table = str(run / "pseudo_labels")
@@ -351,15 +358,64 @@ def test_student_training_set_refuses_rows_lost_in_the_join(tiny_run):
     shards = shard_paths(str(run / "shards"), "unlabelled")
     assert len(shards) == 3  # 5 + 5 + 4 images
     rows = trainable_rows(table)
+
+    # Ray-free, part by part: the rows in their shard's order, each image decoded from its shard as
+    # the U-Net sees it, each class weighted 1 unless the gate dropped it, the kept mask on the grid
+    fs, files = table_files(table)
+    assert len(files) == 3
+    n_rows = 0
+    for f in files:
+        got = pseudo_part_arrays(f, fs, classes, 64, shard_lookup(shards))
+        table_rows = {r["id"]: r for r in pq.read_table(f).to_pylist() if r["status"] != "error"}
+        (shard,) = {r["shard"] for r in table_rows.values()}
+        in_shard = list(wds.WebDataset(shard, shardshuffle=False))
+        assert list(got["id"]) == [json.loads(s["json"])["id"] for s in in_shard]
+        for i, sample in enumerate(in_shard):
+            row = table_rows[got["id"][i]]
+            name, data = image_member(sample)
+            gray = np.round(to_gray_float(decode_image(data, name)) * 255).astype(np.uint8)
+            assert np.array_equal(got["image"][i], to_unet_input(gray, 64))
+            for c, cls in enumerate(classes):
+                kept = row[f"{cls}.kept"]
+                assert got["weight"][i, c] == (0.0 if kept == "dropped" else 1.0)
+                if kept != "dropped":
+                    want = decode_mask(row[f"{cls}.mask"], row["height"], row["width"])
+                    assert np.array_equal(got["masks"][i, c], masks_to_grid(want[None], 64)[0])
+        n_rows += len(got["id"])
+    assert n_rows == rows
+
+    # through Ray: one task per part, materialized twice in the same order
     full = maybe_materialize(pseudo_labelled_dataset(table, shards, classes, 64), 14, len(classes), 64,
                              expected_rows=rows, what="whole table")
     assert full.count() == rows
-    # the join's output order varies between executions; ordered (the default) sorts it by id, so a
-    # student's training set, and with it the student, is the same in every run
     again = [float(np.asarray(r["image"]).sum()) for r in maybe_materialize(
         pseudo_labelled_dataset(table, shards, classes, 64), 14, len(classes), 64).iter_rows()]
     assert again == [float(np.asarray(r["image"]).sum()) for r in full.iter_rows()]
-    # the last shard (4 images) is gone: its rows find no image, and the count says so
-    with pytest.raises(ValueError, match=rf"^the table: {rows - 4} rows were prepared for training, expected {rows}$"):
+
+    # the last shard is not among those given: its rows have no image, and the error names one of them
+    with pytest.raises(Exception) as e:
         maybe_materialize(pseudo_labelled_dataset(table, shards[:-1], classes, 64), 14, len(classes), 64,
                           expected_rows=rows, what="the table")
+    code, message = describe(e.value)
+    assert code == 2 and re.search(r"pseudo-label row \S+ comes from shard \S+-000002\.tar, which is not among "
+                                   r"the 2 unlabelled shards given$", message), message
+    # a shard that lost one sample (replaced after labelling): that row, by id and key
+    moved = tmp_path / "unlabelled"
+    moved.mkdir()
+    for s in shards[:-1]:
+        shutil.copy(s, moved)
+    with tarfile.open(shards[-1]) as src, tarfile.open(moved / Path(shards[-1]).name, "w") as dst:
+        members = src.getmembers()
+        lost = members[0].name.split(".")[0]
+        for m in members:
+            if m.name.split(".")[0] != lost:
+                dst.addfile(m, src.extractfile(m))
+    # (the table names the original paths: the copies are found by file name)
+    local = [str(moved / Path(s).name) for s in shards]
+    with pytest.raises(Exception) as e:
+        pseudo_labelled_dataset(table, local, classes, 64).materialize()
+    code, message = describe(e.value)
+    assert code == 2 and re.search(rf"pseudo-label row \S+ has no image: sample {lost} not found in \S+", message), \
+        message
+    assert maybe_materialize(pseudo_labelled_dataset(table, local[:-1] + [shards[-1]], classes, 64), 14,
+                             len(classes), 64, expected_rows=rows).count() == rows

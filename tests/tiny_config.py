@@ -11,7 +11,7 @@ teacher: {epochs: 25, image_size: 64, base_channels: 8, depth: 3, lr: 0.005, bat
 student: {epochs: 1, image_size: 64, base_channels: 8, depth: 3, selection: mean, soup: 3}
 label:
   cleaning: {threshold: 0.3}
-  sam: {batch_size: 4}
+  sam: {batch_size: 4, cpus: 2}  # two threads: LiteMedSAM on 14 images is most of the run
   gate: {per_class: {clavicle: {policy: unet}}}
   unet_batch_size: 4
 """

@@ -60,11 +60,14 @@ def cluster_gpus() -> float:
 
 
 def quiet_ray_data() -> None:
-    """No Ray Data progress bars (plabel shows its own, plabel.console) and no execution-plan dump at
-    each start. Datasets carry the driver's DataContext to the workers that iterate them (Ray Train
+    """No Ray Data progress bars (plabel shows its own, plabel.console), no execution-plan dump at
+    each start, and a UDF's original exception raised on the driver. Datasets carry the driver's DataContext to the workers that iterate them (Ray Train
     workers reading their validation set each epoch), so this is set on the driver once Ray is up."""
     import ray  # local: Ray reads its constants on import: plabel's environment comes first
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # a UDF's own error (an InputError naming the input) reaches the driver, not a UserCodeException
+    # that keeps only its text: the CLI ends such errors with one line and exit code 2 (cli/errors.py)
+    ctx.raise_original_map_exception = True

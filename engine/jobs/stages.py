@@ -155,7 +155,7 @@ def _student(ctx: RunContext) -> dict:
     labelled = ctx.paths("labelled") if section.include_labelled else []
     train = student_dataset(ctx.at("pseudo_labels"), ctx.paths("unlabelled"), labelled, classes, section.image_size,
                             ctx.n("unlabelled"), ctx.n("labelled") if labelled else 0,
-                            what=f"{ctx.name}/pseudo_labels joined with the unlabelled shards")
+                            what=f"{ctx.name}/pseudo_labels with the images of the unlabelled shards")
     val = _validation_set(ctx, section.image_size)
     init = ctx.at("teacher.pt") if section.init == "teacher" else None
     distill = ctx.at("teacher.pt") if section.distill > 0 else None

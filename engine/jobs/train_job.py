@@ -2,7 +2,7 @@
 
 Data stream through Ray Data (ray.train.get_dataset_shard), never collected on the driver:
   labelled_dataset        labelled shards -> image, masks, weight (all classes weighted 1)
-  pseudo_labelled_dataset pseudo-label table joined with the unlabelled shards on id -> the same
+  pseudo_labelled_dataset pseudo-label table parts, each with the images of its shard -> the same
                           columns, weight 0 for classes the quality gate dropped
 The training loop itself (epochs, steps, validation, selection) is plabel.training.loop.fit; the
 worker here feeds it the Ray dataset shards and reports its checkpoints.
@@ -10,7 +10,6 @@ worker here feeds it the Ray dataset shards and reports its checkpoints.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -26,22 +25,20 @@ import pyarrow.dataset as pads
 import ray
 import ray.train
 import torch
-from ray.data.expressions import col
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from plabel.data import storage
-from plabel.data.samples import batch_samples, decode_gray, object_array, sample_where
+from plabel.data.samples import batch_samples, decode_gray, sample_where
 from plabel.data.shards import decode_masks
 from plabel.data.table_commit import table_files
 from plabel.jobs.shard_dataset import read_shards
-from plabel.method.labelling import pseudo_label_targets
 from plabel.method.preprocess import masks_to_grid, to_unet_input
 from plabel.errors import InputError
 from plabel.method.unet import CheckpointError, UNet, load_checkpoint, save_checkpoint
-from plabel.schemas.tables import class_column
 from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, fit, shuffle_seed
 from plabel.training.selection import GUARD_TOLERANCE, guard_note
+from plabel.training.student_set import pseudo_part_arrays, shard_lookup
 
 log = logging.getLogger(__name__)
 
@@ -117,28 +114,10 @@ def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
     }
 
 
-def prepare_unlabelled_images(batch: dict, image_size: int) -> dict:
-    """Raw WebDataset batch -> id, image float32 (N, S, S) (undecodable samples are skipped here:
-    the pseudo-label table already records them as error rows)."""
-
-    ids, images = [], []
-    for sample in batch_samples(batch):
-        try:
-            sid = json.loads(bytes(sample["json"]))["id"] if "json" in sample else str(sample["__key__"])
-            gray = decode_gray(sample)
-        except Exception:  # noqa: BLE001
-            continue
-        ids.append(sid)
-        images.append(to_unet_input(gray, image_size))
-    return {"id": object_array(ids), "image": np.stack(images) if images else np.zeros((0, image_size, image_size), np.float32)}
-
-
-def prepare_pseudo(batch: dict, classes: Sequence[str], image_size: int) -> dict:
-    """Joined rows (table columns + image) -> image, masks (kept pseudo labels), weight."""
-
-    rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["id"]))]
-    masks, weight = pseudo_label_targets(rows, classes, image_size)
-    return {"image": np.asarray(batch["image"], np.float32), "masks": masks, "weight": weight}
+def _pseudo_part_batch(batch: dict, fs, classes: Sequence[str], image_size: int, shards: dict) -> dict:
+    """Ray UDF: rows {part} (one Parquet part each) -> image, masks, weight of its trainable rows."""
+    out = [pseudo_part_arrays(str(p), fs, classes, image_size, shards) for p in batch["part"]]
+    return {k: np.concatenate([o[k] for o in out]) for k in ("image", "masks", "weight")}
 
 
 def labelled_dataset(shards: Sequence[str], num_classes: int, image_size: int):
@@ -147,30 +126,22 @@ def labelled_dataset(shards: Sequence[str], num_classes: int, image_size: int):
                           batch_format="numpy", batch_size=16)
 
 
-def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], classes: Sequence[str], image_size: int,
-                            ordered: bool = True):
-    """Pseudo-label rows (status ok/empty) joined with their images by id.
+def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], classes: Sequence[str], image_size: int):
+    """The pseudo-label rows (status ok/empty) with their images: one task per table part, which
+    reads the one shard its rows come from (plabel.training.student_set.pseudo_part_arrays), in the
+    table's part order: no join, no sort, the same rows in the same order in every run.
 
     table_dir (local or a URI) must hold a finished table: one without its completion marker in
-    object storage raises table_commit.IncompleteTableError. ordered: sort the joined rows by id (the
-    join's output order varies from run to run), so that a training run is reproducible; a sort is
-    one more shuffle, which a streamed set (not materialized, see :func:`is_materialized`) would
-    repeat every epoch."""
-
-    cols = ["id", "status", "height", "width"] + [class_column(c, f) for c in classes for f in ("mask", "kept")]
+    object storage raises table_commit.IncompleteTableError. unlabelled_shards: where the rows'
+    shards are read (matched by path, else by file name); a row whose shard is not among them, or
+    whose sample its shard lacks, fails the dataset with an InputError naming it."""
 
     fs, files = table_files(table_dir)
-    table = ray.data.read_parquet(files, filesystem=fs).select_columns(cols).filter(expr=col("status") != "error")
-    images = read_shards(unlabelled_shards).map_batches(
-        prepare_unlabelled_images, fn_kwargs=dict(image_size=image_size), batch_format="numpy", batch_size=16)
-    # one hash partition per 8 shards (about 500 images), at most 8: each partition is an aggregator
-    # actor to start, which costs more than it saves on small sets (16.7 -> 6.7-11.9 s for 3 shards here)
-    partitions = max(1, min(8, -(-len(unlabelled_shards) // 8)))
-    joined = table.join(images, join_type="inner", num_partitions=partitions, on=("id",))
-    if ordered:
-        joined = joined.sort("id")
-    return joined.map_batches(prepare_pseudo, fn_kwargs=dict(classes=list(classes), image_size=image_size),
-                              batch_format="numpy", batch_size=16)
+    items = [{"part": f} for f in files]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        _pseudo_part_batch, fn_kwargs=dict(fs=fs, classes=list(classes), image_size=image_size,
+                                           shards=shard_lookup(unlabelled_shards)),
+        batch_format="numpy", batch_size=1)
 
 
 MATERIALIZE_LIMIT_BYTES = 2 * 1024**3
@@ -204,14 +175,13 @@ def maybe_materialize(ds, n_images: int, num_classes: int, image_size: int, limi
 
 def student_dataset(table_dir: str, unlabelled_shards: Sequence[str], labelled_shards: Sequence[str],
                     classes: Sequence[str], image_size: int, n_unlabelled: int, n_labelled: int,
-                    what: str = "pseudo-label table joined with the unlabelled shards"):
+                    what: str = "pseudo-label table with the images of the unlabelled shards"):
     """A student's training set: the table's pseudo-labelled images, plus the labelled split's
     ``n_labelled`` images from ``labelled_shards`` (none: pass [] and 0), through :func:`maybe_materialize`.
-    A materialized set is sorted by id (reproducible runs) and must hold the table's ok + empty rows
-    plus the labelled images (ValueError naming ``what`` otherwise)."""
+    A materialized set keeps the table's part order (reproducible runs) and must hold the table's ok +
+    empty rows plus the labelled images (ValueError naming ``what`` otherwise)."""
     C, n_images = len(classes), n_unlabelled + n_labelled
-    ds = pseudo_labelled_dataset(table_dir, unlabelled_shards, classes, image_size,
-                                 ordered=is_materialized(n_images, C, image_size))
+    ds = pseudo_labelled_dataset(table_dir, unlabelled_shards, classes, image_size)
     if labelled_shards:
         ds = ds.union(labelled_dataset(labelled_shards, C, image_size))
     return maybe_materialize(ds, n_images, C, image_size, expected_rows=trainable_rows(table_dir) + n_labelled,

@@ -5,17 +5,14 @@ or predict job writes one part per input shard, so a task reads one shard).
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from plabel.data import storage
 from plabel.data.export import coco, dicom_seg, nnunet, png
 from plabel.data.export.select import ExportRow, Selection, export_row
-from plabel.data.shard_reader import read_shard_file
 from plabel.data.shards import image_member
-from plabel.errors import InputError
+from plabel.data.table_images import samples_of
 
 WRITERS = {m.NAME: m for m in (png, nnunet, coco, dicom_seg)}
 
@@ -34,30 +31,12 @@ def read_part(file: str, fs, kind: str, classes: list[str], sel: Selection) -> t
 
 def with_images(rows: list[ExportRow]) -> Iterator[tuple[ExportRow, str | None, bytes | str]]:
     """``(row, ext, image bytes)`` per row, reading each shard once in file order; ``(row, None,
-    reason)`` for a row whose sample is missing or unusable. A shard that cannot be opened raises
-    InputError naming it (the table points at shards that moved or were deleted)."""
-    by_shard: dict[str, dict[str, ExportRow]] = defaultdict(dict)
-    for er in rows:
-        by_shard[er.shard][er.key] = er
-    for shard, wanted in by_shard.items():
-        local = not storage.is_uri(shard)
-        fs, path = (None, shard) if local else storage.resolve(shard)
-        try:
-            samples = read_shard_file(path, shard, fs)
-            for sample in samples:
-                er = wanted.pop(str(sample["__key__"]), None)
-                if er is None:
-                    continue
-                if sample.get("__error__") is not None:
-                    yield er, None, f"unusable sample in {shard}: {sample['__error__']}"
-                    continue
-                ext, data = image_member(sample)
-                yield er, ext, data
-        except FileNotFoundError:
-            raise InputError(f"{storage.redact(shard)}: the shard that holds this table's images is missing "
-                             "(exports read the images from the shards the table names)") from None
-        for er in wanted.values():
-            yield er, None, f"sample {er.key} not found in {storage.redact(shard)}"
+    reason)`` for a row whose sample is missing or unusable (plabel.data.table_images.samples_of)."""
+    for er, sample, reason in samples_of(rows, lambda r: r.shard, lambda r: r.key):
+        if sample is None:
+            yield er, None, reason
+        else:
+            yield (er, *image_member(sample))
 
 
 def scan_part(file: str, fs, kind: str, classes: list[str], sel: Selection) -> list[dict]:

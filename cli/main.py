@@ -2,6 +2,7 @@
 in plabel (engine/: the method, data, training and the Ray jobs)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -72,11 +73,25 @@ def _main(
     CONSOLE.update(verbose=verbose, log_file=log_file)
 
 
+def _ray_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+@contextlib.contextmanager
 def _quiet(default_log: Path):
-    """The console of a command that runs Ray: framework logs to the log file (capture_logs)."""
+    """The console of a command that runs Ray: framework logs to the log file (capture_logs); the
+    Ray the command joined is left before the console is given back: the workers' last lines, which
+    Ray prints on the driver a moment after a job, then land in the log file, not on the console (a
+    Ray that was up before, a caller's or a test session's, stays)."""
     log_file = CONSOLE["log_file"] or default_log
     DEBUG["log_file"] = str(log_file)
-    return capture_logs(log_file, verbose=CONSOLE["verbose"])
+    ray_was_up = _ray_up()
+    with capture_logs(log_file, verbose=CONSOLE["verbose"]) as console:
+        try:
+            yield console
+        finally:
+            if not ray_was_up and _ray_up():
+                sys.modules["ray"].shutdown()
 
 
 def _command_log(command: str) -> Path:
@@ -539,7 +554,8 @@ def predict(
         paths = [str(input)]
     elif storage.exists(storage.join(input, "manifest.json")):
         manifest = inputs.manifest("INPUT", input)
-        inputs.classes_fit("--model", model, extra, manifest["classes"], data_option=f"INPUT {storage.redact(input)}")
+        if manifest["classes"]:  # an ingest of images without masks has no classes to check the model's against
+            inputs.classes_fit("--model", model, extra, manifest["classes"], data_option=f"INPUT {storage.redact(input)}")
         if split is not None:
             inputs.split("--split", split, manifest)
         paths = [p for s in ([split] if split else manifest["splits"]) for p in shard_paths(input, s)]

@@ -1,6 +1,7 @@
 """Versioned Arrow schemas of the tables plabel writes.
 
-The pseudo-label table has one row per input image. Image-level columns come first; then, for
+The pseudo-label table has one row per input image. Image-level columns come first (id, shard,
+key, height, width, sop_instance_uid, status, message, provenance); then, for
 every class ``<c>`` (in the order of the schema metadata ``plabel.classes``), the columns
 ``<c>.mask``, ``<c>.box``, ``<c>.points``, ``<c>.point_labels``, ``<c>.area``, ``<c>.unet_prob``,
 ``<c>.sam_iou``, ``<c>.agreement_dice`` and ``<c>.kept``. It is readable with pyarrow or pandas
@@ -20,9 +21,12 @@ import pyarrow as pa
 
 from plabel.schemas.masks import decode_mask
 
-PSEUDO_LABEL_SCHEMA_VERSION = "1"
-PREDICTION_SCHEMA_VERSION = "1"
+# version 2 added the image-level column sop_instance_uid (DICOM sources); version 1 tables are
+# still read (the column is then missing: :func:`image_uid` gives None)
+PSEUDO_LABEL_SCHEMA_VERSION = "2"
+PREDICTION_SCHEMA_VERSION = "2"
 TABLE_KINDS = {"pseudo_labels": PSEUDO_LABEL_SCHEMA_VERSION, "predictions": PREDICTION_SCHEMA_VERSION}
+READABLE_VERSIONS = ("1", "2")
 STATUS_VALUES = ("ok", "empty", "error")
 # sam: SAM's refined mask kept; unet: the cleaned U-Net mask kept; dropped: class ignored when
 # training the student (quality gate said neither is trustworthy); empty: the teacher found no
@@ -35,6 +39,7 @@ IMAGE_FIELDS = [
     pa.field("key", pa.string()),
     pa.field("height", pa.int32()),
     pa.field("width", pa.int32()),
+    pa.field("sop_instance_uid", pa.string()),  # a DICOM source's SOPInstanceUID (null for other images)
     pa.field("status", pa.string(), nullable=False),
     pa.field("message", pa.string()),
     pa.field("unet_checkpoint_sha256", pa.string()),
@@ -104,9 +109,16 @@ def table_info(schema: pa.Schema) -> tuple[str, list[str]]:
     if kind not in TABLE_KINDS:
         raise ValueError("not a plabel pseudo-label or prediction table (schema metadata plabel.table missing)")
     version = meta.get(b"plabel.schema_version", b"").decode()
-    if version != TABLE_KINDS[kind]:
-        raise ValueError(f"{kind} table schema version {version!r} is not supported (expected {TABLE_KINDS[kind]})")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{kind} table schema version {version!r} is not supported (this plabel reads versions "
+                         f"{', '.join(READABLE_VERSIONS)})")
     return kind, json.loads(meta[b"plabel.classes"].decode())
+
+
+def image_uid(row: Mapping) -> str | None:
+    """The row's DICOM SOPInstanceUID, None for non-DICOM images and version-1 rows (no column)."""
+    uid = row.get("sop_instance_uid")
+    return uid if isinstance(uid, str) and uid else None
 
 
 def table_classes(schema: pa.Schema) -> list[str]:

@@ -71,10 +71,26 @@ def ray_local():
     ray.shutdown()
 
 
+# The tiny run's images are not square (H x W): teacher, calibration, SAM, student, evaluation, report and
+# exports all run on letterboxed inputs and give masks back on each image's own grid
+TINY_SHAPE = (64, 48)
+
+
+def crop_width(data, width: int) -> None:
+    """Crop every image and mask PNG of a synthetic dataset to its middle ``width`` columns."""
+    import cv2
+
+    for png in sorted(data.glob("images/*.png")) + sorted(data.glob("masks/*/*.png")):
+        a = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+        x0 = (a.shape[1] - width) // 2
+        assert cv2.imwrite(str(png), a[:, x0:x0 + width])
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, ray_local):
     """(run directory, console output) of ONE `plabel run` of tiny_config.CONFIG on 26 synthetic
-    images, shared by every test file that needs a finished run (pipeline, export, predict, report)."""
+    images of TINY_SHAPE (cropped from 64 x 64), shared by every test file that needs a finished run
+    (pipeline, export, predict, report)."""
     from typer.testing import CliRunner
 
     from plabel.cli.main import app
@@ -83,6 +99,7 @@ def tiny_run(tmp_path_factory, ray_local):
 
     root = tmp_path_factory.mktemp("run")
     make_synthetic_dataset(root / "data", n_images=26, size=64, seed=1)
+    crop_width(root / "data", TINY_SHAPE[1])
     (root / "cfg.yaml").write_text(CONFIG)
     result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -123,6 +123,29 @@ def test_prediction_schema_is_told_apart():
         table_info(pa.schema([pa.field("x", pa.int8())]))
 
 
+def test_a_version_1_table_is_still_read():
+    """Schema version 2 added sop_instance_uid; a version-1 table (no such column) is read, its rows
+    have no UID, and an unknown version is refused naming the versions this plabel reads."""
+    v2 = pseudo_label_schema(CLASSES)
+    assert v2.metadata[b"plabel.schema_version"] == b"2" and v2.field("sop_instance_uid").type == pa.string()
+    meta = {**v2.metadata, b"plabel.schema_version": b"1"}
+    v1 = pa.schema([f for f in v2 if f.name != "sop_instance_uid"], metadata=meta)
+    assert table_info(v1) == ("pseudo_labels", CLASSES)
+    mask = np.zeros((4, 6), bool)
+    mask[1:3, 2:5] = True
+    row = {"id": "a", "shard": "s.tar", "key": "a", "height": 4, "width": 6, "status": "ok", "message": None}
+    for c in CLASSES:
+        row.update({class_column(c, "mask"): encode_mask(mask), class_column(c, "kept"): "unet",
+                    class_column(c, "unet_prob"): 0.9, class_column(c, "sam_iou"): None})
+    (read,) = pa.Table.from_pylist([row], schema=v1).to_pylist()
+    er = export_row(read, "pseudo_labels", CLASSES, Selection())
+    assert er.sop_instance_uid is None and all(np.array_equal(lab.mask, mask) for lab in er.labels.values())
+    er2 = export_row({**read, "sop_instance_uid": "1.2.3"}, "pseudo_labels", CLASSES, Selection())
+    assert er2.sop_instance_uid == "1.2.3"
+    with pytest.raises(ValueError, match="schema version '3' is not supported .*versions 1, 2"):
+        table_info(pa.schema(list(v2), metadata={**v2.metadata, b"plabel.schema_version": b"3"}))
+
+
 # ------------------------------------------------------------------ the commands on the tiny run
 
 
@@ -264,6 +287,7 @@ def test_dicom_seg_export_references_its_source_and_reads_back(tmp_path, ray_loc
     import pyarrow.parquet as pq
 
     from plabel.method.prediction import prediction_row
+    from plabel.method.unet import UNet, UNetConfig, save_checkpoint
     from test_dicom import STORED, write_dicom
 
     assert shutil.which("dciodvfy"), "dciodvfy missing: apt-get install -y dicom3tools (see .ci/run)"
@@ -287,7 +311,8 @@ def test_dicom_seg_export_references_its_source_and_reads_back(tmp_path, ray_loc
             m[1, 3:, 4:] = True  # 6 x 8 = 48 pixels, overlapping a
             want[meta["id"]] = m
             rows.append(prediction_row({"id": meta["id"], "shard": shard, "key": sample["__key__"], "height": h,
-                                        "width": w, "message": None, "unet_checkpoint_sha256": "x"},
+                                        "width": w, "sop_instance_uid": meta["sop_instance_uid"], "message": None,
+                                        "unet_checkpoint_sha256": "x"},
                                        m, np.array([0.9, 0.8], np.float32), classes))
     (tmp_path / "pred").mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=prediction_schema(classes)), tmp_path / "pred" / "part-0.parquet")
@@ -307,6 +332,25 @@ def test_dicom_seg_export_references_its_source_and_reads_back(tmp_path, ray_loc
         report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
         errors = [ln for ln in (report.stdout + report.stderr).splitlines() if ln.startswith("Error")]
         assert errors == [], errors
+    # the table's SOPInstanceUID (schema version 2) must be the shard's source: a shard replaced after
+    # labelling (here: the table names another instance for case1) gets no SEG over the wrong image
+    other = [{**r, "sop_instance_uid": "1.2.826.0.1.3680043.8.498.99"} if r["id"] == "case1" else r for r in rows]
+    (tmp_path / "pred2").mkdir()
+    pq.write_table(pa.Table.from_pylist(other, schema=prediction_schema(classes)), tmp_path / "pred2" / "part-0.parquet")
+    result = _invoke("export", tmp_path / "pred2", tmp_path / "seg2", "--format", "dicom-seg")
+    assert result.exit_code == 0, result.output
+    assert "exported 1 images and 2 masks of 2 rows" in result.output, result.output
+    summary = json.loads((tmp_path / "seg2" / "plabel_export.json").read_text())
+    assert summary["skipped"] == {"the shard's DICOM source is not the labelled one": 1}
+    assert "1.2.826.0.1.3680043.8.498.11" in summary["skipped_ids"]["case1"]
+    # `plabel predict` on the DICOM shards fills the column from what ingest kept
+    cfg = UNetConfig(in_channels=1, num_classes=2, base_channels=4, depth=2)
+    save_checkpoint(tmp_path / "m.pt", UNet.from_config(cfg), cfg, {"classes": classes, "image_size": 32})
+    result = _invoke("predict", tmp_path / "shards", tmp_path / "p", "--model", tmp_path / "m.pt")
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "p" / "predictions").to_pylist()
+    assert {r["id"]: r["sop_instance_uid"] for r in table} == {
+        f"case{k}": f"1.2.826.0.1.3680043.8.498.{k + 10}" for k in range(2)}
 
 
 def test_predict_and_export_non_square_images_end_to_end(tiny_run, tmp_path):

@@ -41,6 +41,16 @@ def sample_id(sample: dict) -> str:
     return base if occurrence <= 1 else f"{base}#{occurrence}"
 
 
+def sample_uid(sample: dict) -> str | None:
+    """The DICOM SOPInstanceUID that ingest kept in the sample's JSON member; None when there is
+    none (not a DICOM source, no or unreadable JSON: the row's id and message say the rest)."""
+    try:
+        uid = json.loads(bytes(sample["json"])).get("sop_instance_uid") if "json" in sample else None
+    except Exception:  # noqa: BLE001 - decode_images reports unreadable JSON on the row itself
+        return None
+    return uid if isinstance(uid, str) and uid else None
+
+
 def check_sample(sample: dict) -> None:
     """Raise ShardError naming the sample when the reader marked it unusable (``__error__``)."""
 

@@ -40,7 +40,7 @@ import ray
 import torch
 
 from plabel.data import storage
-from plabel.data.samples import batch_samples, decode_gray, object_array, sample_id
+from plabel.data.samples import batch_samples, decode_gray, object_array, sample_id, sample_uid
 from plabel.data.shards import masks_shape
 from plabel.data.table_commit import ShardTableWriter, job_fingerprint
 from plabel.jobs.cluster import cluster_gpus, quiet_ray_data
@@ -63,7 +63,7 @@ from plabel.schemas.tables import PSEUDO_LABEL_SCHEMA_VERSION, pseudo_label_sche
 
 log = logging.getLogger(__name__)
 
-_META_COLUMNS = ("id", "shard", "key", "height", "width", "status", "message")
+_META_COLUMNS = ("id", "shard", "key", "height", "width", "sop_instance_uid", "status", "message")
 
 
 def _meta(batch: dict, i: int) -> ImageMeta:
@@ -71,6 +71,7 @@ def _meta(batch: dict, i: int) -> ImageMeta:
     return ImageMeta(
         id=str(batch["id"][i]), shard=batch["shard"][i], key=batch["key"][i],
         height=int(batch["height"][i]), width=int(batch["width"][i]),
+        sop_instance_uid=_text(batch["sop_instance_uid"][i]),
         note=_text(batch["message"][i]) if ok else None,  # a warning on an image that is still labelled
     )
 
@@ -111,8 +112,9 @@ def _writable_status(batch: dict) -> None:
 
 
 def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
-    """Samples (numpy batch of plabel.data.shard_reader rows) -> id, shard, key, size, status,
-    message and 'image' (gray uint8 (H, W); a 1x1 placeholder on error rows).
+    """Samples (numpy batch of plabel.data.shard_reader rows) -> id, shard, key, size,
+    sop_instance_uid (a DICOM source's, from the sample's JSON as ingest wrote it; else None),
+    status, message and 'image' (gray uint8 (H, W); a 1x1 placeholder on error rows).
 
     Error rows (message ``<shard>:<key>: <reason>``): samples the reader marked unusable
     (truncated, duplicate key -> id ``<id>#<n>``, unsafe member name, ...), undecodable images
@@ -145,6 +147,7 @@ def decode_images(batch: dict, max_pixels: int = 64_000_000) -> dict:
         out["key"].append(key)
         out["height"].append(image.shape[0] if status == "ok" else 0)
         out["width"].append(image.shape[1] if status == "ok" else 0)
+        out["sop_instance_uid"].append(sample_uid(sample))
         out["status"].append(status)
         out["message"].append(message)
         out["image"].append(image)

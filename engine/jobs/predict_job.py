@@ -50,6 +50,7 @@ class PredictStage:
         message = batch["message"][i]
         return {"id": str(batch["id"][i]), "shard": batch["shard"][i], "key": batch["key"][i],
                 "height": int(batch["height"][i]), "width": int(batch["width"][i]),
+                "sop_instance_uid": uid if isinstance(uid := batch["sop_instance_uid"][i], str) else None,
                 "message": message if isinstance(message, str) else None, "unet_checkpoint_sha256": self.sha256}
 
     def _rows(self, batch: dict, idx: list[int]) -> list[dict]:

@@ -30,7 +30,8 @@ from plabel.schemas.tables import CLASS_FIELD_TYPES, class_column, decode_class_
 @dataclass
 class ImageMeta:
     """Where a row comes from: id, shard path, key in the shard, original size; ``note``: a
-    warning about an image that is still labelled (goes to the row's message)."""
+    warning about an image that is still labelled (goes to the row's message);
+    ``sop_instance_uid``: a DICOM source's SOPInstanceUID."""
 
     id: str
     shard: str | None
@@ -38,6 +39,7 @@ class ImageMeta:
     height: int
     width: int
     note: str | None = None
+    sop_instance_uid: str | None = None
 
 
 NONFINITE_TEACHER = "teacher produced non-finite probabilities (NaN or inf)"
@@ -85,6 +87,7 @@ def empty_row(meta: ImageMeta, classes: Sequence[str], status: str, message: str
         "key": meta.key,
         "height": meta.height,
         "width": meta.width,
+        "sop_instance_uid": meta.sop_instance_uid,
         "status": status,
         "message": message,
         **provenance,

@@ -48,7 +48,7 @@ def write_row(er: ExportRow, ext: str, data: bytes, out: str, plan: dict) -> dic
                      "score": lab.score, "plabel_kept": lab.decision})
     unknown = [c for c, lab in er.labels.items() if lab.state == "unknown"]
     image = {"file_name": file_name, "height": er.height, "width": er.width, "plabel_id": er.id,
-             "plabel_unknown": unknown}
+             "plabel_unknown": unknown, **({"sop_instance_uid": er.sop_instance_uid} if er.sop_instance_uid else {})}
     return {"id": er.id, "images": 1, "masks": len(anns), "image": image, "annotations": anns}
 
 

@@ -71,6 +71,9 @@ def write_row(er: ExportRow, ext: str, data: bytes, out: str, plan: dict) -> dic
     if not masks:
         return {"id": er.id, "skipped": "no exported class has a pixel"}
     source = pydicom.dcmread(io.BytesIO(data))
+    if er.sop_instance_uid is not None and str(source.SOPInstanceUID) != er.sop_instance_uid:
+        return {"id": er.id, "skipped": f"the shard's source is SOPInstanceUID {source.SOPInstanceUID}, the table's "
+                                        f"{er.sop_instance_uid} (the shard changed after labelling)"}
     if (source.Rows, source.Columns) != (er.height, er.width):
         return {"id": er.id, "skipped": f"source is {source.Rows}x{source.Columns}, the masks {er.height}x{er.width}"}
     try:

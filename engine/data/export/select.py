@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from plabel.schemas.masks import decode_mask
-from plabel.schemas.tables import KEPT_VALUES, STATUS_VALUES, class_column
+from plabel.schemas.tables import KEPT_VALUES, STATUS_VALUES, class_column, image_uid
 
 # ids become file names: no path separators, no hidden or relative names, nothing a shell trips on
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_\-+=,@#][A-Za-z0-9_\-+=,@#.]{0,199}$")
@@ -77,7 +77,8 @@ class ClassLabel:
 
 @dataclass
 class ExportRow:
-    """An exportable row: id, where its image lives (shard, key), size and its classes' labels."""
+    """An exportable row: id, where its image lives (shard, key), size, its classes' labels and a
+    DICOM source's SOPInstanceUID as labelled (None: not DICOM, or a version-1 table)."""
 
     id: str
     shard: str
@@ -85,6 +86,7 @@ class ExportRow:
     height: int
     width: int
     labels: dict[str, ClassLabel] = field(default_factory=dict)
+    sop_instance_uid: str | None = None
 
     def known(self) -> bool:
         """True when every exported class is known (a mask, possibly empty) on this image."""
@@ -145,4 +147,4 @@ def export_row(row: Mapping, kind: str, classes: Sequence[str], sel: Selection) 
     if not row.get("shard") or not row.get("key"):
         return "the row does not say which shard holds its image"
     return ExportRow(image_id, str(row["shard"]), str(row["key"]), int(row["height"]), int(row["width"]),
-                     export_labels(row, kind, classes, sel))
+                     export_labels(row, kind, classes, sel), image_uid(row))

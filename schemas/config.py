@@ -186,6 +186,15 @@ class TrainSection(_Section):
     seed: int = _field(
         0, "training seed: initial weights, augmentation and the order of the training images (with one worker, "
            "the same seed, data and settings give the same weights)")
+    precision: Annotated[str, one_of(("auto", "fp32", "bf16"), "auto, fp32 or bf16")] = _field(
+        "fp32",
+        "precision of the training steps' forward passes (plabel.training.precision): `bf16` autocast, `fp32`, or "
+        "`auto` (bf16 on CPUs with AVX-512 BF16 / AMX and on GPUs that support it, else fp32). Weights, optimiser, "
+        "loss and validation stay fp32. Measured on JSRT at 256 px (benchmarks/RESULTS.md, section 10): bf16 "
+        "epochs 1.3x faster (1.6-2.1x with `channels_last`), but both bf16 teachers scored 2-6 points lower")
+    channels_last: bool = _field(
+        False, "train with channels_last (NHWC) activations and weights: the same maths, 1.1-1.4x faster epochs on "
+               "the CPU measured (benchmarks/RESULTS.md, section 10)")
     num_workers: PositiveInt = _field(1, "Ray Train workers")
     use_gpu: bool = _field(False, "give each Ray Train worker a GPU")
     include_labelled: bool = _field(True, "student only: train on the pseudo labels plus the labelled split")

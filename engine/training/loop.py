@@ -29,6 +29,7 @@ from plabel.method.augment import random_affine, random_intensity
 from plabel.method.losses import distillation_loss, distillation_weight, positive_class_weights, segmentation_loss
 from plabel.method.metrics import dice_per_class
 from plabel.method.unet import UNet, UNetConfig, strict_from_dict
+from plabel.training.precision import autocast, resolve_precision
 from plabel.training.selection import GUARD_TOLERANCE, EpochSelector
 
 # positive-class weights are measured on (up to) this many batches of epoch 0 (:func:`positive_fraction`)
@@ -66,6 +67,10 @@ class TrainConfig:
     gamma_min: float = 0.8
     gamma_max: float = 1.25
     contrast: float = 0.1
+    # forward passes of a training step: fp32, bf16 autocast, or auto (bf16 where native:
+    # plabel.training.precision); channels_last: NHWC activations (faster convolutions on CPU)
+    precision: str = "fp32"
+    channels_last: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,9 +83,10 @@ class TrainConfig:
     def from_section(cls, section, **overrides) -> "TrainConfig":
         """The training config of a run-config section (plabel.schemas.config.TrainSection or
         StudentSection): its epochs, lr, weight_decay, batch_size, base_channels, depth, augment and
-        seed; ``overrides`` replace any TrainConfig field (ValueError naming an unknown one). The
+        seed, precision, channels_last; ``overrides`` replace any TrainConfig field (ValueError naming an unknown one). The
         other fields (norm, pos_weight_max, augmentation magnitudes) keep their defaults."""
-        keys = ("epochs", "lr", "weight_decay", "batch_size", "base_channels", "depth", "augment", "seed")
+        keys = ("epochs", "lr", "weight_decay", "batch_size", "base_channels", "depth", "augment", "seed",
+                "precision", "channels_last")
         return cls.from_dict({**{k: getattr(section, k) for k in keys}, **overrides})
 
     def unet_config(self, num_classes: int, in_channels: int = 1) -> UNetConfig:
@@ -144,8 +150,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     masks = masks.to(device=device, dtype=torch.float32)
     if cfg.augment:
         images, masks = augment_batch(images, masks, cfg, generator)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    precision = resolve_precision(cfg.precision, device)
     model.train()
-    logits = model(images)
+    with autocast(precision, device):
+        logits = model(images)
+    logits = logits.float()
     if class_weight is not None:
         class_weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device)
     if pos_weight is not None:
@@ -156,8 +167,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         if bool((dw > 0).any()):
             was_training = teacher.training
             teacher.eval()
-            with torch.no_grad():
-                soft = torch.sigmoid(teacher(images))
+            with torch.no_grad(), autocast(precision, device):
+                soft = torch.sigmoid(teacher(images).float())
             teacher.train(was_training)
             loss = loss + distillation_loss(logits, soft, dw)
     optimizer.zero_grad(set_to_none=True)
@@ -346,14 +357,20 @@ def fit(cfg: TrainConfig, num_classes: int, train_batches: Batches, val_batches:
         model.load_state_dict(resume["model"])
     elif init_state is not None:
         model.load_state_dict(init_state)  # RuntimeError naming the keys when architectures differ
+    if cfg.channels_last:  # before prepare: DDP keeps the parameters' layout
+        model = model.to(memory_format=torch.channels_last)
     if prepare is not None:
         model = prepare(model)
     base = model.module if hasattr(model, "module") else model
     device = next(base.parameters()).device
+    say_precision = resolve_precision(cfg.precision, device)
     opt, sched = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # the augmentation's
     state = TrainState(model, base, ucfg, opt, sched, gen)
     say = log or (lambda line: None)
+    if say_precision != "fp32" or cfg.channels_last:
+        say(f"training in {say_precision}{' (autocast)' if say_precision == 'bf16' else ''}"
+            f"{', channels_last' if cfg.channels_last else ''}")
 
     def validate() -> np.ndarray:
         """Per-class mean validation Dice (C,) of the current weights; (0,) without validation data."""
@@ -395,6 +412,8 @@ def fit(cfg: TrainConfig, num_classes: int, train_batches: Batches, val_batches:
     # distillation: the frozen teacher's soft outputs for the entries without labels
     if teacher is not None:
         teacher = teacher.to(device).eval()
+        if cfg.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
 
     for epoch in range(state.start_epoch, cfg.epochs):
         t0 = time.perf_counter()

@@ -71,11 +71,6 @@ def ray_local():
     ray.shutdown()
 
 
-# The tiny run's images are not square (H x W): teacher, calibration, SAM, student, evaluation, report and
-# exports all run on letterboxed inputs and give masks back on each image's own grid
-TINY_SHAPE = (64, 48)
-
-
 def crop_width(data, width: int) -> None:
     """Crop every image and mask PNG of a synthetic dataset to its middle ``width`` columns."""
     import cv2
@@ -95,7 +90,7 @@ def tiny_run(tmp_path_factory, ray_local):
 
     from plabel.cli.main import app
     from plabel.data.synthetic import make_synthetic_dataset
-    from tiny_config import CONFIG
+    from tiny_config import CONFIG, TINY_SHAPE
 
     root = tmp_path_factory.mktemp("run")
     make_synthetic_dataset(root / "data", n_images=26, size=64, seed=1)

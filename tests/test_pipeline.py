@@ -38,8 +38,7 @@ from plabel.schemas.tables import pseudo_label_schema, table_classes
 from plabel.training.selection import GUARD_TOLERANCE
 from plabel.training.soup import average_weights
 from plabel.training.student_set import pseudo_part_arrays, shard_lookup
-from conftest import TINY_SHAPE
-from tiny_config import CONFIG  # the session's one tiny run (fixture tiny_run, conftest.py)
+from tiny_config import CONFIG, TINY_SHAPE  # the session's one tiny run (fixture tiny_run, conftest.py)
 
 
 def test_run_writes_every_stage(tiny_run):
@@ -58,7 +57,7 @@ def test_run_writes_every_stage(tiny_run):
         assert per_image.shape == (4, 4)
         assert ev[model]["mean_dice"] == pytest.approx(per_image.mean(axis=1).mean())
     assert "teacher" in output and "student" in output and "mean ± std" in output
-    # the images are not square (conftest.TINY_SHAPE): every row and kept mask is on its image's own grid,
+    # the images are not square (tiny_config.TINY_SHAPE): every row and kept mask is on its image's own grid,
     # and the PNG sources have no DICOM UID
     rows = pads.dataset(str(run / "pseudo_labels"), format="parquet").to_table().to_pylist()
     classes = load_manifest(run / "shards")["classes"]

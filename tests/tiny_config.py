@@ -1,6 +1,10 @@
 """The config of the tiny end-to-end run that several test files share (fixture ``tiny_run``,
 conftest.py: ONE `plabel run` per session, about 200 s here)."""
 
+# The tiny run's images are not square (H x W; conftest.crop_width): teacher, calibration, SAM, student,
+# evaluation, report and exports all run on letterboxed inputs and give masks back on each image's grid
+TINY_SHAPE = (64, 48)
+
 CONFIG = """
 name: tiny
 run_dir: runs

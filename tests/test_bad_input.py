@@ -392,12 +392,15 @@ def test_refine_stage_meta_from_ray_like_columns():
     batch = {"id": np.array(["a", "b", "c"], dtype=object), "shard": np.array(["S"] * 3, dtype=object),
              "key": np.array(["a", "b", "c"], dtype=object), "height": np.array([8, 8, 0], np.int32),
              "width": np.array([9, 9, 0], np.int32), "status": np.array(["ok", "ok", "error"], dtype=object),
-             "message": np.array([np.nan, "warning: x", "S:c: bad"], dtype=object)}
+             "message": np.array([np.nan, "warning: x", "S:c: bad"], dtype=object),
+             # a column of nulls may reach a stage as NaN: no UID, like None
+             "sop_instance_uid": np.array([np.nan, "1.2.3", None], dtype=object)}
     batch["status"].flags.writeable = False
     _writable_status(batch)
     batch["status"][0] = "ok"  # writable now
     assert [_meta(batch, i).note for i in range(3)] == [None, "warning: x", None]
     assert _meta(batch, 1).height == 8 and _meta(batch, 1).width == 9
+    assert [_meta(batch, i).sop_instance_uid for i in range(3)] == [None, "1.2.3", None]
 
 
 class _FakeRefiner:

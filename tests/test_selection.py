@@ -100,6 +100,13 @@ def test_guard_note_names_the_best_refused_epoch_and_what_it_lost():
                                     "images; the best one (epoch 2, mean Dice 0.7967 vs 0.7667) lost a by 0.0100, "
                                     "c by 0.0500")
     assert guard_note(ref, [(0, None)], ["a", "b", "c"]) is None
+    # an epoch kept every class but scored a lower mean than the starting weights (0.7667): that is why
+    below = [(0, [0.70, 0.70, 0.90]), (1, [0.80, 0.55, 0.90]), (2, [0.79, 0.58, 0.895])]  # 0: lost a; 1: lost b
+    note = guard_note(ref, below, ["a", "b", "c"], tolerance=0.02)
+    assert note == {"epoch": 3, "mean_val_dice": 0.755, "start_mean_val_dice": 0.7667, "lost": {}}
+    assert describe_guard(note) == ("kept the teacher's weights: no epoch that kept every class on the validation "
+                                    "images beat its mean validation Dice; the best one (epoch 3, mean Dice 0.7550 "
+                                    "vs 0.7667) stayed below it")
 
 
 def test_student_note_says_when_the_student_is_the_teacher_or_one_member():

@@ -56,8 +56,10 @@ def guard_average(average_per_class, reference, member_val_dice, tolerance: floa
 
 def guard_note(reference, epochs: list[tuple[int, list[float] | None]], classes: list[str],
                tolerance: float = GUARD_TOLERANCE) -> dict | None:
-    """Why the guarded rule kept the starting weights: the refused epoch with the best mean validation
-    Dice and the classes it lost, each with how far (Dice, 0-1) it fell below the starting weights.
+    """Why the guarded rule kept the starting weights. Either no epoch kept every class: the refused
+    epoch with the best mean validation Dice and the classes it lost, each with how far (Dice, 0-1) it
+    fell below the starting weights; or the epochs that kept every class all scored a lower mean than
+    the starting weights: the best of those, ``lost`` empty.
 
     reference: the starting weights' per-class validation Dice (C,); epochs: (epoch, per-class Dice
     (C,) or None) of the epochs run. Returns {"epoch" (1-based), "mean_val_dice", "start_mean_val_dice",
@@ -66,7 +68,9 @@ def guard_note(reference, epochs: list[tuple[int, list[float] | None]], classes:
     scored = [(e, np.asarray(d, dtype=np.float64)) for e, d in epochs if d is not None and np.size(d)]
     if not scored:
         return None
-    epoch, best = max(scored, key=lambda ed: float(np.nanmean(ed[1])) if np.isfinite(ed[1]).any() else -1.0)
+    kept_all = [ed for ed in scored if not lost_classes(ed[1], ref, tolerance)]
+    epoch, best = max(kept_all or scored,
+                      key=lambda ed: float(np.nanmean(ed[1])) if np.isfinite(ed[1]).any() else -1.0)
     return {"epoch": int(epoch) + 1, "mean_val_dice": round(float(np.mean(best)), 4),
             "start_mean_val_dice": round(float(ref.mean()), 4),
             "lost": {classes[i]: round(float(ref[i] - best[i]), 4) for i in lost_classes(best, ref, tolerance)}}
@@ -74,10 +78,13 @@ def guard_note(reference, epochs: list[tuple[int, list[float] | None]], classes:
 
 def describe_guard(note: dict, start: str = "the teacher") -> str:
     """One line for a person: what :func:`guard_note` found."""
-    lost = ", ".join(f"{c} by {d:.4f}" for c, d in note["lost"].items()) or "no class (non-finite Dice)"
+    means = f"mean Dice {note['mean_val_dice']:.4f} vs {note['start_mean_val_dice']:.4f}"
+    if not note["lost"]:
+        return (f"kept {start}'s weights: no epoch that kept every class on the validation images beat its mean "
+                f"validation Dice; the best one (epoch {note['epoch']}, {means}) stayed below it")
+    lost = ", ".join(f"{c} by {d:.4f}" for c, d in note["lost"].items())
     return (f"kept {start}'s weights: every epoch lost a class on the validation images; the best one "
-            f"(epoch {note['epoch']}, mean Dice {note['mean_val_dice']:.4f} vs {note['start_mean_val_dice']:.4f}) "
-            f"lost {lost}")
+            f"(epoch {note['epoch']}, {means}) lost {lost}")
 
 
 @dataclass

@@ -135,11 +135,12 @@ def run_export(table: str, out: str, fmt: str, selection: Selection | None = Non
     return summary
 
 
+# how a per-row skip reason starts -> the reason as the summary counts it
+_REASONS = {"sample ": "sample not found in its shard", "unusable sample": "unusable sample in its shard",
+            "id ": "id cannot be a file name",
+            "the shard's source is SOPInstanceUID": "the shard's DICOM source is not the labelled one"}
+
+
 def _reason(text: str) -> str:
     """A skip reason without the per-row detail (grouped in the summary)."""
-    for head in ("sample ", "unusable sample", "id ", "the shard's source is SOPInstanceUID"):
-        if text.startswith(head):
-            return {"sample ": "sample not found in its shard", "unusable sample": "unusable sample in its shard",
-                    "id ": "id cannot be a file name",
-                    "the shard's source is SOPInstanceUID": "the shard's DICOM source is not the labelled one"}[head]
-    return text
+    return next((reason for head, reason in _REASONS.items() if text.startswith(head)), text)

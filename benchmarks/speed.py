@@ -13,7 +13,12 @@ them) and the same SAM weights:
   (b) plabel's refinement engine in this process (SamRefiner.refine_batch: batched encoder,
       one decoder call per image and stage for all classes; --compile: torch.compile);
   (c) the whole `plabel label` Ray Data job (decode, U-Net + cleaning actors, SAM actors,
-      table commit) in a child process, on shards of the same images.
+      table commit) in a child process, on shards of the same images, with the settings given here
+      (--sam-actors, --compile, ...): the tuned job whose steady state is the bar;
+  (d) with --defaults: the same job with plabel's default label settings (label.sam.actors and
+      label.sam.compile `auto`, plabel.jobs.resources.plan_label), as `plabel label` runs it when a
+      user sets nothing; its whole wall time against (c)'s steady state is the ratio to watch
+      (`d_total/c_steady`, s per image).
 
 (a) and (b) get the prompts the job's U-Net teacher gives (computed once, untimed), so all three
 refine the same classes. The teacher is a small U-Net trained here on JSRT images that are not
@@ -59,7 +64,7 @@ from plabel.method.cleaning import CleaningConfig
 from plabel.method.labelling import clean_and_prompt, teacher_probs, to_unet_input
 from plabel.method.metrics import dice
 from plabel.method.sam import load_sam
-from plabel.method.sam.backends import build_architecture
+from plabel.method.sam.backends import RANDOM_BACKENDS, build_architecture
 from plabel.method.sam.compile import compile_sam
 from plabel.method.sam.refine import SamRefiner, autocast_dtype, refine_reference
 from plabel.method.unet import load_checkpoint, save_checkpoint
@@ -122,8 +127,9 @@ def write_shards(images, ids, classes, out: Path, shard_size: int = 16) -> Path:
 
 def sam_checkpoint(backend: str, checkpoint: str | None, random_weights: bool, work: Path) -> str | None:
     """The checkpoint all three paths load. --random-weights: the backend's architecture with
-    seeded random weights saved to a file (speed does not depend on the weights)."""
-    if not random_weights:
+    seeded random weights saved to a file (speed does not depend on the weights). A backend that
+    has random weights by design (random_tiny) takes none."""
+    if not random_weights or backend in RANDOM_BACKENDS:
         return checkpoint
 
     path = work / f"random-{backend}.pt"
@@ -209,7 +215,8 @@ def job_main(args) -> int:
     gpu = GpuSampler() if spec.get("gpu") else None
     t0 = time.time()
     summary = run_label_job(shard_paths(spec["shards"], "unlabelled"), spec["table"], spec["classes"],
-                            spec["teacher"], cfg, progress=lambda n: arrivals.append((time.time(), n)))
+                            spec["teacher"], cfg, progress=lambda n, total=None: arrivals.append((time.time(), n)))
+    arrivals = [(t, n) for t, n in arrivals if n]  # the call before the first block reports 0 rows
     wall = time.time() - t0
     stop.set()
     sampler.join()
@@ -217,10 +224,11 @@ def job_main(args) -> int:
         gpu.stop()
     # steady state: from the arrival of the k-th block (k = SAM actors: every actor has finished its
     # first batch, start-up and compilation are behind) to the last block, the rows in between
-    k = max(0, min(int(spec["label"]["sam"].get("actors", 1)), len(arrivals)) - 1)
+    k = max(0, min(int(summary["sam_actors"]), len(arrivals)) - 1)
     first, last = arrivals[k][0], arrivals[-1][0]
     steady_rows = sum(n for _, n in arrivals[k + 1:])
     out = {"summary": summary, "wall_s": round(wall, 2), "images_per_s_total": round(summary["rows"] / wall, 3),
+           "s_per_image_total": round(wall / summary["rows"], 4),
            "first_block_s": round(arrivals[0][0] - t0, 2), "steady_from_s": round(first - t0, 2),
            "arrivals": [[round(t - t0, 2), n] for t, n in arrivals],
            "images_per_s_steady": round(steady_rows / (last - first), 3) if last > first else None,
@@ -237,7 +245,7 @@ def run_job(spec: dict, work: Path, name: str) -> dict:
     """(c) in a child process (its own driver RSS, its own local Ray)."""
     path = work / f"{name}.json"
     path.write_text(json.dumps(spec))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **spec.get("env", {})}
     proc = subprocess.run([sys.executable, __file__, "_job", "--spec", str(path)], capture_output=True, text=True,
                           env=env, cwd=str(REPO))
     line = next((x for x in proc.stdout.splitlines() if x.startswith("SPEED_JOB ")), None)
@@ -284,12 +292,21 @@ def refine_main(args) -> int:
 
     result["teacher"] = str(teacher)
     result["batch_size"] = args.batch_size
+    if args.jobs_only:
+        print("[speed] --jobs-only: (c) and (d) only, no reference", flush=True)
+        return run_c(args, result, work, bench_ids, grays, classes, teacher, checkpoint, device)
     if args.job_only:
         earlier = earlier_ab(work / "speed.json", result)
         result.update({k: earlier[k] for k in ("a", "b", "equivalence", "equivalence_held")})
         result["ab_from"] = {"command": earlier["command"], "measured_at": earlier.get("measured_at")}
         print(f"[speed] --job-only: (a), (b) from {work / 'speed.json'} ({result['ab_from']})", flush=True)
         return run_c(args, result, work, bench_ids, grays, classes, teacher, checkpoint, device)
+
+    # (a) and (b) on the first --reference-images images (all by default); (c) on all of them
+    n_ab = min(args.reference_images or args.images, args.images)
+    result["reference_images"] = n_ab
+    all_grays, all_prompts = grays, prompts
+    grays, prompts = grays[:n_ab], prompts[:n_ab]
 
     # (a) reference: torch's default threads, float32, one predict call per class per stage
     torch.set_num_threads(args.reference_threads or os.cpu_count())
@@ -300,7 +317,7 @@ def refine_main(args) -> int:
     ref = [refine_reference(model, g, p, stages) for g, p in zip(grays, prompts)]
     sync(device)
     a_s = time.perf_counter() - t
-    result["a"] = {"images_per_s": round(args.images / a_s, 3), "s_per_image": round(a_s / args.images, 4),
+    result["a"] = {"images_per_s": round(n_ab / a_s, 3), "s_per_image": round(a_s / n_ab, 4),
                    "threads": torch.get_num_threads()}
     print(f"[speed] (a) reference: {result['a']}", flush=True)
     save(work, result)  # a run stopped later keeps what it measured
@@ -319,11 +336,11 @@ def refine_main(args) -> int:
     warm = time.perf_counter() - t
     t = time.perf_counter()
     eng = []
-    for k in range(0, args.images, args.batch_size):
+    for k in range(0, n_ab, args.batch_size):
         eng += refiner.refine_batch(grays[k:k + args.batch_size], prompts[k:k + args.batch_size])
     sync(device)
     b_s = time.perf_counter() - t
-    result["b"] = {"images_per_s": round(args.images / b_s, 3), "s_per_image": round(b_s / args.images, 4),
+    result["b"] = {"images_per_s": round(n_ab / b_s, 3), "s_per_image": round(b_s / n_ab, 4),
                    "threads": torch.get_num_threads(), "batch_size": args.batch_size, "compile": args.compile,
                    "autocast": args.autocast, "warmup_s": round(warm, 1),
                    "process_peak_rss_mib": peak_rss_mib()}
@@ -341,6 +358,7 @@ def refine_main(args) -> int:
     result["equivalence_held"] = all(v["mean_dice"] >= 0.99 for v in result["equivalence"].values())
     print(f"[speed] equivalence (b vs a, per-class mask Dice): {result['equivalence']}", flush=True)
     del model, refiner, ref, eng
+    grays, prompts = all_grays, all_prompts
     save(work, result)
 
     if args.skip_job:
@@ -390,13 +408,36 @@ def run_c(args, result: dict, work: Path, bench_ids, grays, classes, teacher, ch
     c = run_job(spec, work, "job")
     c["config"] = spec["label"]
     result["c"] = c
-
     shutil.rmtree(table, ignore_errors=True)
-    a_ips, b_ips = result["a"]["images_per_s"], result["b"]["images_per_s"]
     c_ips = c["images_per_s_steady"] or c["images_per_s_total"]
-    result["ratios"] = {"b/a": round(b_ips / a_ips, 2), "c/a": round(c_ips / a_ips, 2), "c/b": round(c_ips / b_ips, 2),
-                        "c_total/a": round(c["images_per_s_total"] / a_ips, 2)}
+    result["ratios"] = {}
+    if "a" in result:
+        a_ips, b_ips = result["a"]["images_per_s"], result["b"]["images_per_s"]
+        result["ratios"] = {"b/a": round(b_ips / a_ips, 2), "c/a": round(c_ips / a_ips, 2),
+                            "c/b": round(c_ips / b_ips, 2), "c_total/a": round(c["images_per_s_total"] / a_ips, 2)}
     save(work, result)
+    if args.defaults:
+        # (d) the same job with plabel's defaults: only what names the model and the device is given
+        table = work / f"pseudo_labels-defaults-{int(time.time())}"
+        n_d = args.defaults_images or args.images
+        shards_d = shards
+        if n_d != args.images:  # the first n_d benchmark images, e.g. a main job's unlabelled count
+            shards_d = work / f"shards-first-{n_d}"
+            if not (shards_d / "manifest.json").exists():
+                write_shards(grays[:n_d], bench_ids[:n_d], classes, shards_d, shard_size=args.shard_size)
+        # a new inductor cache: (d) compiles cold, as a first run on a fresh machine does
+        cache = work / f"inductor-cache-{int(time.time())}"
+        spec_d = {**spec, "table": str(table), "shards": str(shards_d), "env": {"TORCHINDUCTOR_CACHE_DIR": str(cache)},
+                  "label": {"sam": {k: sam_cfg[k] for k in ("backend", "checkpoint", "device")}}}
+        d = run_job(spec_d, work, "job-defaults")
+        d["config"] = spec_d["label"]
+        result["d"] = d
+        shutil.rmtree(table, ignore_errors=True)
+        d["images"] = n_d
+        d["inductor_cache"] = "cold (a new TORCHINDUCTOR_CACHE_DIR)"
+        shutil.rmtree(cache, ignore_errors=True)
+        result["ratios"]["d_total/c_steady"] = round(c_ips / d["images_per_s_total"], 2)  # s/image ratio
+        save(work, result)
     print_table(result)
     return 0
 
@@ -420,20 +461,29 @@ def machine() -> str:
 
 
 def print_table(r: dict) -> None:
-    a, b, c = r["a"], r["b"], r["c"]
+    c = r["c"]
     print(f"\nbackend {r['backend']}{' (random weights)' if r['random_weights'] else ''}, {r['images']} images, "
           f"{r['classes_refined']} classes refined, device {r['device']}; {r['machine']}")
     print("| path | images/s | s/image | peak memory |")
     print("|---|---|---|---|")
-    print(f"| (a) reference SamPredictor ({a['threads']} threads) | {a['images_per_s']} | {a['s_per_image']} | |")
-    print(f"| (b) engine in-process ({b['threads']} threads, batch {b['batch_size']}, compile {b['compile']}) | "
-          f"{b['images_per_s']} | {b['s_per_image']} | process {b['process_peak_rss_mib']} MiB |")
+    if "a" in r:
+        a, b = r["a"], r["b"]
+        print(f"| (a) reference SamPredictor ({a['threads']} threads) | {a['images_per_s']} | {a['s_per_image']} | |")
+        print(f"| (b) engine in-process ({b['threads']} threads, batch {b['batch_size']}, compile {b['compile']}) | "
+              f"{b['images_per_s']} | {b['s_per_image']} | process {b['process_peak_rss_mib']} MiB |")
+    steady = c["images_per_s_steady"]
     print(f"| (c) Ray Data label job, steady state (total incl. start-up: {c['images_per_s_total']} img/s, "
-          f"{c['wall_s']} s) | {c['images_per_s_steady']} | | driver {c['driver_peak_rss_mib']} MiB, actors "
-          f"{c['actor_peak_rss_mib']} |")
+          f"{c['wall_s']} s) | {steady} | {round(1 / steady, 3) if steady else ''} | driver "
+          f"{c['driver_peak_rss_mib']} MiB, actors {c['actor_peak_rss_mib']} |")
+    if "d" in r:
+        d = r["d"]
+        print(f"| (d) the job with plabel's defaults on {d['images']} images ({d['summary'].get('plan')}), total "
+              f"incl. start-up ({d['wall_s']} s) | "
+              f"{d['images_per_s_total']} | {d['s_per_image_total']} | driver {d['driver_peak_rss_mib']} MiB, "
+              f"actors {d['actor_peak_rss_mib']} |")
     if r.get("ab_from"):
         print(f"(a) and (b) from an earlier run: {r['ab_from']}")
-    print(f"ratios: {r['ratios']}; equivalence held (per-class mean Dice >= 0.99): {r['equivalence_held']}")
+    print(f"ratios: {r['ratios']}; equivalence held (per-class mean Dice >= 0.99): {r.get('equivalence_held')}")
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -489,9 +539,16 @@ def main(argv=None) -> int:
     r.add_argument("--synthetic", type=int, default=0, help="use N synthetic 256-px images instead of --data")
     parts = r.add_mutually_exclusive_group()
     parts.add_argument("--skip-job", action="store_true", help="measure (a) and (b) only (no Ray installed)")
+    parts.add_argument("--jobs-only", action="store_true", help="measure (c) (and (d)) only, no reference")
     parts.add_argument("--job-only", action="store_true",
                    help="measure (c) only; (a) and (b) come from --out/speed.json of an earlier run of the same "
                         "benchmark (backend, images, teacher, batch size), named in the result as ab_from")
+    r.add_argument("--reference-images", type=int, default=None,
+                   help="(a) and (b) (and the equivalence) on the first N images only; (c) on all --images")
+    r.add_argument("--defaults", action="store_true",
+                   help="(d): also run the job with plabel's default label settings and compare its total with (c)")
+    r.add_argument("--defaults-images", type=int, default=None,
+                   help="(d) labels the first N benchmark images (default: all --images)")
     r.add_argument("--teacher", default=None, help="U-Net teacher checkpoint (default: train a small one)")
     r.add_argument("--teacher-epochs", type=int, default=40, help="epochs of the default teacher")
     r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

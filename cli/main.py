@@ -118,7 +118,7 @@ _LABEL_OPTIONS = {f"label.{k}": f"--{v}" for k, v in {
     "sam.backend": "sam-backend", "sam.checkpoint": "sam-checkpoint", "sam.sha256": "sam-sha256",
     "sam.stages": "stages", "sam.batch_size": "sam-batch-size", "sam.actors": "sam-actors",
     "sam.num_gpus": "sam-gpus", "sam.device": "sam-device", "sam.cpus": "sam-cpus",
-    "sam.autocast": "autocast", "unet_actors": "unet-actors", "unet_batch_size": "unet-batch-size",
+    "sam.autocast": "autocast", "sam.compile": "sam-compile", "unet_actors": "unet-actors", "unet_batch_size": "unet-batch-size",
     "max_image_pixels": "max-image-pixels", "cleaning.threshold": "threshold",
     "cleaning.opening_radius": "opening", "cleaning.closing_radius": "closing",
     "gate.policy": "gate-policy", "gate.min_sam_iou": "min-sam-iou",
@@ -258,11 +258,12 @@ def label(
     sam_sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of a downloaded SAM checkpoint."),
     stages: Optional[str] = typer.Option(None, help="Prompts per refinement stage: stages split by ';', prompts (box, points, mask) by ','. Default: the paper's 'box;points,mask', or 'box;box,mask' for lite_medsam."),
     sam_batch_size: int = typer.Option(8, help="Images per SAM image-encoder call."),
-    sam_actors: int = typer.Option(1, help="SAM actor pool size."),
+    sam_actors: str = typer.Option("auto", help="SAM actor pool size: a number, or auto (one per GPU on a GPU cluster, else one per CPU left after the U-Net actors, at most one per batch)."),
+    sam_compile: str = typer.Option("auto", help="torch.compile SAM in every actor: on, off, or auto (on CPU when each actor refines at least 48 images; off on GPU)."),
     sam_device: str = typer.Option("auto", help="Where SAM actors run: auto (GPUs when the cluster has any), gpu (always request GPUs, for autoscaled GPU groups) or cpu."),
     sam_gpus: float = typer.Option(1.0, help="GPUs per SAM actor when SAM runs on GPUs (fractions share a GPU)."),
     sam_cpus: float = typer.Option(1.0, help="CPUs (torch threads) per SAM actor when the cluster has no GPU."),
-    autocast: str = typer.Option("none", help="SAM precision on GPU: none, bf16 or fp16."),
+    autocast: str = typer.Option("none", help="SAM precision on GPU: none, bf16 or fp16 (SAM stays float32 on CPU)."),
     unet_actors: int = typer.Option(1, help="U-Net + cleaning actor pool size (CPU)."),
     unet_batch_size: int = typer.Option(8, help="Images per U-Net call."),
     max_image_pixels: int = typer.Option(64_000_000, help="Images with more pixels become error rows (checked from the header, before decoding)."),
@@ -293,8 +294,8 @@ def label(
         section = build(LabelSection, {
             "cleaning": {"threshold": threshold, "opening_radius": opening, "closing_radius": closing, "fill_holes": fill_holes},
             "sam": {"backend": sam_backend, "checkpoint": sam_checkpoint, "sha256": sam_sha256, "stages": stage_list,
-                    "batch_size": sam_batch_size, "actors": sam_actors, "num_gpus": sam_gpus, "device": sam_device, "cpus": sam_cpus,
-                    "autocast": autocast},
+                    "batch_size": sam_batch_size, "actors": _auto_int(sam_actors), "num_gpus": sam_gpus, "device": sam_device, "cpus": sam_cpus,
+                    "autocast": autocast, "compile": _auto_bool(sam_compile)},
             "gate": gate,
             "unet_actors": unet_actors, "unet_batch_size": unet_batch_size, "max_image_pixels": max_image_pixels,
         }, "label")
@@ -315,6 +316,17 @@ def label(
         typer.echo(f"resumed: skipped {summary['shards_skipped']} of {summary['shards']} shard(s) "
                    "committed by an earlier run of this job")
     typer.echo(json.dumps(summary, indent=2))
+
+
+def _auto_int(text: str):
+    """An `auto`-or-number option as the config takes it ("3" -> 3; anything else is left for the
+    config's check, whose error names the option)."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
+def _auto_bool(text: str):
+    """`on` / `off` / `auto` (also true / false) as the config takes it."""
+    return {"on": True, "true": True, "off": False, "false": False}.get(text.strip().lower(), text)
 
 
 def _gate_option(gate_policy: str, min_sam_iou: Optional[float], min_agreement: Optional[float]) -> dict:

@@ -311,7 +311,12 @@ class SamSection(_Section):
         "with boxes) degrades with point prompts (JSRT: lungs 0.98 -> 0.77, heart 0.8 -> 0.3 Dice)",
         default_doc="the backend's")
     batch_size: PositiveInt = _field(8, "images per image-encoder call")
-    actors: PositiveInt = _field(1, "SAM actor pool size")
+    actors: Annotated[Any, check(lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                                 "`auto` or an int > 0", "`auto` or int > 0")] = _field(
+        "auto",
+        "SAM actor pool size; `auto`: one actor per `num_gpus` GPUs on a GPU cluster, else one actor of `cpus` CPUs per "
+        "CPU left after the U-Net actors (the measured CPU recipe: one single-thread actor per core), never more than "
+        "the job's batches (plabel.jobs.resources.plan_label)")
     device: Annotated[str, one_of(SAM_DEVICES)] = _field(
         "auto",
         "where SAM actors run: `auto` = on GPUs when the cluster has any when labelling starts, `gpu` = always "
@@ -320,12 +325,15 @@ class SamSection(_Section):
         1.0, "GPUs per SAM actor when SAM runs on GPUs (fractions share a GPU)")
     cpus: Annotated[float, check(lambda v: v > 0, "float > 0", "number > 0")] = _field(
         1.0, "CPUs per SAM actor (its torch threads) on a cluster without GPUs")
-    autocast: Annotated[str, one_of(AUTOCAST)] = _field("none", "SAM precision on GPU")
-    compile: bool = _field(
-        False,
+    autocast: Annotated[str, one_of(AUTOCAST)] = _field(
+        "none", "SAM precision on GPU (on CPU SAM stays float32: bf16 there moved LiteMedSAM's masks too far, "
+                "benchmarks/RESULTS.md, speed)")
+    compile: Annotated[Any, check(lambda v: v == "auto" or isinstance(v, bool), "`auto`, true or false",
+                                  "`auto` or bool")] = _field(
+        "auto",
         "`torch.compile` the image encoder and mask decoder of every SAM actor (plabel.method.sam.compile): same "
-        "float32 maths, about 1.5x faster on CPU (benchmarks/RESULTS.md, speed), but each actor spends 1-3 min "
-        "compiling when it starts: worth it for long jobs, not for a few hundred images")
+        "float32 maths, about 2x faster per image on CPU (benchmarks/RESULTS.md, speed), but each actor spends "
+        "35-80 s compiling when it starts. `auto`: on CPU when every SAM actor refines at least 48 images; off on GPU")
     resources: Annotated[dict[str, float], StrKeys, Rule(_check_resources, "mapping of resource name to number > 0")] \
         = _field(description="extra Ray resources per SAM actor (e.g. `{sam_node: 1}` to pin SAM to nodes started "
                              "with `--resources '{\"sam_node\": 1}'`)", default_factory=dict)

@@ -127,6 +127,10 @@ def test_unknown_split(shards, good_ckpt, tmp_path):
 def test_unknown_backend_and_option_values(shards, good_ckpt, tmp_path):
     _assert_user_error(_invoke("label", "--shards", shards, "--teacher", good_ckpt, "--out", tmp_path / "t",
                                "--sam-backend", "vit_z"), "'vit_z'", "lite_medsam", "(--sam-backend)")
+    _assert_user_error(_invoke("label", "--shards", shards, "--teacher", good_ckpt, "--out", tmp_path / "t",
+                               "--sam-actors", "many"), "expected `auto` or an int > 0, got 'many' (--sam-actors)")
+    _assert_user_error(_invoke("label", "--shards", shards, "--teacher", good_ckpt, "--out", tmp_path / "t",
+                               "--sam-compile", "maybe"), "expected `auto`, true or false, got 'maybe' (--sam-compile)")
     _assert_user_error(_invoke("train", "--shards", shards, "--out", tmp_path / "m.pt", "--epochs", "0"),
                        "(--epochs)")
     _assert_user_error(_invoke("train", "--shards", shards, "--out", tmp_path / "m.pt", "--role", "pupil"),

@@ -52,6 +52,13 @@ def _init(ray, address: str | None, num_cpus: int | None, dashboard: bool) -> No
     log.info("started a local Ray with %d logical CPUs on 127.0.0.1", cpus)
 
 
+def cluster_cpus() -> float:
+    """Number of logical CPUs the connected cluster advertises."""
+    import ray  # local: Ray reads its constants on import: plabel's environment comes first
+
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
 def cluster_gpus() -> float:
     """Number of GPUs the connected cluster advertises (0.0 when none)."""
     import ray  # local: Ray reads its constants on import: plabel's environment comes first

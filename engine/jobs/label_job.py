@@ -43,8 +43,8 @@ from plabel.data import storage
 from plabel.data.samples import batch_samples, decode_gray, object_array, sample_id, sample_uid
 from plabel.data.shards import masks_shape
 from plabel.data.table_commit import ShardTableWriter, job_fingerprint
-from plabel.jobs.cluster import cluster_gpus, quiet_ray_data
-from plabel.jobs.resources import label_requests, ray_remote_args
+from plabel.jobs.cluster import cluster_cpus, cluster_gpus, quiet_ray_data
+from plabel.jobs.resources import label_requests, plan_label, ray_remote_args
 from plabel.jobs.shard_dataset import read_shards
 from plabel.method.cleaning import CleaningConfig
 from plabel.method.gate import GateConfig
@@ -320,7 +320,11 @@ def run_label_job(
     remaining = writer.prepare()
     sam = label_cfg.sam
     gpus = cluster_gpus()
-    requests = {r.stage: r for r in label_requests(label_cfg, cluster_has_gpu=gpus > 0)}
+    keys = writer.expected.values()  # per remaining shard: its sample keys, None when unknown
+    total = None if any(k is None for k in keys) else sum(len(k) for k in keys)
+    plan = plan_label(label_cfg, cluster_cpus(), gpus, total)
+    log.info("label plan: %s", plan.why)
+    requests = {r.stage: r for r in label_requests(label_cfg, cluster_has_gpu=gpus > 0, sam_actors=plan.sam_actors)}
     if remaining:
         # Fault tolerance is Ray Data's: read and decode tasks are retried (max_retries=-1), the
         # map actors are restarted (max_restarts=-1) and re-run their lost tasks
@@ -339,13 +343,12 @@ def run_label_job(
         )
         ds = ds.map_batches(
             RefineStage,
-            fn_constructor_kwargs=dict(sam=sam.model_dump(), gate=label_cfg.gate.to_gate_dict(),
+            fn_constructor_kwargs=dict(sam={**sam.model_dump(), "actors": plan.sam_actors, "compile": plan.compile},
+                                       gate=label_cfg.gate.to_gate_dict(),
                                        classes=list(classes), unet_sha256=unet_sha256, cache_dir=cache_dir),
             batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=requests["refine"].count),
             **ray_remote_args(requests["refine"].resources),
         )
-        keys = writer.expected.values()  # per remaining shard: its sample keys, None when unknown
-        total = None if any(k is None for k in keys) else sum(len(k) for k in keys)
         if progress is not None:
             progress(0, total)
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
@@ -353,6 +356,6 @@ def run_label_job(
             if progress is not None:
                 progress(block.num_rows, total)
     counts = writer.finish({"unet_checkpoint_sha256": unet_sha256, "job_fingerprint": writer.fingerprint})
-    return {**counts, "wall_s": round(time.time() - t0, 2), "sam_on_gpu": "GPU" in requests["refine"].resources,
+    return {**counts, "wall_s": round(time.time() - t0, 2), **plan.as_dict(),
             "shards": len(writer.shards), "shards_skipped": writer.skipped,
             "duplicates_dropped": writer.duplicates_dropped, "missing_samples": writer.missing_samples}

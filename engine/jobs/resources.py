@@ -6,10 +6,17 @@ A request is a dict in Ray's resource names: {"CPU": 1.0, "GPU": 0.5, "memory": 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DECODE_CPUS = 0.5  # one image-decoding task of the label job
 GIB = 2**30  # bytes: Ray's `memory` resource is counted in bytes
+AUTO = "auto"
+#: label.sam.compile: auto compiles SAM on CPU when every SAM actor refines at least this many images.
+#: Measured (2-core AMD EPYC, LiteMedSAM, one thread per actor, batches of 8; benchmarks/RESULTS.md,
+#: speed): compiling costs each actor about 35 s with a warm inductor cache and 80 s cold, and saves
+#: 1.6-2.7 s per image, so it pays from about 30-50 images per actor.
+COMPILE_MIN_IMAGES_PER_ACTOR = 48
 
 
 @dataclass(frozen=True)
@@ -50,12 +57,78 @@ def ray_remote_args(resources: dict[str, float]) -> dict:
     return args
 
 
-def label_requests(label, cluster_has_gpu: bool) -> list[Request]:
-    """Requests of the label job: decode tasks, the U-Net/cleaning actor pool, the SAM actor pool."""
+@dataclass(frozen=True)
+class LabelPlan:
+    """What the label job runs SAM with: the actor count and compilation, resolved from
+    ``label.sam.actors`` / ``label.sam.compile`` (``auto`` or a value) by :func:`plan_label`."""
+
+    sam_actors: int
+    compile: bool
+    sam_on_gpu: bool
+    why: str  # one line for people: how `auto` was resolved
+
+    def as_dict(self) -> dict:
+        return {"sam_actors": self.sam_actors, "sam_compile": self.compile, "sam_on_gpu": self.sam_on_gpu,
+                "plan": self.why}
+
+
+def plan_label(label, cluster_cpus: float, cluster_gpus: float, images: int | None) -> LabelPlan:
+    """Resolve ``label.sam.actors`` and ``label.sam.compile`` for a cluster and a job size.
+
+    label:        the LabelSection; explicit values are kept as they are.
+    cluster_cpus: logical CPUs of the cluster (Ray's ``CPU``); cluster_gpus: its GPUs.
+    images:       images the job will label (None when unknown).
+
+    actors ``auto``: on GPUs, one actor per ``sam.num_gpus`` GPUs the cluster has; on CPUs, one actor of
+    ``sam.cpus`` CPUs for every CPU left after the U-Net actors and a decoding task (the measured
+    recipe: one single-thread actor per core, benchmarks/RESULTS.md, speed). Never more actors than
+    batches of ``sam.batch_size`` images, never fewer than one.
+    compile ``auto``: on CPU when every actor refines at least COMPILE_MIN_IMAGES_PER_ACTOR images;
+    off on GPU (not measured there yet: set it explicitly).
+    """
+    sam = label.sam
+    on_gpu = sam_on_gpu(sam, cluster_gpus > 0)
+    notes = []
+    if sam.actors == AUTO:
+        if on_gpu:
+            actors = max(1, math.floor(cluster_gpus / sam.num_gpus + 1e-9))
+            notes.append(f"{actors} SAM actor(s): {cluster_gpus:g} GPU(s) / {sam.num_gpus:g} per actor")
+        else:
+            free = cluster_cpus - label.unet_actors - DECODE_CPUS
+            actors = max(1, math.floor(free / sam.cpus + 1e-9))
+            notes.append(f"{actors} SAM actor(s) of {sam.cpus:g} CPU: {cluster_cpus:g} CPUs less "
+                         f"{label.unet_actors} U-Net actor(s) and decoding")
+        if images is not None and actors > max(1, math.ceil(images / sam.batch_size)):
+            actors = max(1, math.ceil(images / sam.batch_size))
+            notes[-1] += f", capped at {actors} for {images} images in batches of {sam.batch_size}"
+    else:
+        actors = int(sam.actors)
+    if sam.compile == AUTO:
+        per_actor = None if images is None else images / actors
+        compile_ = (not on_gpu) and per_actor is not None and per_actor >= COMPILE_MIN_IMAGES_PER_ACTOR
+        if on_gpu:
+            notes.append("not compiled (auto: GPU)")
+        elif per_actor is None:
+            notes.append("not compiled (auto: job size unknown)")
+        else:
+            notes.append(f"{'compiled' if compile_ else 'not compiled'} (auto: {per_actor:.0f} images per actor, "
+                         f"compiling pays from {COMPILE_MIN_IMAGES_PER_ACTOR})")
+    else:
+        compile_ = bool(sam.compile)
+    why = "; ".join(notes) if notes else "as configured"
+    return LabelPlan(actors, compile_, on_gpu, why)
+
+
+def label_requests(label, cluster_has_gpu: bool, sam_actors: int | None = None) -> list[Request]:
+    """Requests of the label job: decode tasks, the U-Net/cleaning actor pool, the SAM actor pool
+    (``sam_actors`` as planned; by default label.sam.actors, and one actor for ``auto``: the least
+    the cluster must hold)."""
+    if sam_actors is None:
+        sam_actors = 1 if label.sam.actors == AUTO else int(label.sam.actors)
     return [
         Request("decode", 1, {"CPU": DECODE_CPUS}),
         Request("teacher", label.unet_actors, {"CPU": 1.0}),
-        Request("refine", label.sam.actors, refine_resources(label.sam, cluster_has_gpu)),
+        Request("refine", sam_actors, refine_resources(label.sam, cluster_has_gpu)),
     ]
 
 

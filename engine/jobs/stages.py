@@ -143,7 +143,8 @@ def _label_key(ctx: RunContext) -> dict:
 
 
 def _label_summary(out: dict) -> str:
-    return f"{out['rows']} rows (ok {out['ok']}, empty {out['empty']}, error {out['error']})"
+    plan = f"; {out['plan']}" if out.get("plan") else ""  # absent when an earlier run's table was reused
+    return f"{out['rows']} rows (ok {out['ok']}, empty {out['empty']}, error {out['error']}){plan}"
 
 
 # ----------------------------------------------------------------------------------------- student

@@ -22,14 +22,17 @@ from procs import cmdline, descendants, pids_with_env  # noqa: E402
 MARKER = "PLABEL_FAULT_TEST"  # environment variable carrying a per-run id
 # batches of one shard (SHARD_SIZE images): the same images share a batch in every run, so
 # tables of different runs are equal bit for bit (float results may change with batch composition)
-LABEL_ARGS = ["--sam-backend", "random_tiny", "--sam-batch-size", "4", "--unet-batch-size", "4", "--threshold", "0.3"]
+# one SAM actor, never compiled: the faults below are aimed at "the" SAM actor and its node
+LABEL_ARGS = ["--sam-backend", "random_tiny", "--sam-batch-size", "4", "--sam-actors", "1", "--sam-compile", "off",
+              "--unet-batch-size", "4", "--threshold", "0.3"]
 
 
 def label_section():
     """The label settings of the fault tests, as `plabel label` builds them from LABEL_ARGS."""
     from plabel.schemas.config import LabelSection, build
 
-    return build(LabelSection, {"sam": {"backend": "random_tiny", "batch_size": 4}, "unet_batch_size": 4,
+    return build(LabelSection, {"sam": {"backend": "random_tiny", "batch_size": 4, "actors": 1, "compile": False},
+                                "unet_batch_size": 4,
                                 "cleaning": {"threshold": 0.3}}, "label")
 
 

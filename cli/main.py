@@ -619,7 +619,7 @@ def report(
 def demo(
     directory: Path = typer.Argument(Path("plabel-demo"), help="Folder for the synthetic data and the run."),
     images: int = typer.Option(40, help="Synthetic images to generate."),
-    size: int = typer.Option(128, help="Side of the synthetic images in pixels."),
+    size: int = typer.Option(256, help="Side of the synthetic images in pixels (the U-Nets see at most 128 px: SAM, at its own 256 px, refines their coarse masks, as in the paper)."),
 ):
     """Smoke demo: a small synthetic dataset, then every stage with the bundled LiteMedSAM on a local Ray."""
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow

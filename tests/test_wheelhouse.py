@@ -48,15 +48,21 @@ def make_wheel(folder: Path) -> Path:
                                        b"Tag: py3-none-any\n",
         "tinypkg-0.1.dist-info/top_level.txt": b"tinypkg\n",
     }
+    return _write_wheel(folder / "tinypkg-0.1-py3-none-any.whl", files, executable=("/tool",))
+
+
+def _write_wheel(path: Path, files: dict[str, bytes], executable: tuple[str, ...]) -> Path:
+    """Write ``files`` (name -> bytes) as the wheel ``path`` with a RECORD of them (names ending in
+    ``executable`` get mode 755)."""
+    dist_info = next(name.split("/")[0] for name in files if name.split("/")[0].endswith(".dist-info"))
     rows = [(name, _digest(data), str(len(data))) for name, data in files.items()]
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows + [("tinypkg-0.1.dist-info/RECORD", "", "")])
-    files["tinypkg-0.1.dist-info/RECORD"] = buf.getvalue().encode()
-    path = folder / "tinypkg-0.1-py3-none-any.whl"
+    csv.writer(buf, lineterminator="\n").writerows(rows + [(f"{dist_info}/RECORD", "", "")])
+    files = {**files, f"{dist_info}/RECORD": buf.getvalue().encode()}
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         for name, data in files.items():
             info = zipfile.ZipInfo(name, date_time=(2024, 1, 2, 3, 4, 6))
-            info.external_attr = (0o755 if name.endswith("/tool") else 0o644) << 16
+            info.external_attr = (0o755 if name.endswith(executable) else 0o644) << 16
             info.create_system = 3
             z.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
     return path
@@ -138,18 +144,7 @@ def make_wheel_with_binary(folder: Path, size: int = 96 * 1024) -> tuple[Path, b
         "tinybin-0.2.dist-info/entry_points.txt": b"[console_scripts]\ntinybin = tinybin:main\n"
                                                   b"tinyextra = tinybin.extra.cli:main\n",
     }
-    rows = [(name, _digest(data), str(len(data))) for name, data in files.items()]
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows + [("tinybin-0.2.dist-info/RECORD", "", "")])
-    files["tinybin-0.2.dist-info/RECORD"] = buf.getvalue().encode()
-    path = folder / "tinybin-0.2-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in files.items():
-            info = zipfile.ZipInfo(name, date_time=(2024, 1, 2, 3, 4, 6))
-            info.external_attr = (0o755 if name.endswith(("/engine", ".so")) else 0o644) << 16
-            info.create_system = 3
-            z.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
-    return path, big
+    return _write_wheel(folder / "tinybin-0.2-py3-none-any.whl", files, executable=("/engine", ".so")), big
 
 
 def _tool_path(tmp_path: Path, with_xz: bool) -> str:

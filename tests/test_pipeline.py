@@ -88,7 +88,10 @@ def test_console_holds_progress_and_summaries_not_ray_logs(tiny_run):
     assert re.search(r"^\[label\] 14/14 images", output, re.M)
     for stage in ("ingest", "teacher", "calibrate", "label", "student", "evaluate", "report"):
         assert len([ln for ln in lines if ln.startswith(f"[{stage}] finished in ")]) == 1, stage
-    assert re.search(r"^\[label\] finished in [\d.]+ s: 14 rows \(ok \d+, empty \d+, error 0\)$", output, re.M)
+    # the summary says how the SAM pool was sized (tiny config: sam.cpus 2 on 4 logical CPUs -> 1 actor)
+    assert re.search(r"^\[label\] finished in [\d.]+ s: 14 rows \(ok \d+, empty \d+, error 0\); 1 SAM actor\(s\) "
+                     r"of 2 CPU: 4 CPUs less 1 U-Net actor\(s\) and decoding; not compiled \(auto: 14 images per "
+                     r"actor, compiling pays from 48\)$", output, re.M)
     log = (run / "logs" / "plabel.log").read_text()
     assert re.search(r"\(RayTrainWorker pid=\d+", log)  # the workers' forwarded output is in the file
 

@@ -3,6 +3,7 @@
     read_shards(unlabelled shards)   one streaming tar-parsing task per shard (shard_reader)
       -> decode_images               (CPU tasks)   bytes -> gray uint8, or an error row
       -> TeacherStage                (CPU actors)  U-Net, mask cleaning, prompt extraction
+      -> repartition                 blocks of label.sam.batch_size rows (streaming, no shuffle)
       -> RefineStage                 (GPU actors when the cluster has GPUs, else CPU actors)
                                                    SAM refinement, quality gate, table rows
       -> driver: ShardTableWriter    one Parquet part per shard, then the completion marker
@@ -341,6 +342,9 @@ def run_label_job(
             batch_format="numpy", batch_size=label_cfg.unet_batch_size, compute=ray.data.ActorPoolStrategy(size=requests["teacher"].count),
             **ray_remote_args(requests["teacher"].resources),
         )
+        # SAM tasks of one batch each (blocks were whole shards): the actors share the work evenly,
+        # the first rows come back after one batch, and the last actor's tail is one batch long
+        ds = ds.repartition(target_num_rows_per_block=sam.batch_size)
         ds = ds.map_batches(
             RefineStage,
             fn_constructor_kwargs=dict(sam={**sam.model_dump(), "actors": plan.sam_actors, "compile": plan.compile},

@@ -28,9 +28,15 @@ def test_training_killed_then_rerun_resumes(tmp_path):
     log = root / "first.log"
     t0 = time.time()
     proc = faultkit.start(cmd, env, log)
-    try:  # Ray Train V2 records a checkpoint in its snapshot once it is complete in storage
-        faultkit.wait_for(lambda: (storage / "checkpoint_manager_snapshot.json").exists() or proc.poll() is not None,
-                          timeout=400, interval=0.05, what="the first checkpoint")
+    # Ray Train V2 records a checkpoint in its snapshot once it is complete in storage; the worker's
+    # "[teacher] epoch k/n" line reaches the command's log file through Ray's log streaming, which can
+    # land after the snapshot (CI saw the kill come first): wait for both, so the log shows the epoch
+    def first_epoch_done():
+        logged = train_log.exists() and re.search(r"\[teacher\] epoch \d+/", train_log.read_text())
+        return bool((storage / "checkpoint_manager_snapshot.json").exists() and logged) or proc.poll() is not None
+
+    try:
+        faultkit.wait_for(first_epoch_done, timeout=400, interval=0.05, what="the first checkpoint")
         assert proc.poll() is None, "training finished before it could be killed:\n" + log.read_text()[-3000:]
     finally:
         faultkit.kill_run(proc, run_id)

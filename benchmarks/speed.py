@@ -292,8 +292,8 @@ def refine_main(args) -> int:
 
     result["teacher"] = str(teacher)
     result["batch_size"] = args.batch_size
-    if args.jobs_only:
-        print("[speed] --jobs-only: (c) and (d) only, no reference", flush=True)
+    if args.no_reference:
+        print("[speed] --no-reference: (c) and (d) only", flush=True)
         return run_c(args, result, work, bench_ids, grays, classes, teacher, checkpoint, device)
     if args.job_only:
         earlier = earlier_ab(work / "speed.json", result)
@@ -305,16 +305,15 @@ def refine_main(args) -> int:
     # (a) and (b) on the first --reference-images images (all by default); (c) on all of them
     n_ab = min(args.reference_images or args.images, args.images)
     result["reference_images"] = n_ab
-    all_grays, all_prompts = grays, prompts
-    grays, prompts = grays[:n_ab], prompts[:n_ab]
+    ab_grays, ab_prompts = grays[:n_ab], prompts[:n_ab]
 
     # (a) reference: torch's default threads, float32, one predict call per class per stage
     torch.set_num_threads(args.reference_threads or os.cpu_count())
     model = load_sam(args.backend, checkpoint, device=device)
-    refine_reference(model, grays[0], prompts[0], stages)  # warm-up
+    refine_reference(model, ab_grays[0], ab_prompts[0], stages)  # warm-up
     sync(device)
     t = time.perf_counter()
-    ref = [refine_reference(model, g, p, stages) for g, p in zip(grays, prompts)]
+    ref = [refine_reference(model, g, p, stages) for g, p in zip(ab_grays, ab_prompts)]
     sync(device)
     a_s = time.perf_counter() - t
     result["a"] = {"images_per_s": round(n_ab / a_s, 3), "s_per_image": round(a_s / n_ab, 4),
@@ -331,13 +330,13 @@ def refine_main(args) -> int:
     refiner = SamRefiner(model, stages=stages, autocast_dtype=autocast if device == "cuda" else None,
                          encoder_batch=args.batch_size if args.compile else None)
     t = time.perf_counter()
-    refiner.refine_batch(grays[:args.batch_size], prompts[:args.batch_size])  # warm-up (compilation)
+    refiner.refine_batch(ab_grays[:args.batch_size], ab_prompts[:args.batch_size])  # warm-up (compilation)
     sync(device)
     warm = time.perf_counter() - t
     t = time.perf_counter()
     eng = []
     for k in range(0, n_ab, args.batch_size):
-        eng += refiner.refine_batch(grays[k:k + args.batch_size], prompts[k:k + args.batch_size])
+        eng += refiner.refine_batch(ab_grays[k:k + args.batch_size], ab_prompts[k:k + args.batch_size])
     sync(device)
     b_s = time.perf_counter() - t
     result["b"] = {"images_per_s": round(n_ab / b_s, 3), "s_per_image": round(b_s / n_ab, 4),
@@ -350,7 +349,7 @@ def refine_main(args) -> int:
 
     # equivalence of (b) with (a)
     per_class = {c: [] for c in classes}
-    for r, e, p in zip(ref, eng, prompts):
+    for r, e, p in zip(ref, eng, ab_prompts):
         for ci in np.flatnonzero(np.asarray(p.valid)):
             per_class[classes[ci]].append(dice(r.masks[ci], e.masks[ci]))
     result["equivalence"] = {c: {"mean_dice": round(float(np.mean(v)), 5), "min_dice": round(float(np.min(v)), 5),
@@ -358,7 +357,6 @@ def refine_main(args) -> int:
     result["equivalence_held"] = all(v["mean_dice"] >= 0.99 for v in result["equivalence"].values())
     print(f"[speed] equivalence (b vs a, per-class mask Dice): {result['equivalence']}", flush=True)
     del model, refiner, ref, eng
-    grays, prompts = all_grays, all_prompts
     save(work, result)
 
     if args.skip_job:
@@ -539,7 +537,7 @@ def main(argv=None) -> int:
     r.add_argument("--synthetic", type=int, default=0, help="use N synthetic 256-px images instead of --data")
     parts = r.add_mutually_exclusive_group()
     parts.add_argument("--skip-job", action="store_true", help="measure (a) and (b) only (no Ray installed)")
-    parts.add_argument("--jobs-only", action="store_true", help="measure (c) (and (d)) only, no reference")
+    parts.add_argument("--no-reference", action="store_true", help="measure (c) (and (d)) only: no (a), no (b)")
     parts.add_argument("--job-only", action="store_true",
                    help="measure (c) only; (a) and (b) come from --out/speed.json of an earlier run of the same "
                         "benchmark (backend, images, teacher, batch size), named in the result as ab_from")

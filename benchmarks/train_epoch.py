@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def plabel(*args: str) -> list[str]:
     """The command line of `plabel ARGS` with this interpreter (the GPU machine has no `plabel` script)."""
-    return [sys.executable, "-c", "import sys; from plabel.cli.main import main; sys.exit(main())", *args]
+    return [sys.executable, "-m", "plabel.cli.main", *args]
 
 
 def train_wall(shards: Path, out: Path, device: str, epochs: int, args) -> float:

@@ -259,7 +259,7 @@ def label(
     stages: Optional[str] = typer.Option(None, help="Prompts per refinement stage: stages split by ';', prompts (box, points, mask) by ','. Default: the paper's 'box;points,mask', or 'box;box,mask' for lite_medsam."),
     sam_batch_size: int = typer.Option(8, help="Images per SAM image-encoder call."),
     sam_actors: str = typer.Option("auto", help="SAM actor pool size: a number, or auto (one per GPU on a GPU cluster, else one per CPU left after the U-Net actors, at most one per batch)."),
-    sam_compile: str = typer.Option("auto", help="torch.compile SAM in every actor: on, off, or auto (on CPU when each actor refines at least 48 images; off on GPU)."),
+    sam_compile: str = typer.Option("auto", help="torch.compile SAM in every actor: on, off, or auto (on CPU when each actor refines enough images to repay compiling, label.sam.compile in docs/config.md; off on GPU)."),
     sam_device: str = typer.Option("auto", help="Where SAM actors run: auto (GPUs when the cluster has any), gpu (always request GPUs, for autoscaled GPU groups) or cpu."),
     sam_gpus: float = typer.Option(1.0, help="GPUs per SAM actor when SAM runs on GPUs (fractions share a GPU)."),
     sam_cpus: float = typer.Option(1.0, help="CPUs (torch threads) per SAM actor when the cluster has no GPU."),

@@ -39,6 +39,11 @@ BACKEND_DEFAULT_STAGES = {"lite_medsam": (("box",), ("box", "mask"))}
 # quality): a single student loses up to 0.8 Dice points on one class against its teacher by
 # training noise alone; the average of 3 averages that noise out, at 3 student trainings.
 DEFAULT_STUDENT_SOUP = 3
+# label.sam.compile: auto compiles SAM on CPU when every SAM actor refines at least this many images
+# (plabel.jobs.resources.plan_label). Measured (2-core AMD EPYC, LiteMedSAM, one thread per actor,
+# batches of 8; benchmarks/RESULTS.md, speed): compiling costs each actor about 35 s with a warm
+# inductor cache and 80 s cold, and saves 1.6-2.7 s per image, so it pays from about 30-50 images.
+COMPILE_MIN_IMAGES_PER_ACTOR = 48
 # the keys of one gate (plabel.method.gate.ClassGate); label.gate.per_class overrides these only
 GATE_KEYS = ("policy", "min_sam_iou", "min_agreement", "min_agreement_unet")
 
@@ -333,7 +338,8 @@ class SamSection(_Section):
         "auto",
         "`torch.compile` the image encoder and mask decoder of every SAM actor (plabel.method.sam.compile): same "
         "float32 maths, about 2x faster per image on CPU (benchmarks/RESULTS.md, speed), but each actor spends "
-        "35-80 s compiling when it starts. `auto`: on CPU when every SAM actor refines at least 48 images; off on GPU")
+        f"35-80 s compiling when it starts. `auto`: on CPU when every SAM actor refines at least "
+        f"{COMPILE_MIN_IMAGES_PER_ACTOR} images; off on GPU")
     resources: Annotated[dict[str, float], StrKeys, Rule(_check_resources, "mapping of resource name to number > 0")] \
         = _field(description="extra Ray resources per SAM actor (e.g. `{sam_node: 1}` to pin SAM to nodes started "
                              "with `--resources '{\"sam_node\": 1}'`)", default_factory=dict)

@@ -347,7 +347,7 @@ def run_label_job(
         ds = ds.repartition(target_num_rows_per_block=sam.batch_size)
         ds = ds.map_batches(
             RefineStage,
-            fn_constructor_kwargs=dict(sam={**sam.model_dump(), "actors": plan.sam_actors, "compile": plan.compile},
+            fn_constructor_kwargs=dict(sam={**sam.model_dump(), "compile": plan.compile},  # `auto` resolved
                                        gate=label_cfg.gate.to_gate_dict(),
                                        classes=list(classes), unet_sha256=unet_sha256, cache_dir=cache_dir),
             batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=requests["refine"].count),

@@ -9,14 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from plabel.schemas.config import COMPILE_MIN_IMAGES_PER_ACTOR  # the measured threshold, with the config's doc
+
 DECODE_CPUS = 0.5  # one image-decoding task of the label job
 GIB = 2**30  # bytes: Ray's `memory` resource is counted in bytes
 AUTO = "auto"
-#: label.sam.compile: auto compiles SAM on CPU when every SAM actor refines at least this many images.
-#: Measured (2-core AMD EPYC, LiteMedSAM, one thread per actor, batches of 8; benchmarks/RESULTS.md,
-#: speed): compiling costs each actor about 35 s with a warm inductor cache and 80 s cold, and saves
-#: 1.6-2.7 s per image, so it pays from about 30-50 images per actor.
-COMPILE_MIN_IMAGES_PER_ACTOR = 48
 
 
 @dataclass(frozen=True)
@@ -98,8 +95,9 @@ def plan_label(label, cluster_cpus: float, cluster_gpus: float, images: int | No
             actors = max(1, math.floor(free / sam.cpus + 1e-9))
             notes.append(f"{actors} SAM actor(s) of {sam.cpus:g} CPU: {cluster_cpus:g} CPUs less "
                          f"{label.unet_actors} U-Net actor(s) and decoding")
-        if images is not None and actors > max(1, math.ceil(images / sam.batch_size)):
-            actors = max(1, math.ceil(images / sam.batch_size))
+        batches = None if images is None else max(1, math.ceil(images / sam.batch_size))
+        if batches is not None and actors > batches:
+            actors = batches
             notes[-1] += f", capped at {actors} for {images} images in batches of {sam.batch_size}"
     else:
         actors = int(sam.actors)

@@ -32,11 +32,17 @@ Per (n, seed) [and SAM backend], each step cached (the product function it calls
              made by the label job's plabel.method.labelling.pseudo_label_rows from the cached masks and
              SAM answers (the kinds: qualitybench/grid.py kind_inputs; gated = plabel's pseudo labels,
              gated_distill = plabel's default student: dropped classes distilled from the teacher) and
-             trained as plabel trains them (pseudo_label_targets); none = the n labelled images only.
+             trained as plabel trains them (pseudo_label_targets); none = the n labelled images only;
+             mean_teacher = the paper's semi-supervised baseline: the n labelled images plus the
+             unlabelled ones without labels, whose only loss is consistency with an EMA of the student
+             (plabel.training.ema, fit(ema=--ema-decay), on its own intensity jitter; --consistency-weight).
              --student-init teacher (default: warm start at --warm-lr), guarded (plabel.training.
              selection's guarded rule) and/or scratch (the paper's); --student-soup k > 1: k warm-started
              students (training seed offsets --student-seed-offset ..) averaged (plabel.training.loop.
              average_checkpoints), guarded averages with plabel.training.selection.guard_average.
+--rounds R > 1 (EXPERIMENT): self-training; round r's teacher is round r - 1's default student
+(gated_distill from its teacher), which labels the unlabelled images again (unet, sam, gate, file names
+-r<r>) for a new default student.
 Per seed: full, a U-Net on all pool images with their truth (--full-epochs, default the teacher's).
 U-Nets: TrainConfig.from_section of the config's teacher / student sections, seeded by the split seed
 (+ --student-seed-offset). Test Dice: plabel.method.metrics.dice_of_probs on each image's grid (as
@@ -133,6 +139,15 @@ def parse(argv=None):
                          "and report the average of their weights as the student (default: plabel's student.soup)")
     ap.add_argument("--distill-weight", type=float, default=student.distill,
                     help="kind gated_distill: strength of the teacher's soft targets for the classes the gate drops")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="self-training rounds (EXPERIMENT): round r > 1 takes round r - 1's default student "
+                         "(gated_distill from its teacher) as its teacher, labels again and trains a new student; "
+                         "the first backend only")
+    ap.add_argument("--ema-decay", type=float, default=0.99,
+                    help="kind mean_teacher: the EMA teacher's decay per step (Tarvainen & Valpola's 0.99)")
+    ap.add_argument("--consistency-weight", type=float, default=1.0,
+                    help="kind mean_teacher: strength of the consistency loss on the unlabelled images (soft "
+                         "targets of the EMA teacher, plabel.method.losses.distillation_loss)")
     ap.add_argument("--min-sam-share", type=float, default=None,
                     help="gate calibration: least share of a class's validation images a sam / auto gate must "
                          "keep SAM on (default: plabel's, label.gate.min_sam_share)")
@@ -175,6 +190,10 @@ def parse(argv=None):
     args.kinds = args.kinds or list(DEFAULT_KINDS)
     args.student_init = args.student_init or ["teacher"]
     args.full_epochs = args.full_epochs or args.teacher_epochs
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if not 0 <= args.ema_decay <= 1:
+        ap.error(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
     if args.student_soup < 1:
         ap.error(f"--student-soup must be >= 1, got {args.student_soup}")
     args.backend = args.backend or list(BACKENDS)

@@ -55,6 +55,9 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--epochs", type=int, default=4, help="epochs per variant (speed: the first is not timed)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4], help="training batch sizes")
+    ap.add_argument("--depths", type=int, nargs="+", default=None,
+                    help="U-Net depths (default: the teacher section's); --quality with several: a stronger few-label "
+                         "teacher at 256 px (one more level keeps 128 px's receptive field relative to the image)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--quality", action="store_true", help="also the test Dice of each variant's teacher")
     ap.add_argument("--json", type=Path, help="write the measurements here too")
@@ -76,34 +79,34 @@ def main(argv=None) -> None:
                     np.stack([masks_to_grid(data.truths[i], S) for i in ids]))
         x, y = arrays(sp["labelled"])
         vx, vy = arrays(sp["val"])
-        for bs in args.batch_sizes:
-            for name in args.variants:
-                cfg = TrainConfig.from_section(cfg_run.teacher, epochs=args.epochs, batch_size=bs, seed=0,
-                                               **VARIANTS[name])
-                t0 = time.time()
-                res = fit_unet(x, y, cfg, val_images=vx, val_masks=vy)
-                wall = time.time() - t0
-                secs = [h["seconds"] for h in res.history]
-                row = {"size": S, "batch_size": bs, "variant": name, "epochs": args.epochs,
-                       "s_per_epoch": statistics.median(secs[1:] or secs), "first_epoch_s": secs[0],
-                       "wall_s": round(wall, 1), "best_val_dice": res.best_val_dice}
-                if args.quality:
-                    probs = [p for k in range(0, len(sp["test"]), 8) for p in
-                             teacher_probs(res.model, [data.grays[i] for i in sp["test"][k:k + 8]], S)]
-                    dice = dice_of_probs(probs, [data.truths[i] for i in sp["test"]])  # (N, C)
-                    row["test_dice_per_class"] = dict(zip(data.classes, (100 * dice.mean(0)).round(2).tolist()))
-                    row["test_dice"] = round(float(100 * dice.mean()), 2)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        for bs, depth, name in [(b, d, v) for b in args.batch_sizes for d in args.depths or [cfg_run.teacher.depth]
+                                for v in args.variants]:
+            cfg = TrainConfig.from_section(cfg_run.teacher, epochs=args.epochs, batch_size=bs, seed=0, depth=depth,
+                                           **VARIANTS[name])
+            t0 = time.time()
+            res = fit_unet(x, y, cfg, val_images=vx, val_masks=vy)
+            wall = time.time() - t0
+            secs = [h["seconds"] for h in res.history]
+            row = {"size": S, "batch_size": bs, "depth": depth, "variant": name, "epochs": args.epochs,
+                   "s_per_epoch": statistics.median(secs[1:] or secs), "first_epoch_s": secs[0],
+                   "wall_s": round(wall, 1), "best_val_dice": res.best_val_dice}
+            if args.quality:
+                probs = [p for k in range(0, len(sp["test"]), 8) for p in
+                         teacher_probs(res.model, [data.grays[i] for i in sp["test"][k:k + 8]], S)]
+                dice = dice_of_probs(probs, [data.truths[i] for i in sp["test"]])  # (N, C)
+                row["test_dice_per_class"] = dict(zip(data.classes, (100 * dice.mean(0)).round(2).tolist()))
+                row["test_dice"] = round(float(100 * dice.mean()), 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     print()
-    print("| size | batch | variant | s / epoch | x fp32 |" + (" test Dice |" if args.quality else ""))
-    print("|---|---|---|---|---|" + ("---|" if args.quality else ""))
+    print("| size | batch | depth | variant | s / epoch | x fp32 |" + (" test Dice |" if args.quality else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if args.quality else ""))
     for r in rows:
         base = next((b for b in rows if b["size"] == r["size"] and b["batch_size"] == r["batch_size"]
-                     and b["variant"] == "fp32"), None)
+                     and b["depth"] == r["depth"] and b["variant"] == "fp32"), None)
         speed = f"{base['s_per_epoch'] / r['s_per_epoch']:.2f}" if base else "-"
         q = f" {r['test_dice']:.2f} |" if args.quality else ""
-        print(f"| {r['size']} | {r['batch_size']} | {r['variant']} | {r['s_per_epoch']:.2f} | {speed} |{q}")
+        print(f"| {r['size']} | {r['batch_size']} | {r['depth']} | {r['variant']} | {r['s_per_epoch']:.2f} | {speed} |{q}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 

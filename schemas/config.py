@@ -198,8 +198,8 @@ class TrainSection(_Section):
         "loss and validation stay fp32. Measured on JSRT at 256 px (benchmarks/RESULTS.md, section 10): bf16 "
         "epochs 1.3x faster (1.6-2.1x with `channels_last`), but both bf16 teachers scored 2-6 points lower")
     channels_last: bool = _field(
-        False, "train with channels_last (NHWC) activations and weights: the same maths, 1.1-1.4x faster epochs on "
-               "the CPU measured (benchmarks/RESULTS.md, section 10)")
+        True, "train with channels_last (NHWC) activations and weights: the same maths (one step's loss equal to "
+              "1e-5), 1.1-1.4x faster epochs on the CPU measured (benchmarks/RESULTS.md, section 10); `false`: NCHW")
     num_workers: PositiveInt = _field(1, "Ray Train workers")
     use_gpu: bool = _field(False, "give each Ray Train worker a GPU")
     include_labelled: bool = _field(True, "student only: train on the pseudo labels plus the labelled split")

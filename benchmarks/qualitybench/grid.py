@@ -49,13 +49,14 @@ CONFIG = Path(__file__).resolve().parents[1] / "jsrt_n10.yaml"  # the pipeline's
 DEFAULT_NS = (5, 10, 20, 43)
 ISSUE_GRID = ((10, 0), (5, 0), (20, 0), (43, 0), (10, 1), (10, 2))  # the headline configuration first
 BACKENDS = ("lite_medsam", "mobile_sam")
-KINDS = ("raw", "cleaned", "box", "sam", "pipeline", "gated", "gated_sam", "gated_distill", "none")
+KINDS = ("raw", "cleaned", "box", "sam", "pipeline", "gated", "gated_sam", "gated_distill", "mean_teacher", "none")
 GATED = ("gated", "gated_sam", "gated_distill")
-DEFAULT_KINDS = ("raw", "cleaned", "box", "sam", "gated", "gated_distill", "none")
-BACKEND_FREE = ("raw", "cleaned", "none")
+DEFAULT_KINDS = ("raw", "cleaned", "box", "sam", "gated", "gated_distill", "mean_teacher", "none")
+BACKEND_FREE = ("raw", "cleaned", "mean_teacher", "none")
 KIND_LABEL = {"raw": "raw U-Net (> 0.5)", "cleaned": "cleaned U-Net", "box": "SAM box only",
               "sam": "SAM paper (box; points + logits)", "pipeline": "SAM plabel stages", "gated": "gated (calibrated)",
               "gated_sam": "gated, SAM masks only", "gated_distill": "gated, dropped classes distilled from the teacher",
+              "mean_teacher": "mean teacher (EMA teacher, consistency on the unlabelled images)",
               "none": "no pseudo labels (control)"}
 INIT_TEXT = {"scratch": "scratch", "teacher": "the teacher",
              "guarded": "the teacher with guarded selection (plabel.training.selection)"}
@@ -208,6 +209,7 @@ def kind_inputs(kind, un, sam_path, policy, variant):
 class Bench:
     def __init__(self, args, data: Data):
         run = run_config()
+        self.tag = ""  # "-r2", ... while a later self-training round runs (file and log names)
         self.args, self.data, self.classes, self.S, self.out = args, data, data.classes, args.image_size, Path(args.out)
         self.cleaning = CleaningConfig(**run.label.cleaning.model_dump())
         self.gate_section = run.label.gate
@@ -250,11 +252,12 @@ class Bench:
 
     def train(self, role: str, folder: str, name: str, spec: dict, train_ids, sp: dict, pseudo=None,
               init_from: str | None = None, cached_only: bool = False, lr: float | None = None,
-              selection: str = "mean", distill: float = 0.0) -> dict | None:
+              selection: str = "mean", distill: float = 0.0, ema: float | None = None) -> dict | None:
         """Fit (or load) one U-Net with plabel.training.inprocess.fit_unet (TrainConfig of the config's
         teacher / student section with the CLI's epochs, lr, batch size): train_ids with their truth
         plus the rows of ``pseudo()`` (ids, pseudo-label table rows: plabel.method.labelling.
-        pseudo_label_targets, distilled where dropped as plabel trains them). Returns its .json (with
+        pseudo_label_targets, distilled where dropped as plabel trains them; rows None: the ids without any
+        label, weight 0). ema: distil from a mean teacher (plabel.training.ema). Returns its .json (with
         'checkpoint'), or None when it is not done and cannot be (--report-only, missing inputs)."""
         section = self.sections[role]
         seed = int(spec["seed"]) + int(spec.get("train_seed_offset", 0))  # --student-seed-offset
@@ -273,7 +276,9 @@ class Bench:
         x, y = self.arrays(train_ids)
         w = np.ones((len(train_ids), len(self.classes)), np.float32)
         if pseudo is not None and (p := pseudo())[0]:
-            py, pw = pseudo_label_targets(p[1], self.classes, self.S)
+            py, pw = pseudo_label_targets(p[1], self.classes, self.S) if p[1] is not None else (
+                np.zeros((len(p[0]), len(self.classes), self.S, self.S), np.float32),
+                np.zeros((len(p[0]), len(self.classes)), np.float32))
             px = np.stack([to_unet_input(self.data.grays[i], self.S) for i in p[0]])
             x, y, w = np.concatenate([x, px]), np.concatenate([y, py]), np.concatenate([w, pw])
         vx, vy = self.arrays(sp["val"])
@@ -289,7 +294,7 @@ class Bench:
         res = fit_unet(x, y, cfg, weight=w, val_images=vx, val_masks=vy, progress=progress,
                        init_state=None if init_from is None else load_checkpoint(init_from)[0].state_dict(),
                        selection=selection, tolerance=section.selection_tolerance,
-                       distill_weight=distillation_weight(w, distill) if distill > 0 else None)
+                       distill_weight=distillation_weight(w, distill) if distill > 0 else None, ema=ema)
         wall = time.time() - t0
         save_checkpoint(ckpt, res.model, res.config, {"classes": self.classes, "image_size": self.S, "role": role,
                                                       "epoch": res.best_epoch, "val_dice": res.best_val_dice, "key": key})
@@ -320,7 +325,7 @@ class Bench:
         sp = self.split(n, seed)
         key = key_of({"step": "unet", "teacher": teacher["key"], "ids": sp["unlabelled"],
                       "cleaning": self.cleaning.to_dict(), "v": CODE_VERSION})
-        path = self.path("unet", f"n{n}-s{seed}", key, "npz")
+        path = self.path("unet", f"n{n}-s{seed}{self.tag}", key, "npz")
         if path.exists() or self.args.report_only:
             return key, path if path.exists() else None
         t0 = time.time()
@@ -362,7 +367,7 @@ class Bench:
         variants = self.variants(backend)
         key = key_of({"step": "sam", "unet": unet_key, "backend": backend, "sam": self.sam_sha(backend),
                       "variants": variants, "v": CODE_VERSION})
-        name = f"n{n}-s{seed}-{backend}"
+        name = f"n{n}-s{seed}{self.tag}-{backend}"
         path, meta_path = self.path("sam", name, key, "npz"), self.path("sam", name, key, "json")
         meta = self.done(meta_path)
         if meta is not None and path.exists():
@@ -429,7 +434,7 @@ class Bench:
                       "sam": self.sam_sha(backend), "stages": stages, "cleaning": self.cleaning.to_dict(),
                       "base": base.to_dict(), "objective": objective.to_dict(), "grid": grid.to_dict(),
                       "v": CODE_VERSION})
-        name = f"n{n}-s{seed}-{backend}"
+        name = f"n{n}-s{seed}{self.tag}-{backend}"
         policy_path, ev_path = self.path("gate", name, key, "json"), self.path("gate", name, key, "npz")
         if policy_path.exists():
             d = read_json(policy_path)
@@ -473,6 +478,9 @@ class Bench:
         memo = (kind, str(unet_path), str(sam_path), json.dumps(policy, sort_keys=True), variant)
         if kind == "none":
             return [], [], np.zeros((0, len(self.classes)), object)
+        if kind == "mean_teacher":  # the unlabelled images, no label at all: the mean teacher's consistency
+            ids = [str(i) for i in np.load(unet_path)["ids"]]
+            return ids, None, np.full((len(ids), len(self.classes)), "dropped", object)
         if memo not in self.memo:
             un = np.load(unet_path)
             ids = [str(i) for i in un["ids"]]
@@ -553,7 +561,9 @@ class Bench:
         """One student (Bench.student); offset: its training seed is the split seed + offset."""
         sp = self.split(n, seed)
         spec = {"step": "student", "seed": seed, "kind": kind, "teacher": teacher["key"], "unet": unet_key}
-        name = f"n{n}-s{seed}-{kind}"
+        name = f"n{n}-s{seed}{self.tag}-{kind}"
+        if kind == "mean_teacher":
+            spec.update(ema=self.args.ema_decay, consistency=self.args.consistency_weight)
         if init != "scratch":
             spec["init"] = "teacher"
             name += "-initteacher"
@@ -578,21 +588,27 @@ class Bench:
                           init_from=teacher["checkpoint"] if init != "scratch" else None,
                           lr=self.args.warm_lr if init != "scratch" else None,
                           selection="guarded" if init == "guarded" else "mean",
-                          distill=self.args.distill_weight if kind == "gated_distill" else 0.0)
+                          distill=self.args.distill_weight if kind == "gated_distill" else
+                          self.args.consistency_weight if kind == "mean_teacher" else 0.0,
+                          ema=self.args.ema_decay if kind == "mean_teacher" else None)
 
 
 # ----------------------------------------------------------------------------- grid run
 
 
-def student_key(kind: str, backend: str | None, init: str) -> str:
-    """results["configs"][i]["students"] key: kind[/backend][@init] (no @ for scratch)."""
-    return kind + (f"/{backend}" if backend else "") + ("" if init == "scratch" else f"@{init}")
+def student_key(kind: str, backend: str | None, init: str, round_: int = 1) -> str:
+    """results["configs"][i]["students"] key: kind[/backend][@init][#r<round>] (no @ for scratch, no
+    # for round 1)."""
+    return kind + (f"/{backend}" if backend else "") + ("" if init == "scratch" else f"@{init}") + (
+        f"#r{round_}" if round_ > 1 else "")
 
 
 def parse_student_key(key: str) -> tuple[str, str | None, str]:
+    """(kind, backend, init); a later round's init carries it: 'teacher#r2'."""
+    key, _, rnd = key.partition("#")
     rest, _, init = key.partition("@")
     kind, _, backend = rest.partition("/")
-    return kind, backend or None, init or "scratch"
+    return kind, backend or None, (init or "scratch") + (f"#{rnd}" if rnd else "")
 
 
 def run_grid(bench: Bench, grid, backends, kinds, inits=("scratch",)) -> dict:
@@ -625,6 +641,33 @@ def run_grid(bench: Bench, grid, backends, kinds, inits=("scratch",)) -> dict:
                             continue
                         cfg["students"][student_key(kind, backend, init)] = bench.student(
                             n, seed, kind, backend, teacher, unet_key, unet_path, *keys.get(backend, ()), init=init)
+            rounds(bench, cfg, n, seed, backends)
         if seed not in results["full"]:
             results["full"][seed] = bench.full(n, seed)
     return results
+
+
+def rounds(bench: Bench, cfg: dict, n: int, seed: int, backends) -> None:
+    """--rounds R > 1, EXPERIMENT (self-training rounds, Noisy-Student style): round r's teacher is round
+    r - 1's default student (gated_distill, from its teacher, soup as --student-soup); it labels the
+    unlabelled images again (its masks, SAM on its prompts, a gate calibrated for it) and a new default
+    student starts from its weights. Stored as students 'gated_distill/<backend>@teacher#r<r>'; the
+    first backend only."""
+    if bench.args.rounds < 2 or not backends:
+        return
+    backend = backends[0]
+    prev = cfg["students"].get(student_key("gated_distill", backend, "teacher"))
+    for r in range(2, bench.args.rounds + 1):
+        if prev is None:  # the round before is not done (--report-only, or it was not asked for)
+            return
+        bench.tag = f"-r{r}"
+        try:
+            unet_key, unet_path = bench.unet_labels(n, seed, prev)
+            sam_key, sam_path = bench.sam_outputs(n, seed, backend, unet_key, unet_path)
+            gate_key, policy = bench.gate(n, seed, backend, prev)
+            cfg.setdefault("rounds", {})[r] = {"policy": policy, "teacher": prev["name"]}
+            prev = cfg["students"][student_key("gated_distill", backend, "teacher", r)] = bench.student(
+                n, seed, "gated_distill", backend, prev, unet_key, unet_path, sam_key, sam_path, gate_key, policy,
+                init="teacher")
+        finally:
+            bench.tag = ""

@@ -65,7 +65,7 @@ def summarise(bench, results: dict) -> dict:
 
         for backend, b in [(None, None), *cfg["backends"].items()]:
             for kind in KINDS:
-                if kind in ("none", "gated_distill") or (kind in BACKEND_FREE) != (backend is None) or (
+                if kind in ("none", "gated_distill", "mean_teacher") or (kind in BACKEND_FREE) != (backend is None) or (
                         b and (b["sam_path"] is None or (kind in GATED and b["policy"] is None)
                                or (kind == "pipeline" and "pipeline" not in b["variants"]))):
                     continue  # no pseudo labels / the masks of 'gated' / not computed
@@ -108,8 +108,12 @@ def f100(v, digits=2):
 def model_label(model, backend, init="scratch"):
     if model in ("teacher", "full"):
         return {"teacher": "teacher (n labelled)", "full": "full supervision (150 labelled)"}[model]
+    init, _, rnd = init.partition("#r")
     start = {"teacher": " from teacher", "guarded": " from teacher (guarded selection)"}.get(init, "")
-    return f"student{start}: {KIND_LABEL[model]}" + (f" [{backend}]" if backend else "")
+    if model == "mean_teacher":
+        return f"mean teacher{start} (EMA teacher, consistency on the unlabelled images)"
+    return (f"student{start}: {KIND_LABEL[model]}" + (f" [{backend}]" if backend else "")
+            + (f", self-training round {rnd} (its teacher: round {int(rnd) - 1}'s student)" if rnd else ""))
 
 
 def gate_text(g: dict) -> str:

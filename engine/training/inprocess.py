@@ -47,7 +47,8 @@ def _as_float_tensor(a, name: str, ndim: int) -> torch.Tensor:
 
 def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_masks=None,
              progress: Callable[[dict], None] | None = None, init_state: Mapping | None = None,
-             selection: str = "mean", tolerance: float = GUARD_TOLERANCE, distill_weight=None) -> FitResult:
+             selection: str = "mean", tolerance: float = GUARD_TOLERANCE, distill_weight=None,
+             ema: float | None = None) -> FitResult:
     """Train a U-Net in this process; return the best-validation model.
 
     images: float32 (N, S, S) in [0, 1]; masks: {0, 1} (N, C, S, S); weight: float (N, C), 0 =
@@ -60,7 +61,9 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
     and may keep the starting weights: best_epoch -1). Each history entry carries the per-class
     validation Dice ('val_dice_per_class'). distill_weight: float (N, C) >= 0 or None; where > 0,
     that class of that sample is distilled from the starting weights (init_state, frozen: the
-    teacher; plabel.method.losses.distillation_loss). Deterministic for a given cfg.seed on one machine
+    teacher; plabel.method.losses.distillation_loss). ema: distil from a mean teacher instead
+    (plabel.training.ema: the starting weights, fresh or init_state, averaged towards the student after
+    every step with this decay; the mean-teacher baseline). Deterministic for a given cfg.seed on one machine
     and thread count.
 
     The loop is plabel.training.loop.fit, the Ray worker's: the batches of an epoch follow a permutation
@@ -90,11 +93,11 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
         dw = _as_float_tensor(distill_weight, "distill_weight", 2)
         if tuple(dw.shape) != (n, C):
             raise ValueError(f"fit_unet: distill_weight must have shape ({n}, {C}), got {tuple(dw.shape)}")
-        if init_state is None:
-            raise ValueError("fit_unet: distill_weight needs init_state (the teacher to distil from)")
+        if init_state is None and ema is None:
+            raise ValueError("fit_unet: distill_weight needs init_state (the teacher to distil from) or ema")
         arrays["distill_weight"] = dw
     teacher = None
-    if distill_weight is not None:  # the starting weights, frozen
+    if distill_weight is not None and ema is None:  # the starting weights, frozen
         teacher = UNet.from_config(cfg.unet_config(C))
         teacher.load_state_dict(init_state)
     val = None
@@ -102,7 +105,7 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
         val_arrays = array_batches({"image": vx, "masks": vy}, VAL_BATCH_SIZE, shuffle=False)
         val = lambda: val_arrays(0)  # noqa: E731
     state = fit(cfg, C, array_batches(arrays, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle), val,
-                init_state=init_state, selection=selection, tolerance=tolerance, teacher=teacher,
+                init_state=init_state, selection=selection, tolerance=tolerance, teacher=teacher, ema=ema,
                 on_epoch_end=None if progress is None else (lambda s: progress(s.history[-1])))
     final = UNet.from_config(state.config)
     final.load_state_dict(state.best_state)

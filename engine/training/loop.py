@@ -1,7 +1,7 @@
 """THE training loop of the segmentation U-Nets (teacher and student), Ray-free.
 
     fit            the loop: build or resume the model, positive-class weights, distillation from a
-                   teacher, epochs of train_step, validation Dice per class, epoch selection
+                   teacher (or a mean teacher: plabel.training.ema), epochs of train_step, validation Dice per class, epoch selection
                    (plabel.training.selection), the kept weights, a hook after every epoch.
                    plabel.jobs.train_job's Ray Train worker (Ray dataset shards, checkpoints,
                    resume) and plabel.training.inprocess.fit_unet (arrays) both run it.
@@ -29,6 +29,7 @@ from plabel.method.augment import random_affine, random_intensity
 from plabel.method.losses import distillation_loss, distillation_weight, positive_class_weights, segmentation_loss
 from plabel.method.metrics import dice_per_class
 from plabel.method.unet import UNet, UNetConfig, strict_from_dict
+from plabel.training.ema import ema_update, mean_teacher
 from plabel.training.precision import autocast, resolve_precision
 from plabel.training.selection import GUARD_TOLERANCE, EpochSelector
 
@@ -68,9 +69,10 @@ class TrainConfig:
     gamma_max: float = 1.25
     contrast: float = 0.1
     # forward passes of a training step: fp32, bf16 autocast, or auto (bf16 where native:
-    # plabel.training.precision); channels_last: NHWC activations (faster convolutions on CPU)
+    # plabel.training.precision); channels_last: NHWC activations and weights, the same maths
+    # with faster convolutions on CPU (benchmarks/RESULTS.md, section 10)
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,7 +136,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
                masks: torch.Tensor, class_weight: torch.Tensor | None,
                pos_weight: torch.Tensor | None, cfg: TrainConfig,
                generator: torch.Generator, teacher: nn.Module | None = None,
-               distill_weight: torch.Tensor | None = None) -> float:
+               distill_weight: torch.Tensor | None = None, teacher_noise: bool = False) -> float:
     """One optimisation step; returns the loss as a Python float.
 
     images: float32 (N, 1, H, W) in [0, 1]; masks: float32 (N, C, H, W) in {0, 1};
@@ -143,7 +145,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     generator: CPU torch.Generator driving the augmentation (used only if ``cfg.augment``).
     teacher / distill_weight: optional; the teacher's probabilities on the same augmented images
     are soft targets (plabel.method.losses.distillation_loss) for the entries whose float (N, C)
-    distill_weight is > 0, added to the segmentation loss.
+    distill_weight is > 0, added to the segmentation loss. teacher_noise: the teacher sees its own
+    intensity jitter of the augmented images (the mean teacher's consistency under noise).
     """
     device = next(model.parameters()).device
     images = images.to(device=device, dtype=torch.float32)
@@ -167,8 +170,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         if bool((dw > 0).any()):
             was_training = teacher.training
             teacher.eval()
+            t_in = random_intensity(images, generator, (cfg.gamma_min, cfg.gamma_max), cfg.contrast) \
+                if teacher_noise else images
             with torch.no_grad(), autocast(precision, device):
-                soft = torch.sigmoid(teacher(images).float())
+                soft = torch.sigmoid(teacher(t_in).float())
             teacher.train(was_training)
             loss = loss + distillation_loss(logits, soft, dw)
     optimizer.zero_grad(set_to_none=True)
@@ -285,6 +290,7 @@ class TrainState:
     history: one {"epoch", "loss", "val_dice" (None without validation data), "val_dice_per_class",
     "seconds"} per epoch run by this call. reference_val_dice: the starting weights' per-class
     validation Dice (guarded rule) or None. pos_weight: the positive-class weights (C,).
+    ema_teacher: the mean teacher (fit's ``ema``) or None.
     """
 
     model: nn.Module
@@ -302,6 +308,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     reference_val_dice: list | None = None
     pos_weight: torch.Tensor | None = None
+    ema_teacher: nn.Module | None = None
 
     def keep(self, epoch: int, per_class) -> None:
         """Keep the current weights as those of ``epoch`` with per-class validation Dice ``per_class``."""
@@ -319,8 +326,8 @@ class TrainState:
         """The training state after :attr:`epoch`, for ``fit(resume=...)``: model, optimizer,
         scheduler, epoch, selector (its state), best (its best score), generator (the augmentation
         generator's state), and the kept weights: best_state, best_epoch, best_val_dice_per_class
-        (the Ray worker stores those three as its model.pt)."""
-        return {"model": self.base.state_dict(), "optimizer": self.optimizer.state_dict(),
+        (the Ray worker stores those three as its model.pt); with a mean teacher, its weights (ema_teacher)."""
+        return {**({"ema_teacher": self.ema_teacher.state_dict()} if self.ema_teacher is not None else {}),"model": self.base.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
                 "best": self.selector.best_score, "selector": self.selector.state(),
                 "generator": self.generator.get_state(), "best_state": self.best_state,
@@ -329,7 +336,8 @@ class TrainState:
 
 def fit(cfg: TrainConfig, num_classes: int, train_batches: Batches, val_batches: Callable[[], Iterable[Mapping]] | None
         = None, *, init_state: Mapping | None = None, selection: str = "mean", tolerance: float = GUARD_TOLERANCE,
-        teacher: nn.Module | None = None, distill: float = 0.0, resume: Mapping | None = None,
+        teacher: nn.Module | None = None, distill: float = 0.0, ema: float | None = None,
+        resume: Mapping | None = None,
         prepare: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
         on_epoch_end: Callable[[TrainState], None] | None = None,
         log: Callable[[str], None] | None = None) -> TrainState:
@@ -342,7 +350,10 @@ def fit(cfg: TrainConfig, num_classes: int, train_batches: Batches, val_batches:
     and validation data measures the starting weights first and may keep them (best_epoch -1).
     teacher / distill: a frozen U-Net whose soft outputs (plabel.method.losses.distillation_loss)
     train, per batch, the entries of its ``distill_weight`` (N, C) if the batch has one, otherwise
-    ``plabel.method.losses.distillation_weight(weight, distill)`` (the classes the quality gate dropped). resume: a
+    ``plabel.method.losses.distillation_weight(weight, distill)`` (the classes the quality gate dropped).
+    ema: a mean teacher instead (plabel.training.ema; ``teacher`` must be None): a copy of the starting
+    weights, averaged towards the student after every step with this decay, whose outputs on its own
+    intensity jitter of each batch are the targets of the same entries. resume: a
     :meth:`TrainState.checkpoint` (best_* may be missing; a checkpoint without 'selector' is one of
     the mean rule, its best score in 'best'); the run continues after its epoch, init_state is ignored.
     prepare: wraps the model before the optimiser is built (Ray Train's prepare_model: device, DDP).
@@ -409,7 +420,14 @@ def fit(cfg: TrainConfig, num_classes: int, train_batches: Batches, val_batches:
     # positive-class weights: the first POS_WEIGHT_BATCHES batches of epoch 0 (the same when resumed)
     state.pos_weight = positive_class_weights(positive_fraction(train_batches(0)), cfg.pos_weight_max)
 
-    # distillation: the frozen teacher's soft outputs for the entries without labels
+    # distillation: the frozen teacher's (or the mean teacher's) soft outputs for the entries without labels
+    if ema is not None:
+        if teacher is not None:
+            raise ValueError("fit: give a teacher or ema (a mean teacher), not both")
+        teacher = mean_teacher(base)
+        if resume is not None and resume.get("ema_teacher") is not None:
+            teacher.load_state_dict(resume["ema_teacher"])
+        state.ema_teacher = teacher
     if teacher is not None:
         teacher = teacher.to(device).eval()
         if cfg.channels_last:
@@ -424,7 +442,9 @@ def fit(cfg: TrainConfig, num_classes: int, train_batches: Batches, val_batches:
             if teacher is not None:
                 dw = b["distill_weight"] if "distill_weight" in b else distillation_weight(weight, distill)
             losses.append(train_step(model, opt, torch.as_tensor(b["image"])[:, None], torch.as_tensor(b["masks"]),
-                                     weight, state.pos_weight, cfg, gen, teacher, dw))
+                                     weight, state.pos_weight, cfg, gen, teacher, dw, teacher_noise=ema is not None))
+            if ema is not None:
+                ema_update(teacher, base, ema)
         sched.step()
         per_class = validate()
         val_dice = float(per_class.mean()) if len(per_class) else None

@@ -143,6 +143,9 @@ def parse(argv=None):
                     help="self-training rounds (EXPERIMENT): round r > 1 takes round r - 1's default student "
                          "(gated_distill from its teacher) as its teacher, labels again and trains a new student; "
                          "the first backend only")
+    ap.add_argument("--student-augment", choices=("default", "strong"), default="default",
+                    help="students' augmentation (EXPERIMENT): the loop's default magnitudes, or Noisy Student's "
+                         "noisier student (qualitybench/grid.py STRONG_AUGMENT)")
     ap.add_argument("--ema-decay", type=float, default=0.99,
                     help="kind mean_teacher: the EMA teacher's decay per step (Tarvainen & Valpola's 0.99)")
     ap.add_argument("--consistency-weight", type=float, default=1.0,

@@ -431,3 +431,45 @@ def test_student_training_set_takes_each_parts_images_from_its_shard(tiny_run, t
         message
     assert maybe_materialize(pseudo_labelled_dataset(table, local[:-1] + [shards[-1]], classes, 64), 14,
                              len(classes), 64, expected_rows=rows).count() == rows
+
+
+def test_a_second_self_training_round_takes_the_first_rounds_student_as_its_teacher(tiny_run, tmp_path):
+    """student.rounds: 2 on a copy of the tiny run whose one round is moved to round-1/ (its stages
+    renamed calibrate-1, label-1, student-1): round 1 is reused, round 2 calibrates, labels and trains
+    from round-1/student.pt, and evaluate scores the teacher, round 1's student and the final one."""
+    run, _ = tiny_run
+    root = tmp_path / "rounds"
+    shutil.copytree(run.parent.parent / "data", root / "data")
+    out = root / "runs" / "tiny"
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("ray_train", "report*", "dice_table.txt"))
+    (out / "round-1").mkdir()
+    for name in ("gate_policy.json", "pseudo_labels", "student.pt", "student-0.pt", "student-1.pt", "student-2.pt"):
+        shutil.move(str(out / name), str(out / "round-1" / name))
+    results = json.loads((out / "results.json").read_text())
+    stages = results["stages"]
+    for stage in ("calibrate", "label", "student"):
+        stages[f"{stage}-1"] = stages.pop(stage)
+    stages["student-1"]["soup"] = [{**m, "checkpoint": f"round-1/{m['checkpoint']}"} for m in stages["student-1"]["soup"]]
+    for stage in ("evaluate", "report"):
+        del stages[stage]
+    (out / "results.json").write_text(json.dumps(results))
+    assert "soup: 3}" in CONFIG
+    (root / "cfg.yaml").write_text(CONFIG.replace("soup: 3}", "soup: 3, rounds: 2}"))
+    result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for stage in ("ingest", "teacher", "calibrate-1", "label-1", "student-1"):
+        assert f"[{stage}] done in an earlier run, skipped" in result.output
+    for stage in ("calibrate", "label", "student", "evaluate"):
+        assert f"[{stage}] ..." in result.output
+    st = json.loads((out / "results.json").read_text())["stages"]
+    round1 = out / "round-1" / "student.pt"
+    assert st["student"]["teacher"] == "round-1/student.pt"
+    assert json.loads((out / "pseudo_labels" / "_plabel_complete.json").read_text())[
+        "unet_checkpoint_sha256"] == checkpoint_sha256(round1)
+    assert load_gate_policy(str(out / "gate_policy.json")).settings["teacher_sha256"] == checkpoint_sha256(round1)
+    ev = st["evaluate"]
+    assert {"teacher", "student round 1", "student"} <= set(ev)
+    first = json.loads((run / "results.json").read_text())["stages"]["evaluate"]["student"]
+    assert ev["student round 1"]["per_image"] == first["per_image"]  # the same file, scored again
+    assert checkpoint_sha256(out / "student.pt") != checkpoint_sha256(round1)
+    assert "student round 1" in (out / "dice_table.txt").read_text()

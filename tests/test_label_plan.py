@@ -1,7 +1,7 @@
 """plabel.jobs.resources.plan_label: how `auto` SAM actors and compilation are resolved (values by hand)."""
 import pytest
 
-from plabel.jobs.resources import COMPILE_MIN_IMAGES_PER_ACTOR, label_requests, plan_label
+from plabel.jobs.resources import NO_SAM, COMPILE_MIN_IMAGES_PER_ACTOR, label_requests, plan_label
 from plabel.schemas.config import ConfigError, LabelSection, build
 
 
@@ -48,6 +48,17 @@ def test_explicit_values_are_kept():
     assert (refine.count, refine.resources) == (5, {"CPU": 1.0})
     # without a plan (deployment fit checks), auto asks for the least the cluster must hold: one actor
     assert {r.stage: r for r in label_requests(section(), False)}["refine"].count == 1
+
+
+def test_a_gate_that_consults_sam_for_no_class_plans_no_sam():
+    """needs_sam False (every class drop or unet, e.g. a later self-training round): one 1-CPU actor
+    gates the rows, nothing is compiled, no GPU is asked for, whatever label.sam says."""
+    gpu = section(device="gpu", actors=4, compile=True, num_gpus=1)
+    plan = plan_label(gpu, cluster_cpus=64, cluster_gpus=4, images=10_000, needs_sam=False)
+    assert (plan.sam_actors, plan.compile, plan.sam_on_gpu) == (1, False, False)
+    assert plan.why == NO_SAM and "SAM not run" in plan.as_dict()["plan"]
+    refine = {r.stage: r for r in label_requests(gpu, True, sam_actors=1, needs_sam=False)}["refine"]
+    assert (refine.count, refine.resources) == (1, {"CPU": 1.0})
 
 
 @pytest.mark.parametrize("key,value,expected", [

@@ -32,7 +32,7 @@ from plabel.method.metrics import dice_per_class
 from plabel.method.preprocess import masks_to_grid, to_unet_input
 from plabel.method.sam import SamRefiner, load_sam
 from plabel.method.unet import checkpoint_sha256, load_checkpoint, save_checkpoint
-from plabel.schemas.config import LabelSection, SamSection
+from plabel.schemas.config import LabelSection, SamSection, build
 from plabel.schemas.masks import decode_mask
 from plabel.schemas.tables import pseudo_label_schema, table_classes
 from plabel.training.selection import GUARD_TOLERANCE
@@ -473,3 +473,37 @@ def test_a_second_self_training_round_takes_the_first_rounds_student_as_its_teac
     assert ev["student round 1"]["per_image"] == first["per_image"]  # the same file, scored again
     assert checkpoint_sha256(out / "student.pt") != checkpoint_sha256(round1)
     assert "student round 1" in (out / "dice_table.txt").read_text()
+
+
+def test_a_gate_that_consults_sam_for_no_class_labels_without_sam(tiny_run, tmp_path):
+    """Every class drop or unet: the label job loads no SAM (its plan says so, the rows have no SAM
+    provenance or IoU) and keeps exactly what the method keeps without a refiner."""
+    run, _ = tiny_run
+    classes = load_manifest(run / "shards")["classes"]
+    gate = {"policy": "drop", "per_class": {classes[0]: {"policy": "unet"}}}
+    section = build(LabelSection, {"cleaning": {"threshold": 0.3}, "gate": gate, "sam": {"batch_size": 4}}, "label")
+    shard = shard_paths(run / "shards", "unlabelled")[0]
+    out = run_label_job([shard], tmp_path / "table", classes, str(run / "teacher.pt"), section)
+    assert out["plan"].startswith("SAM not run") and out["sam_actors"] == 1 and out["error"] == 0
+    rows = pads.dataset(str(tmp_path / "table"), format="parquet").to_table().to_pylist()
+    assert len(rows) == out["rows"] > 0
+    model, _, extra = load_checkpoint(run / "teacher.pt")
+    samples = {json.loads(s["json"])["id"]: s for s in wds.WebDataset(shard, shardshuffle=False)}
+    for got in rows:
+        assert got["sam_backend"] is None and got["sam_checkpoint_sha256"] is None
+        name, data = image_member(samples[got["id"]])
+        gray = np.round(to_gray_float(decode_image(data, name)) * 255).astype(np.uint8)
+        m, up, pr = clean_and_prompt(teacher_probs(model, [gray], extra["image_size"])[0], CleaningConfig(threshold=0.3))
+        (want,) = pseudo_label_rows(None, [gray], [m], [up], [pr], [ImageMeta(got["id"], shard, "k", *gray.shape)],
+                                    classes, section_gate(section), {})
+        for c in classes:
+            assert got[f"{c}.kept"] == want[f"{c}.kept"] and got[f"{c}.sam_iou"] is None
+            assert got[f"{c}.kept"] in (("unet", "empty") if c == classes[0] else ("dropped", "empty"))
+            assert decode_mask(got[f"{c}.mask"], got["height"], got["width"]).sum() == \
+                decode_mask(want[f"{c}.mask"], want["height"], want["width"]).sum()
+
+
+def section_gate(section):
+    from plabel.method.gate import GateConfig
+
+    return GateConfig.from_dict(section.gate.to_gate_dict())

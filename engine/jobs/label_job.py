@@ -222,21 +222,23 @@ class TeacherStage:
 
 
 class RefineStage:
-    """SAM actor (GPU when available): refinement, quality gate, pyarrow table of rows."""
+    """SAM actor (GPU when available): refinement, quality gate, pyarrow table of rows. sam None: the
+    gate consults SAM for no class, so no SAM is loaded and the rows say none ran (null provenance)."""
 
-    def __init__(self, sam: dict, gate: dict, classes: Sequence[str], unet_sha256: str, cache_dir: str | None = None):
+    def __init__(self, sam: dict | None, gate: dict, classes: Sequence[str], unet_sha256: str,
+                 cache_dir: str | None = None):
         if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, int(sam.get("cpus", 1))))
+            torch.set_num_threads(max(1, int((sam or {}).get("cpus", 1))))
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.refiner = refiner_from_config(sam, device, cache_dir=cache_dir)
-        model = self.refiner.model
+        self.refiner = None if sam is None else refiner_from_config(sam, device, cache_dir=cache_dir)
+        model = None if self.refiner is None else self.refiner.model
         self.gate = GateConfig.from_dict(gate)
         self.classes = list(classes)
         self.provenance = {
             "unet_checkpoint_sha256": unet_sha256,
-            "sam_backend": model.backend,
-            "sam_checkpoint_sha256": model.checkpoint_sha256,
+            "sam_backend": None if model is None else model.backend,
+            "sam_checkpoint_sha256": None if model is None else model.checkpoint_sha256,
         }
 
         self.schema = pseudo_label_schema(self.classes)
@@ -323,9 +325,11 @@ def run_label_job(
     gpus = cluster_gpus()
     keys = writer.expected.values()  # per remaining shard: its sample keys, None when unknown
     total = None if any(k is None for k in keys) else sum(len(k) for k in keys)
-    plan = plan_label(label_cfg, cluster_cpus(), gpus, total)
+    needs_sam = GateConfig.from_dict(label_cfg.gate.to_gate_dict()).consults_sam(classes)
+    plan = plan_label(label_cfg, cluster_cpus(), gpus, total, needs_sam=needs_sam)
     log.info("label plan: %s", plan.why)
-    requests = {r.stage: r for r in label_requests(label_cfg, cluster_has_gpu=gpus > 0, sam_actors=plan.sam_actors)}
+    requests = {r.stage: r for r in label_requests(label_cfg, cluster_has_gpu=gpus > 0, sam_actors=plan.sam_actors,
+                                                   needs_sam=needs_sam)}
     if remaining:
         # Fault tolerance is Ray Data's: read and decode tasks are retried (max_retries=-1), the
         # map actors are restarted (max_restarts=-1) and re-run their lost tasks
@@ -347,7 +351,7 @@ def run_label_job(
         ds = ds.repartition(target_num_rows_per_block=sam.batch_size)
         ds = ds.map_batches(
             RefineStage,
-            fn_constructor_kwargs=dict(sam={**sam.model_dump(), "compile": plan.compile},  # `auto` resolved
+            fn_constructor_kwargs=dict(sam={**sam.model_dump(), "compile": plan.compile} if needs_sam else None,
                                        gate=label_cfg.gate.to_gate_dict(),
                                        classes=list(classes), unet_sha256=unet_sha256, cache_dir=cache_dir),
             batch_format="numpy", batch_size=sam.batch_size, compute=ray.data.ActorPoolStrategy(size=requests["refine"].count),

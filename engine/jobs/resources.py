@@ -69,7 +69,11 @@ class LabelPlan:
                 "plan": self.why}
 
 
-def plan_label(label, cluster_cpus: float, cluster_gpus: float, images: int | None) -> LabelPlan:
+NO_SAM = "SAM not run: the gate consults it for no class (every policy drop or unet)"
+
+
+def plan_label(label, cluster_cpus: float, cluster_gpus: float, images: int | None,
+               needs_sam: bool = True) -> LabelPlan:
     """Resolve ``label.sam.actors`` and ``label.sam.compile`` for a cluster and a job size.
 
     label:        the LabelSection; explicit values are kept as they are.
@@ -82,7 +86,11 @@ def plan_label(label, cluster_cpus: float, cluster_gpus: float, images: int | No
     batches of ``sam.batch_size`` images, never fewer than one.
     compile ``auto``: on CPU when every actor refines at least COMPILE_MIN_IMAGES_PER_ACTOR images;
     off on GPU (not measured there yet: set it explicitly).
+    needs_sam False (the gate consults SAM for no class): one 1-CPU actor gates and writes the rows,
+    SAM is not loaded.
     """
+    if not needs_sam:
+        return LabelPlan(1, False, False, NO_SAM)
     sam = label.sam
     on_gpu = sam_on_gpu(sam, cluster_gpus > 0)
     notes = []
@@ -117,16 +125,19 @@ def plan_label(label, cluster_cpus: float, cluster_gpus: float, images: int | No
     return LabelPlan(actors, compile_, on_gpu, why)
 
 
-def label_requests(label, cluster_has_gpu: bool, sam_actors: int | None = None) -> list[Request]:
+def label_requests(label, cluster_has_gpu: bool, sam_actors: int | None = None,
+                   needs_sam: bool = True) -> list[Request]:
     """Requests of the label job: decode tasks, the U-Net/cleaning actor pool, the SAM actor pool
     (``sam_actors`` as planned; by default label.sam.actors, and one actor for ``auto``: the least
-    the cluster must hold)."""
+    the cluster must hold; needs_sam False: one 1-CPU actor that gates without SAM)."""
     if sam_actors is None:
         sam_actors = 1 if label.sam.actors == AUTO else int(label.sam.actors)
+    refine = Request("refine", sam_actors, refine_resources(label.sam, cluster_has_gpu)) if needs_sam else \
+        Request("refine", 1, {"CPU": 1.0})
     return [
         Request("decode", 1, {"CPU": DECODE_CPUS}),
         Request("teacher", label.unet_actors, {"CPU": 1.0}),
-        Request("refine", sam_actors, refine_resources(label.sam, cluster_has_gpu)),
+        refine,
     ]
 
 

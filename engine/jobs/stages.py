@@ -363,7 +363,7 @@ def _round_stages(rnd: Round) -> tuple[Stage, ...]:
     return (
         Stage(rnd.stage("calibrate"), reads=("shards: val", rnd.teacher, "label.gate", "label.cleaning", "label.sam"),
               writes=(rnd.policy,), key=lambda ctx: _calibrate_key(ctx, rnd), run=lambda ctx: _calibrate(ctx, rnd),
-              applies=_calibrate_applies, summary=(lambda out: tag.strip()) if tag else None),
+              applies=_calibrate_applies, summary=(lambda out: f"round {rnd.r} of {rnd.rounds}") if tag else None),
         Stage(rnd.stage("label"), reads=("shards: unlabelled", rnd.teacher, rnd.policy, "label"),
               writes=(f"{rnd.table}/{MARKER_NAME}",), key=lambda ctx: _label_key(ctx, rnd),
               run=lambda ctx: _label(ctx, rnd), summary=lambda out: _label_summary(out) + tag),

@@ -49,6 +49,11 @@ class GateConfig:
     def for_class(self, cls: str) -> ClassGate:
         return self.per_class.get(cls, self.default)
 
+    def consults_sam(self, classes) -> bool:
+        """Whether any of ``classes`` has a policy that looks at SAM's answer (sam, auto). False: every
+        class is dropped or keeps the cleaned U-Net mask whatever SAM says, so the label job skips SAM."""
+        return any(self.for_class(c).policy in ("sam", "auto") for c in classes)
+
     def to_dict(self) -> dict:
         return {"default": self.default.to_dict(), "per_class": {k: v.to_dict() for k, v in self.per_class.items()}}
 
@@ -61,7 +66,7 @@ class GateConfig:
         )
 
 
-SAM_STATES = ("ran", "nonfinite", "off")
+SAM_STATES = ("ran", "nonfinite", "off", "unneeded")
 
 
 def gate_decision(gate: ClassGate, present: bool, sam_iou: float, agreement: float, sam: str = "ran") -> str:
@@ -75,7 +80,8 @@ def gate_decision(gate: ClassGate, present: bool, sam_iou: float, agreement: flo
     sam: "ran" (SAM answered with finite output), "nonfinite" (its IoU or logits for this class were
     NaN or inf: SAM is not trusted, the class keeps the cleaned U-Net mask under the policies that may
     keep it (auto, unet) and is dropped under sam / drop), "off" (no SAM in this run: the cleaned
-    U-Net mask is kept).
+    U-Net mask is kept), "unneeded" (SAM was skipped because no class's policy consults it,
+    GateConfig.consults_sam: drop drops, unet keeps the cleaned U-Net mask; ValueError for sam / auto).
     """
     if sam not in SAM_STATES:
         raise ValueError(f"sam must be one of {SAM_STATES}, got {sam!r}")
@@ -83,6 +89,10 @@ def gate_decision(gate: ClassGate, present: bool, sam_iou: float, agreement: flo
         return "empty"
     if sam == "off":
         return "unet"
+    if sam == "unneeded":
+        if gate.policy in ("sam", "auto"):
+            raise ValueError(f"gate policy {gate.policy!r} consults SAM, which was not run")
+        return "dropped" if gate.policy == "drop" else "unet"
     if sam == "nonfinite":
         return "unet" if gate.policy in ("auto", "unet") else "dropped"
     if gate.policy == "drop":

@@ -133,7 +133,9 @@ def pseudo_label_rows(
     """Refine with SAM (one batched call per stage), gate each class, build the table rows.
 
     grays: uint8 (H, W) per image; cleaned: bool (C, H, W); unet_prob: float32 (C,).
-    refiner: plabel.method.sam.SamRefiner, or None to keep the cleaned U-Net masks (no SAM).
+    refiner: plabel.method.sam.SamRefiner, or None: no SAM. Then a gate that consults SAM for no
+    class (GateConfig.consults_sam) applies its drop / unet policies; otherwise the cleaned U-Net
+    masks are kept.
 
     A class whose SAM output (IoU of any stage, final logits) is NaN or inf is not gated: it keeps
     the cleaned U-Net mask (policies auto / unet) or is dropped (sam / drop), its ``sam_iou`` and
@@ -142,6 +144,7 @@ def pseudo_label_rows(
     """
     rgbs = [np.repeat(g[:, :, None], 3, axis=2) for g in grays]
     results = refiner.refine_batch(rgbs, list(prompts)) if refiner is not None and rgbs else [None] * len(rgbs)
+    no_sam = "off" if gate.consults_sam(classes) else "unneeded"
     rows = []
     for meta, m, up, pr, res in zip(metas, cleaned, unet_prob, prompts, results):
         any_present = bool(pr.valid.any())
@@ -159,7 +162,7 @@ def pseudo_label_rows(
             else:
                 agreement = dice(m[ci], sam_mask) if sam_mask is not None else float("nan")
                 kept = gate_decision(gate.for_class(c), present, sam_iou, agreement,
-                                     sam="off" if res is None else "ran")
+                                     sam=no_sam if res is None else "ran")
             fields = class_fields(kept, m[ci], sam_mask, pr.boxes[ci], pr.points[ci], pr.point_labels[ci],
                                   float(up[ci]), sam_iou, agreement)
             for f, v in fields.items():

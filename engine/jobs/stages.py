@@ -36,7 +36,7 @@ from plabel.method.calibration import POLICY_FILE
 from plabel.method.metrics import format_dice_table
 from plabel.method.unet import checkpoint_sha256, load_checkpoint
 from plabel.report import build_report
-from plabel.report.collect import REPORT_VERSION
+from plabel.report.collect import REPORT_VERSION, stage_sort_key
 from plabel.schemas.config import LabelSection, RunConfig
 from plabel.training.selection import describe_guard, guard_average
 from plabel.training.soup import average_checkpoints
@@ -429,7 +429,8 @@ def final_report(ctx: RunContext) -> None:
         ctx.echo(storage.read_text(ctx.at("dice_table.txt")).rstrip("\n"))
     if "student" in stages and (note := student_note(stages["student"])):
         ctx.echo(f"note: {note}")
-    ctx.echo("stage wall times (s): " + ", ".join(f"{k} {v['wall_s']:.1f}" for k, v in stages.items()))
+    ctx.echo("stage wall times (s): " + ", ".join(f"{k} {stages[k]['wall_s']:.1f}"
+                                              for k in sorted(stages, key=stage_sort_key)))
     if "label" in stages:
         ctx.echo(f"pseudo labels: {_label_summary(stages['label'])} in {storage.join(ctx.name, 'pseudo_labels')}")
     ctx.echo(f"run directory: {ctx.name}")

@@ -670,7 +670,6 @@ def rounds(bench: Bench, cfg: dict, n: int, seed: int, backends) -> None:
             unet_key, unet_path = bench.unet_labels(n, seed, prev)
             sam_key, sam_path = bench.sam_outputs(n, seed, backend, unet_key, unet_path)
             gate_key, policy = bench.gate(n, seed, backend, prev)
-            cfg.setdefault("rounds", {})[r] = {"policy": policy, "teacher": prev["name"]}
             prev = cfg["students"][student_key("gated_distill", backend, "teacher", r)] = bench.student(
                 n, seed, "gated_distill", backend, prev, unet_key, unet_path, sam_key, sam_path, gate_key, policy,
                 init="teacher")

@@ -179,19 +179,19 @@ def label_section(ctx: RunContext, rnd: Round = Round()) -> LabelSection:
 
 def _label(ctx: RunContext, rnd: Round = Round()) -> dict:
     section, table, shards = label_section(ctx, rnd), _at(ctx, rnd.table), ctx.paths("unlabelled")
-    teacher = _at(ctx, rnd.teacher)
+    teacher, stage = _at(ctx, rnd.teacher), rnd.stage("label")
     marker = table_marker(table)
     if marker is not None:
         if marker.get("job_fingerprint") == label_job_fingerprint(shards, ctx.classes, teacher, section):
-            ctx.echo("[label] the table of this teacher and gate was committed by an earlier run, reused")
+            ctx.echo(f"[{stage}] the table of this teacher and gate was committed by an earlier run, reused")
             return {k: marker[k] for k in ("rows", "ok", "empty", "error")}
-        ctx.echo("[label] the committed table came from another teacher or other label settings: labelling again")
+        ctx.echo(f"[{stage}] the committed table came from another teacher or other label settings: labelling again")
         storage.delete_dir(table)
-    with ctx.progress(rnd.stage("label"), ctx.n("unlabelled"), "images") as bar:
+    with ctx.progress(stage, ctx.n("unlabelled"), "images") as bar:
         out = run_label_job(shards, table, ctx.classes, teacher, section,
                             progress=lambda n, total: bar.advance(n, total=total))
     if out.get("shards_skipped"):
-        ctx.echo(f"[label] resumed: {out['shards_skipped']} of {out['shards']} shard(s) were committed by an "
+        ctx.echo(f"[{stage}] resumed: {out['shards_skipped']} of {out['shards']} shard(s) were committed by an "
                  "earlier run, skipped")
     return out
 
@@ -259,9 +259,8 @@ def _soup(ctx: RunContext, train, val, init: str | None, distill: str | None, rn
             ctx.echo(f"[{stage}] soup member {k + 1} of {section.soup} (seed {member_section.seed})")
             bar, on_epoch = ctx.epoch_progress(f"{stage} {k + 1}/{section.soup}", member_section.epochs)
             with bar:
-                member = train_unet(train, val, classes, member_section, ckpt, ctx.at("ray_train"),
-                                    f"{stage}-{k}" if not rnd.last else f"student-{k}", role="student",
-                                    init_checkpoint=init, distill_from=distill, on_epoch=on_epoch)
+                member = train_unet(train, val, classes, member_section, ckpt, ctx.at("ray_train"), f"{stage}-{k}",
+                                    role="student", init_checkpoint=init, distill_from=distill, on_epoch=on_epoch)
             if member.get("guard"):
                 ctx.echo(f"[{stage} {k + 1}/{section.soup}] guarded selection {describe_guard(member['guard'])}")
         members.append({**member, "seed": member_section.seed, "checkpoint": member_file,
@@ -295,8 +294,9 @@ def _guard_soup(ctx: RunContext, soup_val: dict, members: list, rnd: Round = Rou
         best = members[k]
         storage.copy_file(_at(ctx, best["checkpoint"]), _at(ctx, rnd.student))
         kept = best["checkpoint"]
-        ctx.echo(f"[{rnd.stage('student')}] the soup lost {', '.join(lost)} on the {ctx.val_split} split (more than {tol} below the "
-                 f"teacher): student.pt is {kept} (seed {best['seed']}), the member with the best validation Dice")
+        ctx.echo(f"[{rnd.stage('student')}] the soup lost {', '.join(lost)} on the {ctx.val_split} split (more than {tol} "
+                 f"below the teacher): {rnd.student} is {kept} (seed {best['seed']}), the member with the best "
+                 "validation Dice")
     return {"teacher_val_dice": teacher_val, "tolerance": tol, "lost_classes": lost, "kept": kept}
 
 
@@ -331,9 +331,7 @@ def _evaluate(ctx: RunContext) -> dict:
 
 
 def _evaluate_key(ctx: RunContext) -> dict:
-    models = _models(ctx)
-    return {**_data_key(ctx), "teacher": ctx.sha("teacher.pt"), "student": ctx.sha("student.pt"),
-            **({"rounds": {m: _sha(ctx, f) for m, f in models.items()}} if len(models) > 2 else {})}
+    return {**_data_key(ctx), **{m: _sha(ctx, f) for m, f in _models(ctx).items()}}
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -40,9 +40,10 @@ Per (n, seed) [and SAM backend], each step cached (the product function it calls
              selection's guarded rule) and/or scratch (the paper's); --student-soup k > 1: k warm-started
              students (training seed offsets --student-seed-offset ..) averaged (plabel.training.loop.
              average_checkpoints), guarded averages with plabel.training.selection.guard_average.
---rounds R > 1 (EXPERIMENT): self-training; round r's teacher is round r - 1's default student
-(gated_distill from its teacher), which labels the unlabelled images again (unet, sam, gate, file names
--r<r>) for a new default student.
+--rounds R > 1: self-training, as plabel's student.rounds; round r's teacher is round r - 1's default
+student (gated_distill from its teacher, the first warm-start --student-init), which labels the
+unlabelled images again (unet, gate, file names -r<r>; sam only when that gate consults SAM for some
+class, as plabel's label stage) for a new default student.
 Per seed: full, a U-Net on all pool images with their truth (--full-epochs, default the teacher's).
 U-Nets: TrainConfig.from_section of the config's teacher / student sections, seeded by the split seed
 (+ --student-seed-offset). Test Dice: plabel.method.metrics.dice_of_probs on each image's grid (as
@@ -139,10 +140,10 @@ def parse(argv=None):
                          "and report the average of their weights as the student (default: plabel's student.soup)")
     ap.add_argument("--distill-weight", type=float, default=student.distill,
                     help="kind gated_distill: strength of the teacher's soft targets for the classes the gate drops")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="self-training rounds (EXPERIMENT): round r > 1 takes round r - 1's default student "
+    ap.add_argument("--rounds", type=int, default=student.rounds,
+                    help="self-training rounds (plabel's student.rounds): round r > 1 takes round r - 1's default student "
                          "(gated_distill from its teacher) as its teacher, labels again and trains a new student; "
-                         "the first backend only")
+                         "the first backend only (default: the config's student.rounds)")
     ap.add_argument("--student-augment", choices=("default", "strong"), default="default",
                     help="students' augmentation (EXPERIMENT): the loop's default magnitudes, or Noisy Student's "
                          "noisier student (qualitybench/grid.py STRONG_AUGMENT)")

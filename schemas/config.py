@@ -201,6 +201,12 @@ class TrainSection(_Section):
         True, "train with channels_last (NHWC) activations and weights: the same maths (one step's loss equal to "
               "1e-5), 1.1-1.4x faster epochs on the CPU measured (benchmarks/RESULTS.md, section 10); `false`: NCHW")
     num_workers: PositiveInt = _field(1, "Ray Train workers")
+    threads: Annotated[Optional[int], check(lambda v: v is None or v >= 1, "an int >= 1")] = _field(
+        None, "torch threads of each Ray Train worker (Ray reserves 1 CPU per worker either way). Unset: the CPUs "
+              "Ray counts on the worker's node, at most the cores the worker may run on, shared among that node's "
+              "workers (2 on a 2-core machine; Ray alone would leave torch 1 thread). On JSRT (benchmarks/RESULTS.md, "
+              "section 1) one 20-epoch student took 144-171 s with 2 threads, 304-320 s per soup member with 1 in the run "
+              "before (two runs, not a one-run ratio)")
     use_gpu: bool = _field(False, "give each Ray Train worker a GPU")
     include_labelled: bool = _field(True, "student only: train on the pseudo labels plus the labelled split")
     init: Annotated[str, one_of(("teacher", "scratch"), "teacher or scratch")] = _field(
@@ -267,9 +273,9 @@ class StudentSection(TrainSection):
         "gate for it, labels the unlabelled images again and trains a new student (with `init: teacher`, from its "
         "weights). `student.pt` is the last round's student; round r's files are under `round-r/` and its stages are "
         "named calibrate-r, label-r, student-r; the evaluate stage scores every round. Each round costs a label and "
-        "a student stage (a label stage whose gate consults SAM for no class runs without SAM). Measured on JSRT (benchmarks/RESULTS.md, quality): a second round raised the n = 10 "
-        "student from 79.10 to 80.40 test Dice (teacher 76.36) and `benchmarks/jsrt_n10.yaml`'s from 80.68 to 81.77 (teacher "
-        "76.61), almost all of it on the clavicles")
+        "a student stage (a label stage whose gate consults SAM for no class runs without SAM). Measured on JSRT (benchmarks/RESULTS.md, quality 2.0; n = 10, three splits, one student per "
+        "round): test Dice 82.10 after one round, 86.02 after four, 87.00 after six (teacher 79.12, full supervision "
+        "92.43), most of it on the clavicles; `benchmarks/jsrt_n10.yaml` uses 6")
 
     def _fill(self) -> None:
         if self.soup is None:

@@ -53,6 +53,7 @@ KINDS = ("raw", "cleaned", "box", "sam", "pipeline", "gated", "gated_sam", "gate
 GATED = ("gated", "gated_sam", "gated_distill")
 DEFAULT_KINDS = ("raw", "cleaned", "box", "sam", "gated", "gated_distill", "mean_teacher", "none")
 BACKEND_FREE = ("raw", "cleaned", "mean_teacher", "none")
+NO_SAM_KEY = "no-sam"  # a student's SAM key when its round's gate consults SAM for no class
 KIND_LABEL = {"raw": "raw U-Net (> 0.5)", "cleaned": "cleaned U-Net", "box": "SAM box only",
               "sam": "SAM paper (box; points + logits)", "pipeline": "SAM plabel stages", "gated": "gated (calibrated)",
               "gated_sam": "gated, SAM masks only", "gated_distill": "gated, dropped classes distilled from the teacher",
@@ -199,6 +200,8 @@ def kind_inputs(kind, un, sam_path, policy, variant):
     masks = unpack(un["raw" if kind == "raw" else "cleaned"], un["shape"])
     if kind in BACKEND_FREE:
         return masks, None, GateConfig()
+    if sam_path is None:  # a gate that consults SAM for no class (Bench.rounds): as the label job, no SAM
+        return masks, None, GatePolicy.from_dict(policy).gate
     sm = np.load(sam_path)
     src = variant if kind in GATED else kind
     refiner = Replay(unpack(sm[f"{src}_masks"], un["shape"]), sm[f"{src}_iou"], sm[f"{src}_finite"])
@@ -585,8 +588,8 @@ class Bench:
                 spec.update(gate=gate_key, variant=self.gate_variant(backend))
             if kind == "gated_distill":
                 spec["distill"] = self.args.distill_weight
-        ready = unet_path is not None and (kind in BACKEND_FREE or sam_path is not None) \
-            and (kind not in GATED or policy is not None)
+        ready = unet_path is not None and (kind not in GATED or policy is not None) and (
+            kind in BACKEND_FREE or sam_path is not None or (kind in GATED and sam_key == NO_SAM_KEY))
         variant = self.gate_variant(backend) if backend else "sam"
         pseudo = (lambda: self.pseudo(kind, unet_path, sam_path, policy, variant)[:2]) if ready else None
         return self.train("student", "student", name, spec, sp["labelled"], sp, pseudo=pseudo,
@@ -653,25 +656,31 @@ def run_grid(bench: Bench, grid, backends, kinds, inits=("scratch",)) -> dict:
 
 
 def rounds(bench: Bench, cfg: dict, n: int, seed: int, backends) -> None:
-    """--rounds R > 1, EXPERIMENT (self-training rounds, Noisy-Student style): round r's teacher is round
-    r - 1's default student (gated_distill, from its teacher, soup as --student-soup); it labels the
-    unlabelled images again (its masks, SAM on its prompts, a gate calibrated for it) and a new default
-    student starts from its weights. Stored as students 'gated_distill/<backend>@teacher#r<r>'; the
-    first backend only."""
+    """--rounds R > 1 (self-training rounds, plabel's student.rounds): round r's teacher is round r - 1's
+    default student (gated_distill, from its teacher, the first warm-start --student-init, soup as
+    --student-soup); it labels the unlabelled images again (its masks, a gate calibrated for it, SAM on
+    its prompts unless that gate consults SAM for no class) and a new default student starts from its
+    weights. Stored as students 'gated_distill/<backend>@<init>#r<r>'; the first backend only."""
     if bench.args.rounds < 2 or not backends:
         return
     backend = backends[0]
-    prev = cfg["students"].get(student_key("gated_distill", backend, "teacher"))
+    # the warm-start init asked for first (--student-init teacher: the best-mean epoch; guarded: plabel's default)
+    init = next((i for i in bench.args.student_init if i != "scratch"), "teacher")
+    prev = cfg["students"].get(student_key("gated_distill", backend, init))
     for r in range(2, bench.args.rounds + 1):
         if prev is None:  # the round before is not done (--report-only, or it was not asked for)
             return
         bench.tag = f"-r{r}"
         try:
             unet_key, unet_path = bench.unet_labels(n, seed, prev)
-            sam_key, sam_path = bench.sam_outputs(n, seed, backend, unet_key, unet_path)
             gate_key, policy = bench.gate(n, seed, backend, prev)
-            prev = cfg["students"][student_key("gated_distill", backend, "teacher", r)] = bench.student(
+            if policy is not None and not GatePolicy.from_dict(policy).gate.consults_sam(bench.classes):
+                sam_key, sam_path = NO_SAM_KEY, None  # as plabel's label job: SAM not run on the unlabelled images
+                log(f"n{n}-s{seed}{bench.tag}: the gate consults SAM for no class: no SAM pass on the unlabelled images")
+            else:
+                sam_key, sam_path = bench.sam_outputs(n, seed, backend, unet_key, unet_path)
+            prev = cfg["students"][student_key("gated_distill", backend, init, r)] = bench.student(
                 n, seed, "gated_distill", backend, prev, unet_key, unet_path, sam_key, sam_path, gate_key, policy,
-                init="teacher")
+                init=init)
         finally:
             bench.tag = ""

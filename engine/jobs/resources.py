@@ -141,6 +141,17 @@ def label_requests(label, cluster_has_gpu: bool, sam_actors: int | None = None,
     ]
 
 
+def train_threads(threads: int | None, node_cpus: float, cores: int, local_workers: int) -> int:
+    """torch threads of one Ray Train worker: ``threads`` (the section's) if set; else the CPUs Ray
+    counts on the worker's node (``node_cpus``), at most the ``cores`` the process may run on (a pod's
+    Ray count is its CPU limit; a loopback Ray may count more than the machine has), shared among the
+    ``local_workers`` Train workers of that node; at least 1. Ray itself would set OMP_NUM_THREADS to
+    the worker's one reserved CPU, which leaves half of a 2-core machine idle."""
+    if threads:
+        return int(threads)
+    return max(1, int(min(node_cpus, cores)) // max(1, local_workers))
+
+
 def train_requests(section, stage: str) -> list[Request]:
     """Requests of a Ray Train fit: num_workers workers of 1 CPU (+1 GPU with use_gpu)."""
     worker = {"CPU": 1.0, **({"GPU": 1.0} if section.use_gpu else {})}

@@ -32,6 +32,7 @@ from plabel.data import storage
 from plabel.data.samples import batch_samples, decode_gray, sample_where
 from plabel.data.shards import decode_masks
 from plabel.data.table_commit import table_files
+from plabel.jobs.resources import train_threads
 from plabel.jobs.shard_dataset import read_shards
 from plabel.method.preprocess import masks_to_grid, to_unet_input
 from plabel.errors import InputError
@@ -203,6 +204,7 @@ def _train_loop(config: dict) -> None:
 
     cfg = TrainConfig.from_dict(config["train"])
     classes, role = config["classes"], config["role"]
+    torch.set_num_threads(worker_threads(config.get("threads")))
     rule, tolerance = config.get("selection", "mean"), float(config.get("selection_tolerance", GUARD_TOLERANCE))
     rank = ray.train.get_context().get_world_rank()
 
@@ -210,6 +212,7 @@ def _train_loop(config: dict) -> None:
         if rank == 0:
             print(f"[{role}] {line}", flush=True)
 
+    log(f"torch threads: {torch.get_num_threads()}")
     resume, init_state = None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # resume after a failure or an interrupted run
@@ -274,6 +277,15 @@ def _train_loop(config: dict) -> None:
         on_epoch_end=report, log=log)
 
 
+def worker_threads(threads: int | None) -> int:
+    """This Ray Train worker's torch threads (plabel.jobs.resources.train_threads) from its node's Ray
+    CPU count, the cores it may run on and the Train workers on its node."""
+    node = ray.get_runtime_context().get_node_id()
+    node_cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node), 1.0)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return train_threads(threads, node_cpus, cores, ray.train.get_context().get_local_world_size())
+
+
 def _data_config():
     """Ray Train's data config: the training set split over the workers; blocks reach each worker in
     the dataset's order (preserve_order), so that with a seeded local shuffle a run is reproducible."""
@@ -334,7 +346,7 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
                            "selection": section.selection, "selection_tolerance": section.selection_tolerance,
                            "distill": section.distill if distill_from is not None else 0.0,
                            "distill_from": None if distill_from is None else str(distill_from),
-                           "progress_board": board},
+                           "progress_board": board, "threads": section.threads},
         scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
                                      resources_per_worker={"CPU": 1}),
         datasets={"train": train_ds, "val": val_ds},

@@ -38,7 +38,9 @@ def test_the_ray_worker_and_fit_unet_run_the_same_loop(tmp_path, ray_local):
     val_ds = ray.data.from_items(rows[n_train:]).materialize()
     trainer = TorchTrainer(
         _train_loop,  # as train_unet runs it
-        train_loop_config={"train": cfg.to_dict(), "classes": ["a", "b"], "image_size": 16, "role": "teacher"},
+        # threads 1 (the section's `threads`): the same thread count as fit_unet below, for bit-equal sums
+        train_loop_config={"train": cfg.to_dict(), "classes": ["a", "b"], "image_size": 16, "role": "teacher",
+                           "threads": 1},
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         datasets={"train": train_ds, "val": val_ds}, dataset_config=_data_config(),
         run_config=RunConfig(name="same-loop", storage_path=str(tmp_path), checkpoint_config=CheckpointConfig()))
@@ -50,7 +52,7 @@ def test_the_ray_worker_and_fit_unet_run_the_same_loop(tmp_path, ray_local):
         kept, _, meta = load_checkpoint(f"{d}/{MODEL_FILE}")
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the worker (1 CPU)
+    torch.set_num_threads(1)  # as in the worker (threads 1)
     try:
         local = fit_unet(images[:n_train], masks[:n_train], cfg, weight=weight[:n_train],
                          val_images=images[n_train:], val_masks=masks[n_train:])

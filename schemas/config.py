@@ -201,7 +201,7 @@ class TrainSection(_Section):
         True, "train with channels_last (NHWC) activations and weights: the same maths (one step's loss equal to "
               "1e-5), 1.1-1.4x faster epochs on the CPU measured (benchmarks/RESULTS.md, section 10); `false`: NCHW")
     num_workers: PositiveInt = _field(1, "Ray Train workers")
-    threads: Annotated[Optional[int], check(lambda v: v is None or v >= 1, "an int >= 1")] = _field(
+    threads: Annotated[Optional[int], check(lambda v: v >= 1, "an int >= 1")] = _field(
         None, "torch threads of each Ray Train worker (Ray reserves 1 CPU per worker either way). Unset: the CPUs "
               "Ray counts on the worker's node, at most the cores the worker may run on, shared among that node's "
               "workers (2 on a 2-core machine; Ray alone would leave torch 1 thread). On JSRT (benchmarks/RESULTS.md, "

@@ -233,7 +233,7 @@ def test_bad_samples_become_error_rows_naming_the_input(tiny_run, tmp_path):
 
 
 def test_student_soup_averages_students_of_consecutive_seeds(tiny_run, tmp_path):
-    """The default student.soup (3): members of seeds 0, 1, 2, student.pt their average, the average
+    """student.soup: 3 (the tiny config's): members of seeds 0, 1, 2, student.pt their average, the average
     scored on the validation split; a run that stops after the members reuses them."""
 
     run, output = tiny_run

@@ -84,7 +84,7 @@ def test_submit_runs_the_demo_with_sam_on_the_gpu_node(two_node_cluster, tmp_pat
     src = make_synthetic_dataset(tmp_path / "data", n_images=16, size=64, seed=3)
     cfg = demo_config(src, tmp_path, n_images=16, size=64).to_dict()
     cfg["teacher"].update(epochs=2, depth=3, base_channels=8)
-    cfg["student"].update(epochs=1, depth=3, base_channels=8, soup=1)  # one student: soups are test_pipeline's
+    cfg["student"].update(epochs=1, depth=3, base_channels=8, soup=1, rounds=1)  # one student, one round: soups and rounds are test_pipeline's
     # random_tiny: this test is about where the job's actors run, not about SAM's masks (LiteMedSAM's
     # are test_pipeline's); likewise no calibration and no test split, both tested there
     cfg["label"]["sam"].update(backend="random_tiny", batch_size=4, memory_gb=0.25)

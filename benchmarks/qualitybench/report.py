@@ -299,6 +299,13 @@ def plot_dice_vs_n(summary: dict, path: Path, title: str) -> bool:
         series.setdefault((model, backend, init), []).append((n, float(np.mean(means)), float(np.std(means))))
     if not series:
         return False
+    # self-training rounds: round 1 and the last round only (the rounds between crowd the figure; the tables have them)
+    last: dict = {}
+    for model, backend, init in series:
+        base, _, rnd = init.partition("#r")
+        last[(model, backend, base)] = max(last.get((model, backend, base), 1), int(rnd or 1))
+    series = {(model, backend, init): pts for (model, backend, init), pts in series.items()
+              if int(init.partition("#r")[2] or 1) in (1, last[(model, backend, init.partition("#r")[0])])}
     fig, ax = plt.subplots(figsize=(14, 6.2))
     for (model, backend, init), pts in sorted(series.items(), key=lambda t: (ORDER[t[0][0]], t[0][2] != "scratch",
                                                                                 str(t[0][1]))):

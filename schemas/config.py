@@ -197,6 +197,11 @@ class TrainSection(_Section):
         True, "train with channels_last (NHWC) activations and weights: the same maths (one step's loss equal to "
               "1e-5), 1.1-1.4x faster epochs on the CPU measured (benchmarks/RESULTS.md, section 10); `false`: NCHW")
     num_workers: PositiveInt = _field(1, "Ray Train workers")
+    checkpoint_every_s: Annotated[float, check(lambda v: math.isfinite(v) and v >= 0, "a number >= 0")] = _field(
+        30.0, "seconds of training between Ray Train checkpoints (a rerun resumes from the last one). The first and "
+              "the last epoch always end with one. Each costs up to 2 s of waiting: Ray Train's controller collects "
+              "a report every 2 s, so a checkpoint after every epoch (`0`) cost the 80 short epochs of the JSRT "
+              "teacher 176 s against 23 s in process (benchmarks/RESULTS.md, section 1)")
     threads: Annotated[Optional[int], check(lambda v: v >= 1, "an int >= 1")] = _field(
         None, "torch threads of each Ray Train worker (Ray reserves 1 CPU per worker either way). Unset: the CPUs "
               "Ray counts on the worker's node, at most the cores the worker may run on, shared among that node's "

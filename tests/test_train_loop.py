@@ -74,3 +74,41 @@ def test_the_ray_worker_and_fit_unet_run_the_same_loop(tmp_path, ray_local):
     # the same loop with its per-epoch shuffle trains otherwise (the comparison above is not vacuous)
     assert [h["loss"] for h in free.history] != [h["loss"] for h in local.history]
     assert not torch.equal(free.model.head.weight, local.model.head.weight)
+
+
+def test_checkpoint_due_first_last_and_every_s():
+    """The first epoch of a call (fresh or resumed) and the last always report; between them only
+    when checkpoint_every_s has passed since the last report; 0: every epoch."""
+    from plabel.jobs.train_job import checkpoint_due
+    assert checkpoint_due(0, 0, 10, None, 0.0, 30.0)  # the first epoch
+    assert not checkpoint_due(1, 0, 10, 100.0, 129.9, 30.0)
+    assert checkpoint_due(1, 0, 10, 100.0, 130.0, 30.0)
+    assert checkpoint_due(9, 0, 10, 100.0, 100.5, 30.0)  # the last epoch
+    assert checkpoint_due(4, 4, 10, None, 0.0, 30.0)  # the first epoch of a resumed run
+    assert all(checkpoint_due(e, 0, 10, 5.0, 5.0, 0.0) for e in range(10))
+
+
+def test_sparse_checkpoints_train_the_same_weights(tmp_path, ray_local):
+    """checkpoint_every_s far above the run: Ray Train gets the first and the last epoch only, and the
+    kept weights are those of the run that reports every epoch (reporting is not training)."""
+    images, masks, weight = _data()
+    cfg = TrainConfig(epochs=3, batch_size=2, base_channels=4, depth=1, lr=5e-3, seed=4, shuffle=False)
+    rows = [{"image": images[i], "masks": masks[i], "weight": weight[i]} for i in range(len(images))]
+    train_ds, val_ds = ray.data.from_items(rows[:8]).materialize(), ray.data.from_items(rows[8:]).materialize()
+    out = {}
+    for every_s in (0.0, 3600.0):
+        result = TorchTrainer(
+            _train_loop, train_loop_config={"train": cfg.to_dict(), "classes": ["a", "b"], "image_size": 16,
+                                            "role": "teacher", "threads": 1, "checkpoint_every_s": every_s},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            datasets={"train": train_ds, "val": val_ds}, dataset_config=_data_config(),
+            run_config=RunConfig(name=f"every-{every_s}", storage_path=str(tmp_path),
+                                 checkpoint_config=CheckpointConfig())).fit()
+        assert result.error is None
+        with result.checkpoint.as_directory() as d:
+            kept, _, meta = load_checkpoint(f"{d}/{MODEL_FILE}")
+        out[every_s] = (sorted(m["epoch"] for _, m in result.best_checkpoints), kept.state_dict(), meta["epoch"])
+    assert out[0.0][0] == [0, 1, 2] and out[3600.0][0] == [0, 2]
+    assert out[0.0][2] == out[3600.0][2]
+    for k, v in out[0.0][1].items():
+        assert torch.equal(out[3600.0][1][k], v), k

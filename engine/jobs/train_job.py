@@ -198,9 +198,10 @@ def trainable_rows(table_dir: str) -> int:
 
 
 def _train_loop(config: dict) -> None:
-    """Ray Train worker: plabel.training.loop.fit over this worker's dataset shards; after every epoch
-    a checkpoint (the training state, state.pt, and the kept weights, model.pt) goes to
-    ray.train.report; a restarted or re-run trainer resumes from the latest one."""
+    """Ray Train worker: plabel.training.loop.fit over this worker's dataset shards; after the first and
+    the last epoch, and between them every config["checkpoint_every_s"] seconds (:func:`checkpoint_due`;
+    0: every epoch), a checkpoint (the training state, state.pt, and the kept weights, model.pt) goes
+    to ray.train.report; a restarted or re-run trainer resumes from the latest one."""
 
     cfg = TrainConfig.from_dict(config["train"])
     classes, role = config["classes"], config["role"]
@@ -243,9 +244,24 @@ def _train_loop(config: dict) -> None:
     def val_batches():
         return val_shard.iter_torch_batches(batch_size=VAL_BATCH_SIZE, dtypes=torch.float32)
 
+    every_s, last_report = float(config.get("checkpoint_every_s", 0.0)), [None]
+    world = ray.train.get_context().get_world_size()
+
     def report(state) -> None:
-        """The epoch's metrics and checkpoint (written by rank 0) to Ray Train."""
+        """The epoch's metrics and checkpoint (written by rank 0) to Ray Train, when checkpoint_due says so."""
         h = state.history[-1]
+        if rank == 0 and config.get("progress_board") is not None:
+            config["progress_board"].post.remote({"epoch": h["epoch"] + 1, "epochs": cfg.epochs, "loss": h["loss"],
+                                                  "val_dice": h["val_dice"]})
+        now = time.monotonic()
+        due = checkpoint_due(h["epoch"], state.start_epoch, cfg.epochs, last_report[0], now, every_s)
+        if world > 1:  # rank 0's clock decides for all: Ray Train needs the same number of reports from each worker
+            flag = torch.tensor([int(due)])
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        if not due:
+            return
+        last_report[0] = now
         metrics = {"epoch": h["epoch"], "loss": h["loss"],
                    "val_dice": float("nan") if h["val_dice"] is None else h["val_dice"],
                    "start_epoch": state.start_epoch}
@@ -268,13 +284,17 @@ def _train_loop(config: dict) -> None:
                                  "guard": guard})
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if rank == 0 and config.get("progress_board") is not None:
-            config["progress_board"].post.remote({"epoch": h["epoch"] + 1, "epochs": cfg.epochs, "loss": h["loss"],
-                                                  "val_dice": h["val_dice"]})
 
     fit(cfg, len(classes), train_batches, val_batches, init_state=init_state, selection=rule, tolerance=tolerance,
         teacher=teacher, distill=distill, resume=resume, prepare=ray.train.torch.prepare_model, rank=rank,
         on_epoch_end=report, log=log)
+
+
+def checkpoint_due(epoch: int, start_epoch: int, epochs: int, last: float | None, now: float, every_s: float) -> bool:
+    """Whether ``epoch`` (0-based) of a run of ``epochs`` that started (or resumed) at ``start_epoch``
+    ends with a Ray Train report and checkpoint: its first and last epoch always, otherwise when
+    ``every_s`` seconds have passed since the last report at ``last`` (``now``, ``last``: one clock)."""
+    return epoch in (start_epoch, epochs - 1) or last is None or now - last >= every_s
 
 
 def worker_threads(threads: int | None) -> int:
@@ -309,7 +329,7 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     did (best_epoch -1); otherwise the best mean validation Dice.
 
     section: plabel.schemas.config.TrainSection. Returns {"best_val_dice", "best_epoch", "epochs",
-    "resumed_from_epoch", "wall_s"}. Every epoch ends with a checkpoint (the full training state
+    "resumed_from_epoch", "wall_s"}. Epochs end with a checkpoint (section.checkpoint_every_s; the full training state
     plus the best-validation model) in storage_dir/name; re-running with the same storage_dir and
     name (after a crash, a kill, a lost node) resumes after the last one. out_path and
     storage_dir may be URIs (plabel.data.storage); Ray Train then keeps its checkpoints there.
@@ -346,7 +366,8 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
                            "selection": section.selection, "selection_tolerance": section.selection_tolerance,
                            "distill": section.distill if distill_from is not None else 0.0,
                            "distill_from": None if distill_from is None else str(distill_from),
-                           "progress_board": board, "threads": section.threads},
+                           "progress_board": board, "threads": section.threads,
+                           "checkpoint_every_s": section.checkpoint_every_s},
         scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
                                      resources_per_worker={"CPU": 1}),
         datasets={"train": train_ds, "val": val_ds},

@@ -112,3 +112,21 @@ def test_sparse_checkpoints_train_the_same_weights(tmp_path, ray_local):
     assert out[0.0][2] == out[3600.0][2]
     for k, v in out[0.0][1].items():
         assert torch.equal(out[3600.0][1][k], v), k
+
+
+def test_two_workers_report_together(tmp_path, ray_local):
+    """With two Ray Train workers rank 0's clock decides each report for both (a broadcast over the
+    workers' process group): Ray Train needs the same reports from every worker, or it hangs. Here
+    the run finishes and reports the first and the last epoch only."""
+    images, masks, weight = _data()
+    cfg = TrainConfig(epochs=3, batch_size=2, base_channels=4, depth=1, lr=5e-3, seed=4, shuffle=False)
+    rows = [{"image": images[i], "masks": masks[i], "weight": weight[i]} for i in range(len(images))]
+    result = TorchTrainer(
+        _train_loop, train_loop_config={"train": cfg.to_dict(), "classes": ["a", "b"], "image_size": 16,
+                                        "role": "teacher", "threads": 1, "checkpoint_every_s": 3600.0},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        datasets={"train": ray.data.from_items(rows[:8]).materialize(),
+                  "val": ray.data.from_items(rows[8:]).materialize()}, dataset_config=_data_config(),
+        run_config=RunConfig(name="two", storage_path=str(tmp_path), checkpoint_config=CheckpointConfig())).fit()
+    assert result.error is None
+    assert sorted(m["epoch"] for _, m in result.best_checkpoints) == [0, 2]

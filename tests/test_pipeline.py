@@ -453,8 +453,8 @@ def test_a_second_self_training_round_takes_the_first_rounds_student_as_its_teac
     for stage in ("evaluate", "report"):
         del stages[stage]
     (out / "results.json").write_text(json.dumps(results))
-    assert "soup: 3}" in CONFIG
-    (root / "cfg.yaml").write_text(CONFIG.replace("soup: 3}", "soup: 3, rounds: 2}"))
+    assert "soup: 3, rounds: 1}" in CONFIG
+    (root / "cfg.yaml").write_text(CONFIG.replace("soup: 3, rounds: 1}", "soup: 3, rounds: 2}"))
     result = CliRunner().invoke(app, ["run", str(root / "cfg.yaml")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     for stage in ("ingest", "teacher", "calibrate-1", "label-1", "student-1"):

@@ -332,10 +332,10 @@ def test_run_pipeline_on_s3(tmp_path, s3_prefix, ray_local):
     assert res.exit_code == 0, res.output
     assert f"{shards}/manifest.json" in res.output
     train = {"image_size": 64, "base_channels": 8, "depth": 3, "batch_size": 3}
-    # one student (soup 1): this test is about storage; the soup's files are tested in test_pipeline.py
+    # one student, one round: this test is about storage; soups and rounds are tested in test_pipeline.py
     cfg = build(RunConfig, {
         "name": "tiny", "run_dir": storage.join(s3_prefix, "runs"), "data": {"shards": shards},
-        "teacher": {**train, "epochs": 1, "lr": 0.005}, "student": {**train, "epochs": 1, "soup": 1},
+        "teacher": {**train, "epochs": 1, "lr": 0.005}, "student": {**train, "epochs": 1, "soup": 1, "rounds": 1},
         # random_tiny SAM: the files are what is tested here; LiteMedSAM's masks are test_pipeline's
         "label": {"cleaning": {"threshold": 0.3}, "sam": {"backend": "random_tiny", "batch_size": 4},
                   "unet_batch_size": 4},

@@ -20,11 +20,8 @@ import numpy as np
 import ray
 import torch
 
-from plabel.data.samples import batch_samples, decode_gray
-from plabel.data.shards import decode_masks
 from plabel.jobs.shard_dataset import read_shards
-from plabel.jobs.train_job import labelled_dataset, maybe_materialize, train_unet
-from plabel.method.preprocess import masks_to_grid, to_unet_input
+from plabel.jobs.train_job import labelled_dataset, maybe_materialize, prepare_labelled, train_unet
 from plabel.schemas.config import load_run_config
 from plabel.training.inprocess import fit_unet
 from plabel.training.loop import TrainConfig
@@ -32,11 +29,10 @@ from plabel.training.loop import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def arrays(shards, size):
-    rows = [s for b in read_shards(shards).iter_batches(batch_size=16, batch_format="numpy") for s in batch_samples(b)]
-    x = np.stack([to_unet_input(decode_gray(s), size) for s in rows])
-    y = np.stack([masks_to_grid(decode_masks(bytes(s["masks.npz"])), size) for s in rows])
-    return x, y
+def arrays(shards, size, num_classes):
+    """The shards' images float32 (N, S, S) and masks uint8 (N, C, S, S), prepared as the Ray dataset prepares them."""
+    batches = [prepare_labelled(b, size, num_classes) for b in read_shards(shards).iter_batches(batch_size=16, batch_format="numpy")]
+    return np.concatenate([b["image"] for b in batches]), np.concatenate([b["masks"] for b in batches])
 
 
 def main() -> None:
@@ -56,7 +52,7 @@ def main() -> None:
             out[f"ray_train_every_{every_s:g}s"] = {k: r[k] for k in ("wall_s", "best_epoch", "best_val_dice")}
             print(out, flush=True)
     ray.shutdown()
-    (x, y), (vx, vy) = arrays(shards["labelled"], S), arrays(shards["val"], S)
+    (x, y), (vx, vy) = arrays(shards["labelled"], S, C), arrays(shards["val"], S, C)
     torch.set_num_threads(2)
     t0 = time.time()
     st = fit_unet(x, y, TrainConfig.from_section(section), val_images=vx, val_masks=vy)

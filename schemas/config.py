@@ -279,6 +279,7 @@ class StudentSection(TrainSection):
         "against 61.05 / 86.68 / 90.29), though at n = 43 they stopped gaining after round 3. `1`: the paper's one "
         "round")
 
+
 class CleaningSection(_Section):
     """Cleaning of the teacher's probabilities before prompting (plabel.method.cleaning)."""
 

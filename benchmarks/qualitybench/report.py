@@ -300,12 +300,16 @@ def plot_dice_vs_n(summary: dict, path: Path, title: str) -> bool:
     if not series:
         return False
     # self-training rounds: round 1 and the last round only (the rounds between crowd the figure; the tables have them)
+    def start_and_round(init: str) -> tuple[str, int]:  # 'teacher#r3' -> ('teacher', 3); 'teacher' -> ('teacher', 1)
+        start, _, rnd = init.partition("#r")
+        return start, int(rnd or 1)
+
     last: dict = {}
     for model, backend, init in series:
-        base, _, rnd = init.partition("#r")
-        last[(model, backend, base)] = max(last.get((model, backend, base), 1), int(rnd or 1))
+        start, rnd = start_and_round(init)
+        last[(model, backend, start)] = max(last.get((model, backend, start), 1), rnd)
     series = {(model, backend, init): pts for (model, backend, init), pts in series.items()
-              if int(init.partition("#r")[2] or 1) in (1, last[(model, backend, init.partition("#r")[0])])}
+              if start_and_round(init)[1] in (1, last[(model, backend, start_and_round(init)[0])])}
     fig, ax = plt.subplots(figsize=(14, 6.2))
     for (model, backend, init), pts in sorted(series.items(), key=lambda t: (ORDER[t[0][0]], t[0][2] != "scratch",
                                                                                 str(t[0][1]))):

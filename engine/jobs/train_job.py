@@ -293,8 +293,9 @@ def _train_loop(config: dict) -> None:
 def checkpoint_due(epoch: int, start_epoch: int, epochs: int, last: float | None, now: float, every_s: float) -> bool:
     """Whether ``epoch`` (0-based) of a run of ``epochs`` that started (or resumed) at ``start_epoch``
     ends with a Ray Train report and checkpoint: its first and last epoch always, otherwise when
-    ``every_s`` seconds have passed since the last report at ``last`` (``now``, ``last``: one clock)."""
-    return epoch in (start_epoch, epochs - 1) or last is None or now - last >= every_s
+    ``every_s`` seconds have passed since the last report at ``last`` (``now``, ``last``: one clock;
+    ``last`` is None only before the first epoch's report)."""
+    return epoch in (start_epoch, epochs - 1) or now - last >= every_s
 
 
 def worker_threads(threads: int | None) -> int:

@@ -101,6 +101,7 @@ from qualitybench.grid import (  # noqa: E402
     log,
     run_config,
     run_grid,
+    stretched,
     write_json,
 )
 from qualitybench.report import figures, machine, markdown, progress_table, summarise, timing_summary
@@ -147,6 +148,10 @@ def parse(argv=None):
     ap.add_argument("--student-augment", choices=("default", "strong"), default="default",
                     help="students' augmentation (EXPERIMENT): the loop's default magnitudes, or Noisy Student's "
                          "noisier student (qualitybench/grid.py STRONG_AUGMENT)")
+    ap.add_argument("--intensity", choices=("fixed", "minmax", "stretch"), default="fixed",
+                    help="gray levels (EXPERIMENT): as plabel reads them (/255), or each image first stretched onto "
+                         "0..255 from its minimum to its maximum (minmax) or from its 1st to its 99th percentile "
+                         "(stretch; qualitybench/grid.py stretch_contrast)")
     ap.add_argument("--ema-decay", type=float, default=0.99,
                     help="kind mean_teacher: the EMA teacher's decay per step (Tarvainen & Valpola's 0.99)")
     ap.add_argument("--consistency-weight", type=float, default=1.0,
@@ -218,6 +223,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = load_data(Path(args.data))
+    if args.intensity != "fixed":
+        data = stretched(data, args.intensity)
     log(f"data {args.data}: {len(data.ids)} images, classes {data.classes}; grid (n, seed) {args.grid}; "
         f"backends {args.backend}; student kinds {args.kinds}; work folder {out}")
     bench = Bench(args, data)

@@ -132,6 +132,33 @@ class Data:
     fingerprint: str
 
 
+# EXPERIMENT --intensity minmax / stretch: each image's gray levels stretched onto 0..255 from its
+# minimum to its maximum (minmax), or from its 1st to its 99th percentile, clipped (stretch), before
+# anything sees it (U-Nets and SAM). Five of JSRT's 200 images are washed out (gray levels 239-254,
+# std about 3.3: JPCLN031, 037, 083, 094, 117) and every U-Net trained on the plain /255 input predicts
+# nothing on them; most other images already span 0..255 (minimum 0, maximum 247-255), so minmax
+# leaves them nearly as they are.
+INTENSITY_PERCENTILES = {"minmax": (0.0, 100.0), "stretch": (1.0, 99.0)}
+
+
+def stretch_contrast(gray: np.ndarray, percentiles=(0.0, 100.0)) -> np.ndarray:
+    """uint8 (H, W) -> uint8 (H, W): gray levels from the image's lower to its upper percentile mapped
+    linearly onto 0..255 (clipped); an image whose two percentiles coincide is returned unchanged."""
+    lo, hi = np.percentile(gray, percentiles)
+    if hi - lo < 1:
+        return gray
+    return np.round(np.clip((gray.astype(np.float32) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def stretched(data: "Data", mode: str) -> "Data":
+    """The same data with every gray image through :func:`stretch_contrast` with the percentiles of
+    ``mode`` (INTENSITY_PERCENTILES); a new fingerprint, so that no cached step of the plain images is
+    reused."""
+    q = INTENSITY_PERCENTILES[mode]
+    return dataclasses.replace(data, grays={i: stretch_contrast(g, q) for i, g in data.grays.items()},
+                               fingerprint=data.fingerprint + ("-stretch" if mode == "stretch" else f"-{mode}"))
+
+
 def load_data(folder) -> Data:
     """Every image and mask of a source folder (plabel.data.ingest.scan_source), decoded as plabel
     decodes them (plabel.data.imageio; gray uint8 as plabel.data.samples.decode_gray), and a
@@ -621,7 +648,10 @@ def parse_student_key(key: str) -> tuple[str, str | None, str]:
 
 def run_grid(bench: Bench, grid, backends, kinds, inits=("scratch",)) -> dict:
     """Every step of the grid (cached ones loaded). Per (n, seed): teacher, its unlabelled masks, per
-    backend SAM + gate, the students; then the seed's full-supervision model."""
+    backend SAM + gate, the students; then the seed's full-supervision model. When every kind asked
+    for is backend-free (a mean teacher or a control alone), no SAM pass and no gate are run."""
+    if all(kind in BACKEND_FREE for kind in kinds):
+        backends = []  # nothing reads SAM's masks or a gate: skip minutes of SAM per configuration
     results = {"configs": [], "full": {}}
     for n, seed in grid:
         sp = bench.split(n, seed)

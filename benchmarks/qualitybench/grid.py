@@ -156,7 +156,7 @@ def stretched(data: "Data", mode: str) -> "Data":
     reused."""
     q = INTENSITY_PERCENTILES[mode]
     return dataclasses.replace(data, grays={i: stretch_contrast(g, q) for i, g in data.grays.items()},
-                               fingerprint=data.fingerprint + ("-stretch" if mode == "stretch" else f"-{mode}"))
+                               fingerprint=f"{data.fingerprint}-{mode}")
 
 
 def load_data(folder) -> Data:

@@ -89,6 +89,7 @@ import traceback
 import cv2
 import torch
 from qualitybench.grid import (  # noqa: E402
+    INTENSITY_PERCENTILES,
     BACKENDS,
     DEFAULT_KINDS,
     DEFAULT_NS,
@@ -148,7 +149,7 @@ def parse(argv=None):
     ap.add_argument("--student-augment", choices=("default", "strong"), default="default",
                     help="students' augmentation (EXPERIMENT): the loop's default magnitudes, or Noisy Student's "
                          "noisier student (qualitybench/grid.py STRONG_AUGMENT)")
-    ap.add_argument("--intensity", choices=("fixed", "minmax", "stretch"), default="fixed",
+    ap.add_argument("--intensity", choices=("fixed", *INTENSITY_PERCENTILES), default="fixed",
                     help="gray levels (EXPERIMENT): as plabel reads them (/255), or each image first stretched onto "
                          "0..255 from its minimum to its maximum (minmax) or from its 1st to its 99th percentile "
                          "(stretch; qualitybench/grid.py stretch_contrast)")

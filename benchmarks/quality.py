@@ -89,7 +89,6 @@ import traceback
 import cv2
 import torch
 from qualitybench.grid import (  # noqa: E402
-    INTENSITY_PERCENTILES,
     BACKENDS,
     DEFAULT_KINDS,
     DEFAULT_NS,
@@ -98,16 +97,17 @@ from qualitybench.grid import (  # noqa: E402
     KINDS,
     SMOKE,
     Bench,
+    as_read,
     load_data,
     log,
     run_config,
     run_grid,
-    stretched,
     write_json,
 )
 from qualitybench.report import figures, machine, markdown, progress_table, summarise, timing_summary
 
 from plabel.data import storage
+from plabel.method.preprocess import INTENSITIES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "runs" / "quality"
@@ -149,10 +149,10 @@ def parse(argv=None):
     ap.add_argument("--student-augment", choices=("default", "strong"), default="default",
                     help="students' augmentation (EXPERIMENT): the loop's default magnitudes, or Noisy Student's "
                          "noisier student (qualitybench/grid.py STRONG_AUGMENT)")
-    ap.add_argument("--intensity", choices=("fixed", *INTENSITY_PERCENTILES), default="fixed",
-                    help="gray levels (EXPERIMENT): as plabel reads them (/255), or each image first stretched onto "
-                         "0..255 from its minimum to its maximum (minmax) or from its 1st to its 99th percentile "
-                         "(stretch; qualitybench/grid.py stretch_contrast)")
+    ap.add_argument("--intensity", choices=INTENSITIES, default=teacher.intensity,
+                    help="how the U-Nets read gray levels (plabel's teacher / student intensity, "
+                         "plabel.method.preprocess.normalise_intensity); SAM is given the same images, as plabel's "
+                         "label job does (default: the config's)")
     ap.add_argument("--ema-decay", type=float, default=0.99,
                     help="kind mean_teacher: the EMA teacher's decay per step (Tarvainen & Valpola's 0.99)")
     ap.add_argument("--consistency-weight", type=float, default=1.0,
@@ -224,8 +224,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = load_data(Path(args.data))
-    if args.intensity != "fixed":
-        data = stretched(data, args.intensity)
+    data = as_read(data, args.intensity)
     log(f"data {args.data}: {len(data.ids)} images, classes {data.classes}; grid (n, seed) {args.grid}; "
         f"backends {args.backend}; student kinds {args.kinds}; work folder {out}")
     bench = Bench(args, data)

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qualitybench.grid import INTENSITY_PERCENTILES, load_data, run_config, stretched  # noqa: E402  (quality.py's data loading)
+from qualitybench.grid import as_read, load_data, run_config  # noqa: E402  (quality.py's data loading)
 
 from plabel.method.labelling import teacher_probs
 from plabel.method.metrics import dice_of_probs
@@ -115,14 +115,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="split seeds; several: also their mean")
     ap.add_argument("--last", type=int, nargs="+", default=[2, 3, 4], help="k: combine the last k rounds")
     ap.add_argument("--data", default=str(run_config().data.source), help="JSRT-layout folder")
-    ap.add_argument("--intensity", choices=("fixed", *INTENSITY_PERCENTILES), default="fixed",
+    ap.add_argument("--intensity", choices=INTENSITIES, default=run_config().teacher.intensity,
                     help="the gray levels the work folder was run with (quality.py --intensity)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_data(Path(args.data))
-    if args.intensity != "fixed":
-        data = stretched(data, args.intensity)
+    data = as_read(data, args.intensity)
     per_split = []
     for seed in args.seeds:
         rows = evaluate_split(data, args.work, args.n, seed, args.last)

@@ -61,7 +61,8 @@ from soak import build_shards, tiny_teacher  # noqa: E402
 from plabel.data.ingest import shard_paths, write_unlabelled_shards
 from plabel.data.synthetic import make_synthetic_dataset
 from plabel.method.cleaning import CleaningConfig
-from plabel.method.labelling import clean_and_prompt, teacher_probs, to_unet_input
+from plabel.method.labelling import clean_and_prompt, teacher_probs
+from plabel.method.preprocess import to_unet_input
 from plabel.method.metrics import dice
 from plabel.method.sam import load_sam
 from plabel.method.sam.backends import RANDOM_BACKENDS, build_architecture
@@ -101,12 +102,13 @@ def train_teacher(data: Path, ids, classes, out: Path, image_size: int = 128, ep
     if out.exists():
         return out
 
-    x = np.stack([to_unet_input(read_gray(data / "images" / f"{i}.png"), image_size) for i in ids])
+    cfg = TrainConfig(epochs=epochs, batch_size=4, seed=0)
+    x = np.stack([to_unet_input(read_gray(data / "images" / f"{i}.png"), image_size, cfg.intensity) for i in ids])
     y = np.stack([[cv2.resize((read_gray(data / "masks" / c / f"{i}.png") > 127).astype(np.float32),
                               (image_size, image_size), interpolation=cv2.INTER_AREA) > 0.5
                    for c in classes] for i in ids]).astype(np.float32)
     t0 = time.time()
-    fitted = fit_unet(x, y, TrainConfig(epochs=epochs, batch_size=4, seed=0))  # no validation: the last epoch
+    fitted = fit_unet(x, y, cfg)  # no validation: the last epoch
     model, ucfg = fitted.model, fitted.config
     save_checkpoint(out, model.eval(), ucfg,
                     {"classes": classes, "image_size": image_size, "role": "teacher"})

@@ -29,9 +29,9 @@ from plabel.training.loop import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def arrays(shards, size, num_classes):
+def arrays(shards, size, num_classes, intensity):
     """The shards' images float32 (N, S, S) and masks uint8 (N, C, S, S), prepared as the Ray dataset prepares them."""
-    batches = [prepare_labelled(b, size, num_classes) for b in read_shards(shards).iter_batches(batch_size=16, batch_format="numpy")]
+    batches = [prepare_labelled(b, size, num_classes, intensity) for b in read_shards(shards).iter_batches(batch_size=16, batch_format="numpy")]
     return np.concatenate([b["image"] for b in batches]), np.concatenate([b["masks"] for b in batches])
 
 
@@ -42,8 +42,8 @@ def main() -> None:
     shards = {s: sorted(str(p) for p in (run / "shards" / s).glob("*.tar")) for s in ("labelled", "val")}
     C, S = len(classes), section.image_size
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    train = maybe_materialize(labelled_dataset(shards["labelled"], C, S), 10, C, S)
-    val = maybe_materialize(labelled_dataset(shards["val"], C, S), 10, C, S)
+    train = maybe_materialize(labelled_dataset(shards["labelled"], C, S, section.intensity), 10, C, S)
+    val = maybe_materialize(labelled_dataset(shards["val"], C, S, section.intensity), 10, C, S)
     out = {}
     with tempfile.TemporaryDirectory() as d:
         for every_s in (0.0, section.checkpoint_every_s):
@@ -52,7 +52,8 @@ def main() -> None:
             out[f"ray_train_every_{every_s:g}s"] = {k: r[k] for k in ("wall_s", "best_epoch", "best_val_dice")}
             print(out, flush=True)
     ray.shutdown()
-    (x, y), (vx, vy) = arrays(shards["labelled"], S, C), arrays(shards["val"], S, C)
+    I = section.intensity
+    (x, y), (vx, vy) = arrays(shards["labelled"], S, C, I), arrays(shards["val"], S, C, I)
     torch.set_num_threads(2)
     t0 = time.time()
     st = fit_unet(x, y, TrainConfig.from_section(section), val_images=vx, val_masks=vy)

@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     rows = []
     for S in sizes:
         def arrays(ids):
-            return (np.stack([to_unet_input(data.grays[i], S) for i in ids]),
+            return (np.stack([to_unet_input(data.grays[i], S, cfg_run.teacher.intensity) for i in ids]),
                     np.stack([masks_to_grid(data.truths[i], S) for i in ids]))
         x, y = arrays(sp["labelled"])
         vx, vy = arrays(sp["val"])

@@ -38,21 +38,23 @@ def split(option: str, value: str, manifest_: dict) -> None:
         raise UsageError(f"unknown split {value!r}; the data has {sorted(manifest_['splits'])} ({option} {value})")
 
 
-def checkpoint(option: str, location: str, classes: Optional[list[str]] = None, data_option: str = "") -> dict:
+def checkpoint(option: str, location: str, classes: Optional[list[str]] = None, data_option: str = "",
+               with_config: bool = False):
     """Load a U-Net checkpoint on the driver (a missing or foreign file fails here, not in a
-    worker); with ``classes``, its classes must equal the data's. Returns its metadata."""
+    worker); with ``classes``, its classes must equal the data's. Returns its metadata, or
+    (UNetConfig, metadata) ``with_config``."""
     from plabel.method.unet import CheckpointError, load_checkpoint  # local: torch
 
     where = _named(option, location)
     try:
-        _, _, extra = load_checkpoint(location)
+        _, config, extra = load_checkpoint(location)
     except FileNotFoundError:
         raise UsageError(f"no such checkpoint file ({where})") from None
     except CheckpointError as exc:
         raise UsageError(f"{_without_name(str(exc), location)} ({where})") from None
     if classes is not None:
         classes_fit(option, location, extra, classes, data_option)
-    return extra
+    return (config, extra) if with_config else extra
 
 
 def classes_fit(option: str, location: str, extra: dict, classes: list[str], data_option: str = "") -> None:

@@ -113,7 +113,7 @@ def _ray(address: Optional[str], num_cpus: Optional[int]) -> None:
 _TRAIN_OPTIONS = {f"train.{k}": f"--{v}" for k, v in dict(
     epochs="epochs", image_size="image-size", base_channels="base-channels", depth="depth",
     batch_size="batch-size", lr="lr", seed="seed", num_workers="workers", selection="selection",
-    selection_tolerance="selection-tolerance", distill="distill").items()}
+    selection_tolerance="selection-tolerance", distill="distill", intensity="intensity").items()}
 _LABEL_OPTIONS = {f"label.{k}": f"--{v}" for k, v in {
     "sam.backend": "sam-backend", "sam.checkpoint": "sam-checkpoint", "sam.sha256": "sam-sha256",
     "sam.stages": "stages", "sam.batch_size": "sam-batch-size", "sam.actors": "sam-actors",
@@ -176,6 +176,7 @@ def train(
     batch_size: int = typer.Option(4, help="Images per optimisation step and worker."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate (cosine schedule)."),
     augment: bool = typer.Option(True, help="Random affine and intensity augmentation of every training batch (plabel.training.loop.augment_batch)."),
+    intensity: Optional[str] = typer.Option(None, help="How each image's gray levels reach the U-Net, recorded in the checkpoint: minmax (its darkest level to 0, its brightest to 1) or fixed (gray / 255). Default: that of --init-from / --distill-from when given (a student must read images as its teacher does), else minmax (the run config's default)."),
     seed: int = typer.Option(0, help="Training seed: initial weights, augmentation and the order of the training images (with one worker, the same seed, data and settings give the same weights)."),
     workers: int = typer.Option(1, help="Ray Train workers."),
     gpu: bool = typer.Option(False, help="Give each Ray Train worker a GPU."),
@@ -192,19 +193,28 @@ def train(
         _fail(f"expected teacher or student, got {role!r} (--role {role})")
     if role == "student" and pseudo_labels is None:
         _fail("a student trains on pseudo labels: give --pseudo-labels (--role student)")
+    manifest = inputs.manifest("--shards", shards)
+    classes = manifest["classes"]
+    read_as = {}  # option -> the intensity its checkpoint was trained with
+    for option, ckpt in (("--init-from", init_from), ("--distill-from", distill_from)):
+        if ckpt is not None:
+            config, _ = inputs.checkpoint(option, ckpt, classes, data_option=f"--shards {redact(shards)}",
+                                          with_config=True)
+            read_as[option] = config.intensity
+    given = {} if intensity is None and not read_as else {"intensity": intensity or next(iter(read_as.values()))}
     try:
         section = build(TrainSection, dict(epochs=epochs, image_size=image_size, base_channels=base_channels, depth=depth,
                                            batch_size=batch_size, lr=lr, augment=augment, seed=seed, num_workers=workers, use_gpu=gpu,
                                            include_labelled=include_labelled, selection=selection,
                                            selection_tolerance=selection_tolerance,
-                                           distill=distill if distill_from else 0.0), "train")
+                                           distill=distill if distill_from else 0.0, **given), "train")
     except ConfigError as e:
         raise inputs.config_error(e, _TRAIN_OPTIONS) from None
-    manifest = inputs.manifest("--shards", shards)
-    classes = manifest["classes"]
-    for option, ckpt in (("--init-from", init_from), ("--distill-from", distill_from)):
-        if ckpt is not None:
-            inputs.checkpoint(option, ckpt, classes, data_option=f"--shards {redact(shards)}")
+    for option, read in read_as.items():
+        if read != section.intensity:
+            _fail(f"{redact(init_from if option == '--init-from' else distill_from)} was trained with intensity "
+                  f"{read}, this U-Net with {section.intensity}; a student must read images as its teacher does "
+                  f"({option}, --intensity {section.intensity})")
     inputs.address(address)  # a wrong --address fails in seconds, not after Ray's retries
     with _quiet(_command_log("train")) as console:
         console.echo(f"logs: {DEBUG['log_file']}")
@@ -223,20 +233,20 @@ def _train(console: Console, shards, out, role, pseudo_labels, include_labelled,
     from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
 
     classes = manifest["classes"]
-    C, S = len(classes), section.image_size
+    C, S, I = len(classes), section.image_size, section.intensity
     n = {k: v["n_samples"] for k, v in manifest["splits"].items()}
     val_split = "val" if n.get("val", 0) else "labelled"
     storage = storage or (join(dirname(out), "ray_train") if is_uri(out) else Path(out).resolve().parent / "ray_train")
     bar, on_epoch = console.epoch_progress(role, section.epochs)
     try:
-        val_ds = maybe_materialize(labelled_dataset(shard_paths(shards, val_split), C, S), n.get(val_split, 0), C, S,
+        val_ds = maybe_materialize(labelled_dataset(shard_paths(shards, val_split), C, S, I), n.get(val_split, 0), C, S,
                                    expected_rows=n.get(val_split, 0), what=f"{val_split} split of {redact(str(shards))}")
         if role == "teacher":
-            train_ds = maybe_materialize(labelled_dataset(shard_paths(shards, "labelled"), C, S), n.get("labelled", 0), C,
+            train_ds = maybe_materialize(labelled_dataset(shard_paths(shards, "labelled"), C, S, I), n.get("labelled", 0), C,
                                          S, expected_rows=n.get("labelled", 0), what="labelled split")
         else:
             labelled = shard_paths(shards, "labelled") if include_labelled else []
-            train_ds = student_dataset(str(pseudo_labels), shard_paths(shards, "unlabelled"), labelled, classes, S,
+            train_ds = student_dataset(str(pseudo_labels), shard_paths(shards, "unlabelled"), labelled, classes, S, I,
                                        n.get("unlabelled", 0), n.get("labelled", 0) if labelled else 0,
                                        what=f"{redact(str(pseudo_labels))} with the unlabelled shards of "
                                             f"{redact(str(shards))}")

@@ -41,7 +41,7 @@ from plabel.method.cleaning import CleaningConfig
 from plabel.method.gate import GateConfig
 from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
 from plabel.method.sam.refine import RefinementResult
-from plabel.method.unet import UNet, save_checkpoint
+from plabel.method.unet import UNet, UNetConfig, save_checkpoint
 from plabel.schemas.config import ConfigError, GateSection, LabelSection, build
 from plabel.schemas.tables import decode_class_masks
 
@@ -350,6 +350,7 @@ class _NaNFor(torch.nn.Module):
     def __init__(self, inner, positions, value=float("nan")):
         super().__init__()
         self.inner, self.positions, self.value = inner, set(positions), value
+        self.config = inner.config  # the inner U-Net's input contract (intensity)
 
     def forward(self, x):
         out = self.inner(x).clone()
@@ -386,6 +387,21 @@ def test_teacher_stage_turns_non_finite_into_error_rows(tmp_path):
     assert list(out["status"]) == ["ok", "error"]
     assert out["message"][1] == "S.tar:mid: teacher produced non-finite probabilities (NaN or inf)"
     assert out["valid"][0].tolist() == [True, False] and not out["valid"][1].any()
+
+
+def test_teacher_stage_hands_on_the_image_its_teacher_reads(tmp_path):
+    """A minmax teacher: the decoded image (levels 200 and 240, washed out) leaves the U-Net stage
+    stretched to 0 and 255, which is what RefineStage gives SAM; a fixed teacher leaves it alone."""
+    gray = np.full((16, 20), 200, np.uint8)
+    gray[4:12, 5:15] = 240
+    rows = _decoded(parse(tar_bytes(sample_members("w", _png(gray)))))
+    for intensity, want in (("minmax", np.where(gray == 240, 255, 0)), ("fixed", gray)):
+        cfg = UNetConfig(num_classes=len(CLASSES), base_channels=4, depth=1, intensity=intensity)
+        save_checkpoint(tmp_path / f"{intensity}.pt", UNet.from_config(cfg), cfg, {"image_size": IMAGE_SIZE})
+        stage = TeacherStage(str(tmp_path / f"{intensity}.pt"), {"threshold": 0.5}, len(CLASSES))
+        out = stage({k: object_array([r[k] for r in rows]) for k in rows[0]})
+        assert list(out["status"]) == ["ok"]
+        np.testing.assert_array_equal(out["image"][0], want)
 
 
 def test_refine_stage_meta_from_ray_like_columns():

@@ -29,7 +29,9 @@ from plabel.method.cleaning import CleaningConfig
 from plabel.method.gate import ClassGate, GateConfig, gate_decision
 from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
 from plabel.method.metrics import dice
+from plabel.method.preprocess import normalise_intensity
 from plabel.method.sam import SamRefiner, build_random_sam
+from plabel.method.unet import UNetConfig
 from plabel.schemas.config import ConfigError, GateSection, LabelSection, RunConfig, build
 
 torch.set_num_threads(1)
@@ -218,9 +220,10 @@ class ThresholdTeacher(torch.nn.Module):
     """A stand-in U-Net with known output: class 0 = bright pixels (x > 0.6), class 1 = mid-grey
     pixels (0.25 < x < 0.45), class 2 = nothing. Input (N, 1, S, S) -> logits (N, 3, S, S)."""
 
-    def __init__(self):
+    def __init__(self, intensity: str = "fixed"):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.tensor(40.0))
+        self.config = UNetConfig(num_classes=3, intensity=intensity)  # its input contract, as a UNet has
 
     def forward(self, x):
         return torch.cat([self.scale * (x - 0.6), self.scale * torch.minimum(x - 0.25, 0.45 - x),
@@ -280,6 +283,36 @@ def test_evidence_is_the_label_jobs_and_calibrated_decisions_match_pseudo_label_
             if gate is cal.gate:
                 assert expected == cal.report[c]["decisions"]
     assert cal.report["none"]["kept"]["empty"] == 3 and cal.report["bright"]["calibrated"]
+
+
+def test_a_minmax_teacher_and_sam_see_the_stretched_image():
+    """Washed-out phantoms (levels 204 / 218 / 244: at gray / 255 the threshold teacher sees only
+    'bright'): a minmax teacher reads 0 / 255 / 92 and finds the disk and the rectangle, and SAM is
+    given the same stretched images (the label job's teacher_view), not the washed-out ones."""
+    classes = ["bright", "mid", "none"]
+    grays, truths = _phantoms()
+    washed = [(200 + g.astype(np.int32) * 40 // 200).astype(np.uint8) for g in grays]  # 20->204, 90->218, 220->244
+    assert sorted(np.unique(washed[0])) == [204, 218, 244]
+    given = []
+
+    class Recording(SamRefiner):
+        def refine_batch(self, images, prompts):
+            given.extend(im[:, :, 0].copy() for im in images)
+            return super().refine_batch(images, prompts)
+
+    ids = [f"p{i}" for i in range(3)]
+    fixed, _ = validation_evidence(ThresholdTeacher("fixed"), 48, Recording(build_random_sam(seed=1)), washed,
+                                   truths, ids, classes)
+    assert all(im.unet[0].all() and not im.unet[1].any() for im in fixed)  # everything 'bright', no 'mid'
+    np.testing.assert_array_equal(given[0], washed[0])
+    given.clear()
+    images, _ = validation_evidence(ThresholdTeacher("minmax"), 48, Recording(build_random_sam(seed=1)), washed,
+                                    truths, ids, classes)
+    assert [len(given)] == [3]
+    for g, w, im, t in zip(given, washed, images, truths):
+        np.testing.assert_array_equal(g, normalise_intensity(w, "minmax"))
+        assert sorted(np.unique(g)) == [0, 89, 255]  # (218 - 204) / 40 * 255 = 89.25
+        assert dice(im.unet[0], t[0]) > 0.95 and dice(im.unet[1], t[1]) > 0.95
 
 
 def test_policy_file_round_trip_and_errors(tmp_path):

@@ -77,6 +77,24 @@ def test_student_init_teacher_needs_the_teachers_architecture(tmp_path):
         build(RunConfig, {"label": {"gate": {"prefer_on_tie": "sam"}}})
 
 
+def test_intensity_defaults_to_minmax_and_the_student_must_read_as_its_teacher():
+    from plabel.method.preprocess import INTENSITIES
+
+    cfg = build(RunConfig, {})
+    assert (cfg.teacher.intensity, cfg.student.intensity) == ("minmax", "minmax")
+    assert build(RunConfig, {"teacher": {"intensity": "fixed"}, "student": {"intensity": "fixed"}}).student.intensity \
+        == "fixed"
+    with pytest.raises(ConfigError, match=r"student.intensity must equal teacher.intensity: got minmax, teacher fixed"):
+        build(RunConfig, {"teacher": {"intensity": "fixed"}})
+    with pytest.raises(ConfigError, match=r"teacher.intensity: expected fixed or minmax, got 'clahe'"):
+        build(RunConfig, {"teacher": {"intensity": "clahe"}})
+    # the schema's choices are the engine's (schemas/ imports nothing from engine/)
+    from plabel.schemas.config import TrainSection
+    field = TrainSection.model_fields["intensity"]
+    assert all(build(TrainSection, {"intensity": v}, "t").intensity == v for v in INTENSITIES)
+    assert field.default == "minmax"
+
+
 def test_student_selection_defaults_to_guarded_and_checks_its_values():
     cfg = build(RunConfig, {})
     assert (cfg.student.selection, cfg.student.selection_tolerance, cfg.student.distill) == ("guarded", 0.005, 1.0)

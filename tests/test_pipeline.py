@@ -377,7 +377,7 @@ def test_student_training_set_takes_each_parts_images_from_its_shard(tiny_run, t
     assert len(files) == 3
     n_rows = 0
     for f in files:
-        got = pseudo_part_arrays(f, fs, classes, 64, shard_lookup(shards))
+        got = pseudo_part_arrays(f, fs, classes, 64, "minmax", shard_lookup(shards))
         table_rows = {r["id"]: r for r in pq.read_table(f).to_pylist() if r["status"] != "error"}
         (shard,) = {r["shard"] for r in table_rows.values()}
         in_shard = list(wds.WebDataset(shard, shardshuffle=False))
@@ -386,7 +386,7 @@ def test_student_training_set_takes_each_parts_images_from_its_shard(tiny_run, t
             row = table_rows[got["id"][i]]
             name, data = image_member(sample)
             gray = np.round(to_gray_float(decode_image(data, name)) * 255).astype(np.uint8)
-            assert np.array_equal(got["image"][i], to_unet_input(gray, 64))
+            assert np.array_equal(got["image"][i], to_unet_input(gray, 64, "minmax"))
             for c, cls in enumerate(classes):
                 kept = row[f"{cls}.kept"]
                 assert got["weight"][i, c] == (0.0 if kept == "dropped" else 1.0)
@@ -397,16 +397,16 @@ def test_student_training_set_takes_each_parts_images_from_its_shard(tiny_run, t
     assert n_rows == rows
 
     # through Ray: one task per part, materialized twice in the same order
-    full = maybe_materialize(pseudo_labelled_dataset(table, shards, classes, 64), 14, len(classes), 64,
+    full = maybe_materialize(pseudo_labelled_dataset(table, shards, classes, 64, "fixed"), 14, len(classes), 64,
                              expected_rows=rows, what="whole table")
     assert full.count() == rows
     again = [float(np.asarray(r["image"]).sum()) for r in maybe_materialize(
-        pseudo_labelled_dataset(table, shards, classes, 64), 14, len(classes), 64).iter_rows()]
+        pseudo_labelled_dataset(table, shards, classes, 64, "fixed"), 14, len(classes), 64).iter_rows()]
     assert again == [float(np.asarray(r["image"]).sum()) for r in full.iter_rows()]
 
     # the last shard is not among those given: its rows have no image, and the error names one of them
     with pytest.raises(Exception) as e:
-        maybe_materialize(pseudo_labelled_dataset(table, shards[:-1], classes, 64), 14, len(classes), 64,
+        maybe_materialize(pseudo_labelled_dataset(table, shards[:-1], classes, 64, "fixed"), 14, len(classes), 64,
                           expected_rows=rows, what="the table")
     code, message = describe(e.value)
     assert code == 2 and re.search(r"pseudo-label row \S+ comes from shard \S+-000002\.tar, which is not among "
@@ -425,11 +425,11 @@ def test_student_training_set_takes_each_parts_images_from_its_shard(tiny_run, t
     # (the table names the original paths: the copies are found by file name)
     local = [str(moved / Path(s).name) for s in shards]
     with pytest.raises(Exception) as e:
-        pseudo_labelled_dataset(table, local, classes, 64).materialize()
+        pseudo_labelled_dataset(table, local, classes, 64, "fixed").materialize()
     code, message = describe(e.value)
     assert code == 2 and re.search(rf"pseudo-label row \S+ has no image: sample {lost} not found in \S+", message), \
         message
-    assert maybe_materialize(pseudo_labelled_dataset(table, local[:-1] + [shards[-1]], classes, 64), 14,
+    assert maybe_materialize(pseudo_labelled_dataset(table, local[:-1] + [shards[-1]], classes, 64, "fixed"), 14,
                              len(classes), 64, expected_rows=rows).count() == rows
 
 

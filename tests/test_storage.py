@@ -383,5 +383,5 @@ def test_run_pipeline_on_s3(tmp_path, s3_prefix, ray_local):
     with pytest.raises(IncompleteTableError, match=MARKER_NAME):
         read_pseudo_labels(table_dir)
     with pytest.raises(IncompleteTableError, match=MARKER_NAME):
-        pseudo_labelled_dataset(table_dir, [], manifest["classes"], 64)
+        pseudo_labelled_dataset(table_dir, [], manifest["classes"], 64, "fixed")
     print(f"S3 end-to-end test: {time.time() - t0:.1f} s")

@@ -53,6 +53,7 @@ def test_init_from_starts_at_the_checkpoints_weights(shards):
     # a learning rate of 1e-12 leaves the weights where training started (BatchNorm statistics move)
     r = train(root, "warm.pt", "--epochs", "1", "--lr", "1e-12", "--init-from", str(root / "t.pt"))
     assert r.exit_code == 0, r.output
+    assert load_checkpoint(root / "warm.pt")[1].intensity == "fixed"  # t.pt's, not the default minmax
     t, warm = params(root / "t.pt"), params(root / "warm.pt")
     assert all(torch.allclose(warm[k], t[k], rtol=0, atol=1e-8) for k in t)
     # and not because every run starts there: the loop's own fresh U-Net (seed 0, what a run without
@@ -133,6 +134,20 @@ def test_guarded_selection_keeps_the_starting_weights_when_training_loses_a_clas
     assert r.exit_code == 2 and "(--selection)" in r.output and "'best'" in r.output
 
 
+def test_a_student_reads_images_as_the_checkpoint_it_starts_from(shards):
+    """t.pt was trained with intensity fixed (the key's default): --init-from it trains a fixed U-Net
+    (test_init_from_starts_at_the_checkpoints_weights); asking for minmax is refused before training,
+    naming the file and both settings."""
+    root = shards
+    assert load_checkpoint(root / "t.pt")[1].intensity == "fixed"
+    r = train(root, "mm.pt", "--epochs", "1", "--init-from", str(root / "t.pt"), "--intensity", "minmax")
+    assert r.exit_code != 0
+    assert str(root / "t.pt") in r.output and "intensity fixed, this U-Net with minmax" in r.output
+    assert "(--init-from, --intensity minmax)" in r.output and not (root / "mm.pt").exists()
+    r = train(root, "bad.pt", "--epochs", "1", "--intensity", "gamma")
+    assert r.exit_code == 2 and "(--intensity)" in r.output and "'gamma'" in r.output
+
+
 def test_distill_from_a_teacher_of_other_classes_is_refused_before_training(shards):
     root = shards
     other = UNetConfig(in_channels=1, num_classes=7, base_channels=4, depth=2)
@@ -155,6 +170,7 @@ def test_the_same_training_twice_gives_the_same_weights(tmp_path_factory, ray_lo
         assert r.exit_code == 0, r.output
     a, b = params(root / "t0.pt"), params(root / "t1.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_checkpoint(root / "t0.pt")[1].intensity == "minmax"  # the default, recorded
     # not equal because nothing moved: both left the loop's seed-0 starting weights far behind
     fresh = dict(build_model(TrainConfig(base_channels=4, depth=2, seed=0), len(a["head.bias"]))[0].named_parameters())
     assert not all(torch.allclose(fresh[k], a[k], rtol=0, atol=1e-3) for k in a)

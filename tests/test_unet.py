@@ -42,6 +42,22 @@ def test_checkpoint_round_trip(tmp_path):
     assert checkpoint_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_intensity_is_saved_and_old_checkpoints_load_as_fixed(tmp_path):
+    cfg = UNetConfig(num_classes=2, base_channels=4, depth=1, intensity="minmax")
+    model = UNet.from_config(cfg)
+    assert model.config.intensity == "minmax"
+    save_checkpoint(tmp_path / "m.pt", model, cfg)
+    assert load_checkpoint(tmp_path / "m.pt")[1].intensity == "minmax"
+    # a checkpoint written before the key existed: its config has no 'intensity'; it read gray / 255
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    del payload["config"]["intensity"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")[1] == UNetConfig(num_classes=2, base_channels=4, depth=1)
+    assert load_checkpoint(tmp_path / "old.pt")[1].intensity == "fixed"
+    with pytest.raises(ValueError, match="UNetConfig.intensity must be one of .*'clahe'"):
+        UNetConfig(intensity="clahe")
+
+
 def test_extra_must_be_plain(tmp_path):
     cfg = UNetConfig(num_classes=1, base_channels=4, depth=1)
     with pytest.raises(TypeError, match="ndarray"):

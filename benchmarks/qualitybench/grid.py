@@ -32,7 +32,7 @@ from plabel.method.labelling import (ImageMeta, clean_and_prompt, pseudo_label_r
                                      sam_output_finite, teacher_probs)
 from plabel.method.losses import distillation_weight
 from plabel.method.metrics import dice_of_probs, dice_per_class
-from plabel.method.preprocess import masks_to_grid, to_unet_input
+from plabel.method.preprocess import masks_to_grid, normalise_intensity, to_unet_input
 from plabel.method.prompts import extract_prompts
 from plabel.method.sam import SamRefiner, load_sam
 from plabel.method.sam.refine import RefinementResult
@@ -132,31 +132,15 @@ class Data:
     fingerprint: str
 
 
-# EXPERIMENT --intensity minmax / stretch: each image's gray levels stretched onto 0..255 from its
-# minimum to its maximum (minmax), or from its 1st to its 99th percentile, clipped (stretch), before
-# anything sees it (U-Nets and SAM). Five of JSRT's 200 images are washed out (gray levels 239-254,
-# std about 3.3: JPCLN031, 037, 083, 094, 117) and every U-Net trained on the plain /255 input predicts
-# nothing on them; most other images already span 0..255 (minimum 0, maximum 247-255), so minmax
-# leaves them nearly as they are.
-INTENSITY_PERCENTILES = {"minmax": (0.0, 100.0), "stretch": (1.0, 99.0)}
-
-
-def stretch_contrast(gray: np.ndarray, percentiles=(0.0, 100.0)) -> np.ndarray:
-    """uint8 (H, W) -> uint8 (H, W): gray levels from the image's lower to its upper percentile mapped
-    linearly onto 0..255 (clipped); an image whose two percentiles coincide is returned unchanged."""
-    lo, hi = np.percentile(gray, percentiles)
-    if hi - lo < 1:
-        return gray
-    return np.round(np.clip((gray.astype(np.float32) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
-
-
-def stretched(data: "Data", mode: str) -> "Data":
-    """The same data with every gray image through :func:`stretch_contrast` with the percentiles of
-    ``mode`` (INTENSITY_PERCENTILES); a new fingerprint, so that no cached step of the plain images is
-    reused."""
-    q = INTENSITY_PERCENTILES[mode]
-    return dataclasses.replace(data, grays={i: stretch_contrast(g, q) for i, g in data.grays.items()},
-                               fingerprint=f"{data.fingerprint}-{mode}")
+def as_read(data: "Data", intensity: str) -> "Data":
+    """The data as a U-Net trained with ``intensity`` reads it (plabel.method.preprocess.normalise_intensity),
+    which is also what plabel's label and calibrate jobs give SAM (plabel.method.labelling.teacher_view); a
+    new fingerprint unless ``fixed``, so that no cached step of the plain images is reused. The U-Nets apply
+    the same normalisation again (their TrainConfig.intensity): minmax is idempotent."""
+    if intensity == "fixed":
+        return data
+    return dataclasses.replace(data, grays={i: normalise_intensity(g, intensity) for i, g in data.grays.items()},
+                               fingerprint=f"{data.fingerprint}-{intensity}")
 
 
 def load_data(folder) -> Data:
@@ -262,7 +246,7 @@ class Bench:
         return {**sp, "pool": sorted(sp["labelled"] + sp["unlabelled"])}
 
     def arrays(self, ids):
-        x = np.stack([to_unet_input(self.data.grays[i], self.S) for i in ids])
+        x = np.stack([to_unet_input(self.data.grays[i], self.S, self.args.intensity) for i in ids])
         return x, np.stack([masks_to_grid(self.data.truths[i], self.S) for i in ids])
 
     def predict(self, model, ids) -> list:
@@ -297,7 +281,7 @@ class Bench:
         seed = int(spec["seed"]) + int(spec.get("train_seed_offset", 0))  # --student-seed-offset
         noise = STRONG_AUGMENT if role == "student" and self.args.student_augment == "strong" else {}
         cfg = TrainConfig.from_section(section, epochs=self.epochs[role], lr=lr or self.args.lr,
-                                       batch_size=self.args.batch_size, seed=seed, **noise)
+                                       batch_size=self.args.batch_size, seed=seed, intensity=self.args.intensity, **noise)
         spec = {**spec, "role": role, "train": cfg.to_dict(), "image_size": self.S, "data": self.data.fingerprint,
                 "train_ids": list(train_ids), "val_ids": sp["val"], "test_ids": sp["test"], "v": CODE_VERSION}
         key = key_of(spec)
@@ -314,7 +298,7 @@ class Bench:
             py, pw = pseudo_label_targets(p[1], self.classes, self.S) if p[1] is not None else (
                 np.zeros((len(p[0]), len(self.classes), self.S, self.S), np.float32),
                 np.zeros((len(p[0]), len(self.classes)), np.float32))
-            px = np.stack([to_unet_input(self.data.grays[i], self.S) for i in p[0]])
+            px = np.stack([to_unet_input(self.data.grays[i], self.S, self.args.intensity) for i in p[0]])
             x, y, w = np.concatenate([x, px]), np.concatenate([y, py]), np.concatenate([w, pw])
         vx, vy = self.arrays(sp["val"])
         log(f"{name}: training {role} on {len(x)} images for {cfg.epochs} epochs")

@@ -56,6 +56,7 @@ from plabel.method.labelling import (
     empty_row,
     pseudo_label_rows,
     teacher_probs,
+    teacher_view,
 )
 from plabel.method.prompts import RefinementPrompts
 from plabel.method.sam import refiner_from_config
@@ -184,7 +185,7 @@ class TeacherStage:
 
     def _process(self, images: list[np.ndarray]):
         """Per image: (cleaned, unet_prob, prompts), or None when its probabilities are not finite."""
-        probs = teacher_probs(self.model, images, self.image_size, nonfinite="none")
+        probs = teacher_probs(self.model, images, self.image_size, nonfinite="none")  # images: teacher_view
         return [None if p is None else clean_and_prompt(p, self.cleaning) for p in probs]
 
     def __call__(self, batch: dict) -> dict:
@@ -192,6 +193,10 @@ class TeacherStage:
         n = len(batch["id"])
         C = self.C
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
+        images = list(batch["image"])  # each ok image as the teacher reads it, which RefineStage gives SAM
+        for i in ok:
+            images[i] = teacher_view(self.model, [images[i]])[0]
+        batch["image"] = object_array(images)
         results = per_image(ok, lambda idx: self._process([batch["image"][i] for i in idx]),
                             lambda i, e: _fail(batch, i, f"teacher: {type(e).__name__}: {e}"))
         for i in ok:

@@ -59,19 +59,20 @@ def _ingest_key(ctx: RunContext) -> dict:
 # ----------------------------------------------------------------------------------------- teacher
 
 
-def _validation_set(ctx: RunContext, size: int):
+def _validation_set(ctx: RunContext, size: int, intensity: str):
     C, split = len(ctx.classes), ctx.val_split
-    return maybe_materialize(labelled_dataset(ctx.paths(split), C, size), ctx.n(split), C, size,
+    return maybe_materialize(labelled_dataset(ctx.paths(split), C, size, intensity), ctx.n(split), C, size,
                              expected_rows=ctx.n(split), what=f"{split} split")
 
 
 def _teacher(ctx: RunContext) -> dict:
     section, C = ctx.cfg.teacher, len(ctx.classes)
-    train = maybe_materialize(labelled_dataset(ctx.paths("labelled"), C, section.image_size), ctx.n("labelled"), C,
-                              section.image_size, expected_rows=ctx.n("labelled"), what="labelled split")
+    S, I = section.image_size, section.intensity
+    train = maybe_materialize(labelled_dataset(ctx.paths("labelled"), C, S, I), ctx.n("labelled"), C, S,
+                              expected_rows=ctx.n("labelled"), what="labelled split")
     bar, on_epoch = ctx.epoch_progress("teacher", section.epochs)
     with bar:
-        out = train_unet(train, _validation_set(ctx, section.image_size), ctx.classes, section, ctx.at("teacher.pt"),
+        out = train_unet(train, _validation_set(ctx, S, I), ctx.classes, section, ctx.at("teacher.pt"),
                          ctx.at("ray_train"), "teacher", role="teacher", on_epoch=on_epoch)
     out["sha256"] = checkpoint_sha256(ctx.at("teacher.pt"))
     return out
@@ -217,9 +218,9 @@ def _student(ctx: RunContext, rnd: Round = Round()) -> dict:
     section, stage = cfg.student, rnd.stage("student")
     labelled = ctx.paths("labelled") if section.include_labelled else []
     train = student_dataset(_at(ctx, rnd.table), ctx.paths("unlabelled"), labelled, classes, section.image_size,
-                            ctx.n("unlabelled"), ctx.n("labelled") if labelled else 0,
+                            section.intensity, ctx.n("unlabelled"), ctx.n("labelled") if labelled else 0,
                             what=f"{ctx.name}/{rnd.table} with the images of the unlabelled shards")
-    val = _validation_set(ctx, section.image_size)
+    val = _validation_set(ctx, section.image_size, section.intensity)
     teacher = _at(ctx, rnd.teacher)
     init = teacher if section.init == "teacher" else None
     distill = teacher if section.distill > 0 else None

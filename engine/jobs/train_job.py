@@ -92,9 +92,10 @@ def _watch(board, on_epoch: Callable[[dict], None]):
         ray.kill(board)
 
 
-def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
-    """Raw WebDataset batch of labelled samples -> image float32 (N, S, S), masks uint8 (N, C, S, S),
-    weight float32 (N, C). A sample without masks or with the wrong class count is an error."""
+def prepare_labelled(batch: dict, image_size: int, num_classes: int, intensity: str) -> dict:
+    """Raw WebDataset batch of labelled samples -> image float32 (N, S, S) (plabel.method.preprocess.
+    to_unet_input with ``intensity``), masks uint8 (N, C, S, S), weight float32 (N, C). A sample without
+    masks or with the wrong class count is an error."""
 
     images, masks = [], []
     for sample in batch_samples(batch):
@@ -105,7 +106,7 @@ def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
         m = decode_masks(bytes(sample["masks.npz"]))
         if m.shape[0] != num_classes or m.shape[1:] != gray.shape:
             raise InputError(f"{where}: masks of shape {m.shape} do not fit {num_classes} classes and image {gray.shape}")
-        images.append(to_unet_input(gray, image_size))
+        images.append(to_unet_input(gray, image_size, intensity))
         masks.append(masks_to_grid(m, image_size))
     n = len(images)
     return {
@@ -115,19 +116,21 @@ def prepare_labelled(batch: dict, image_size: int, num_classes: int) -> dict:
     }
 
 
-def _pseudo_part_batch(batch: dict, fs, classes: Sequence[str], image_size: int, shards: dict) -> dict:
+def _pseudo_part_batch(batch: dict, fs, classes: Sequence[str], image_size: int, intensity: str, shards: dict) -> dict:
     """Ray UDF: rows {part} (one Parquet part each) -> image, masks, weight of its trainable rows."""
-    out = [pseudo_part_arrays(str(p), fs, classes, image_size, shards) for p in batch["part"]]
+    out = [pseudo_part_arrays(str(p), fs, classes, image_size, intensity, shards) for p in batch["part"]]
     return {k: np.concatenate([o[k] for o in out]) for k in ("image", "masks", "weight")}
 
 
-def labelled_dataset(shards: Sequence[str], num_classes: int, image_size: int):
+def labelled_dataset(shards: Sequence[str], num_classes: int, image_size: int, intensity: str):
     ds = read_shards(shards)
-    return ds.map_batches(prepare_labelled, fn_kwargs=dict(image_size=image_size, num_classes=num_classes),
+    return ds.map_batches(prepare_labelled, fn_kwargs=dict(image_size=image_size, num_classes=num_classes,
+                                                           intensity=intensity),
                           batch_format="numpy", batch_size=16)
 
 
-def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], classes: Sequence[str], image_size: int):
+def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], classes: Sequence[str], image_size: int,
+                            intensity: str):
     """The pseudo-label rows (status ok/empty) with their images: one task per table part, which
     reads the one shard its rows come from (plabel.training.student_set.pseudo_part_arrays), in the
     table's part order: no join, no sort, the same rows in the same order in every run.
@@ -140,7 +143,7 @@ def pseudo_labelled_dataset(table_dir: str, unlabelled_shards: Sequence[str], cl
     fs, files = table_files(table_dir)
     items = [{"part": f} for f in files]
     return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        _pseudo_part_batch, fn_kwargs=dict(fs=fs, classes=list(classes), image_size=image_size,
+        _pseudo_part_batch, fn_kwargs=dict(fs=fs, classes=list(classes), image_size=image_size, intensity=intensity,
                                            shards=shard_lookup(unlabelled_shards)),
         batch_format="numpy", batch_size=1)
 
@@ -175,16 +178,16 @@ def maybe_materialize(ds, n_images: int, num_classes: int, image_size: int, limi
 
 
 def student_dataset(table_dir: str, unlabelled_shards: Sequence[str], labelled_shards: Sequence[str],
-                    classes: Sequence[str], image_size: int, n_unlabelled: int, n_labelled: int,
+                    classes: Sequence[str], image_size: int, intensity: str, n_unlabelled: int, n_labelled: int,
                     what: str = "pseudo-label table with the images of the unlabelled shards"):
     """A student's training set: the table's pseudo-labelled images, plus the labelled split's
     ``n_labelled`` images from ``labelled_shards`` (none: pass [] and 0), through :func:`maybe_materialize`.
     A materialized set keeps the table's part order (reproducible runs) and must hold the table's ok +
     empty rows plus the labelled images (ValueError naming ``what`` otherwise)."""
     C, n_images = len(classes), n_unlabelled + n_labelled
-    ds = pseudo_labelled_dataset(table_dir, unlabelled_shards, classes, image_size)
+    ds = pseudo_labelled_dataset(table_dir, unlabelled_shards, classes, image_size, intensity)
     if labelled_shards:
-        ds = ds.union(labelled_dataset(labelled_shards, C, image_size))
+        ds = ds.union(labelled_dataset(labelled_shards, C, image_size, intensity))
     return maybe_materialize(ds, n_images, C, image_size, expected_rows=trainable_rows(table_dir) + n_labelled,
                              what=what)
 
@@ -346,14 +349,17 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
         if d_cfg.num_classes != len(classes):
             raise CheckpointError(f"{storage.redact(str(distill_from))}: its U-Net has {d_cfg.num_classes} classes, the "
                              f"{role}'s data {len(classes)}; cannot distil from it")
+        if d_cfg.intensity != train_cfg.intensity:
+            raise CheckpointError(f"{storage.redact(str(distill_from))}: its U-Net reads images with intensity "
+                                  f"{d_cfg.intensity}, the {role} with {train_cfg.intensity}; cannot distil from it")
     if init_checkpoint is not None:  # fail here, before Ray starts, when the weights cannot fit
         _, init_cfg, _ = load_checkpoint(init_checkpoint)
         want = train_cfg.unet_config(len(classes))
         if init_cfg != want:
             raise CheckpointError(f"{storage.redact(str(init_checkpoint))}: its U-Net (base_channels {init_cfg.base_channels}, "
-                             f"depth {init_cfg.depth}, {init_cfg.num_classes} classes) does not match the {role}'s "
-                             f"(base_channels {want.base_channels}, depth {want.depth}, {want.num_classes} classes); "
-                             "cannot start from its weights")
+                             f"depth {init_cfg.depth}, {init_cfg.num_classes} classes, intensity {init_cfg.intensity}) "
+                             f"does not match the {role}'s (base_channels {want.base_channels}, depth {want.depth}, "
+                             f"{want.num_classes} classes, intensity {want.intensity}); cannot start from its weights")
     if storage.is_uri(storage_dir):  # the resolved filesystem: Ray never sees a URI's credentials
         storage_fs, (storage_path,) = storage.resolve_all([str(storage_dir)])
     else:

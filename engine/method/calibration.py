@@ -68,7 +68,7 @@ import numpy as np
 from plabel.data import storage
 from plabel.method.cleaning import CleaningConfig
 from plabel.method.gate import ClassGate, GateConfig, gate_decision
-from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
+from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs, teacher_view
 from plabel.method.metrics import dice
 from plabel.method.sam import SamModel, SamRefiner
 from plabel.schemas.masks import decode_mask
@@ -166,7 +166,7 @@ def validation_evidence(
     out: list[ValidationImage] = []
     skipped: list[str] = []
     for start in range(0, len(grays), batch_size):
-        b_grays = [np.asarray(g, dtype=np.uint8) for g in grays[start:start + batch_size]]
+        b_grays = teacher_view(teacher, [np.asarray(g, dtype=np.uint8) for g in grays[start:start + batch_size]])
         b_truths = [np.asarray(t, dtype=bool) for t in truths[start:start + batch_size]]
         b_ids = [str(i) for i in ids[start:start + batch_size]]
         for name, g, t in zip(b_ids, b_grays, b_truths):

@@ -1,5 +1,6 @@
 """Pseudo-labelling of a batch of images (steps 2-4 of the method), Ray-free.
 
+    teacher_view       the gray images as the teacher reads them (its intensity): SAM is given these
     teacher_probs      U-Net sigmoid probabilities, back on each image's own grid
     clean_and_prompt   cleaned class masks, U-Net confidence inside them, SAM prompts
     pseudo_label_rows  SAM refinement (all classes of an image per decoder call), quality gate,
@@ -20,7 +21,7 @@ from plabel.method.cleaning import CleaningConfig, clean_masks
 from plabel.method.gate import GateConfig, gate_decision
 from plabel.method.metrics import dice
 from plabel.method.prediction import mask_confidence
-from plabel.method.preprocess import masks_to_grid, probs_to_image, to_unet_input
+from plabel.method.preprocess import masks_to_grid, normalise_intensity, probs_to_image, to_unet_input
 from plabel.method.prompts import RefinementPrompts, extract_prompts
 from plabel.method.unet import predict_probs
 from plabel.schemas.masks import encode_mask
@@ -45,9 +46,17 @@ class ImageMeta:
 NONFINITE_TEACHER = "teacher produced non-finite probabilities (NaN or inf)"
 
 
+def teacher_view(model: torch.nn.Module, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Gray uint8 (H, W) images -> uint8 (H, W), normalised as ``model`` (a plabel U-Net) reads them
+    (its ``config.intensity``, plabel.method.preprocess.normalise_intensity). The label and calibrate
+    jobs give SAM these images, so that SAM refines the image the teacher segmented."""
+    return [normalise_intensity(g, model.config.intensity) for g in grays]
+
+
 def teacher_probs(model: torch.nn.Module, grays: Sequence[np.ndarray], image_size: int,
                   names: Sequence[str] | None = None, nonfinite: str = "raise") -> list[np.ndarray | None]:
-    """U-Net probabilities of gray uint8 (H, W) images -> float32 (C, H, W) per image.
+    """U-Net probabilities of gray uint8 (H, W) images -> float32 (C, H, W) per image. The images are
+    normalised as the model was trained (its ``config.intensity``; plabel.method.preprocess.to_unet_input).
 
     An image whose probabilities hold NaN or inf: ``nonfinite="raise"`` raises ValueError naming it
     (``names[i]``, else its index), ``nonfinite="none"`` gives None in its place (the label job
@@ -58,7 +67,7 @@ def teacher_probs(model: torch.nn.Module, grays: Sequence[np.ndarray], image_siz
         raise ValueError(f"nonfinite must be 'raise' or 'none', got {nonfinite!r}")
     if not grays:
         return []
-    x = np.stack([to_unet_input(g, image_size) for g in grays])
+    x = np.stack([to_unet_input(g, image_size, model.config.intensity) for g in grays])
     probs = predict_probs(model, x)
     out: list[np.ndarray | None] = []
     for i, (g, p) in enumerate(zip(grays, probs)):

@@ -26,6 +26,7 @@ from torch import nn
 from plabel.data import storage
 from plabel.errors import InputError
 from plabel.data.files import sha256_file
+from plabel.method.preprocess import INTENSITIES
 
 CHECKPOINT_FORMAT = "plabel-unet-v1"
 _NORMS = ("batch", "group")
@@ -40,6 +41,9 @@ class UNetConfig:
     base_channels: channels of the first level; level ``i`` has ``base_channels * 2**i``.
     depth:         number of 2x down-samplings (the bottleneck sits at level ``depth``).
     norm:          "batch" (BatchNorm2d) or "group" (GroupNorm, better for tiny batches).
+    intensity:     how its input's gray levels were normalised in training, so that every caller
+                   applies the same (plabel.method.preprocess.to_unet_input): "fixed" (gray / 255;
+                   checkpoints written before the key existed load as fixed) or "minmax".
     """
 
     in_channels: int = 1
@@ -47,6 +51,7 @@ class UNetConfig:
     base_channels: int = 16
     depth: int = 4
     norm: str = "batch"
+    intensity: str = "fixed"
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "num_classes", "base_channels"):
@@ -56,6 +61,8 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.depth must be >= 0, got {self.depth}")
         if self.norm not in _NORMS:
             raise ValueError(f"UNetConfig.norm must be one of {_NORMS}, got {self.norm!r}")
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"UNetConfig.intensity must be one of {INTENSITIES}, got {self.intensity!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,13 +107,15 @@ class UNet(nn.Module):
 
     forward(x: float32 (N, in_channels, H, W)) -> logits float32 (N, num_classes, H, W).
     Any H, W are accepted: the input is zero-padded at the bottom/right up to a multiple of
-    ``2**depth`` and the logits are cropped back to (H, W).
+    ``2**depth`` and the logits are cropped back to (H, W). ``intensity`` is recorded in
+    ``config`` for the callers that build x (plabel.method.preprocess.to_unet_input); forward does
+    not use it.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 1, base_channels: int = 16,
-                 depth: int = 4, norm: str = "batch") -> None:
+                 depth: int = 4, norm: str = "batch", intensity: str = "fixed") -> None:
         super().__init__()
-        self.config = UNetConfig(in_channels, num_classes, base_channels, depth, norm)
+        self.config = UNetConfig(in_channels, num_classes, base_channels, depth, norm, intensity)
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.encoders = nn.ModuleList()
         c_prev = in_channels
@@ -122,7 +131,7 @@ class UNet(nn.Module):
     @classmethod
     def from_config(cls, config: UNetConfig) -> "UNet":
         return cls(config.in_channels, config.num_classes, config.base_channels, config.depth,
-                   config.norm)
+                   config.norm, config.intensity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:

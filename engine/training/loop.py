@@ -73,6 +73,9 @@ class TrainConfig:
     # with faster convolutions on CPU (benchmarks/RESULTS.md, section 10)
     precision: str = "fp32"
     channels_last: bool = True
+    # the gray-level normalisation the U-Net is trained with (plabel.method.preprocess.normalise_intensity);
+    # recorded in its UNetConfig. The caller builds the images with it: the loop sees float tensors only
+    intensity: str = "fixed"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,16 +88,17 @@ class TrainConfig:
     def from_section(cls, section, **overrides) -> "TrainConfig":
         """The training config of a run-config section (plabel.schemas.config.TrainSection or
         StudentSection): its epochs, lr, weight_decay, batch_size, base_channels, depth, augment and
-        seed, precision, channels_last; ``overrides`` replace any TrainConfig field (ValueError naming an unknown one). The
+        seed, precision, channels_last, intensity; ``overrides`` replace any TrainConfig field (ValueError naming an unknown one). The
         other fields (norm, pos_weight_max, augmentation magnitudes) keep their defaults."""
         keys = ("epochs", "lr", "weight_decay", "batch_size", "base_channels", "depth", "augment", "seed",
-                "precision", "channels_last")
+                "precision", "channels_last", "intensity")
         return cls.from_dict({**{k: getattr(section, k) for k in keys}, **overrides})
 
     def unet_config(self, num_classes: int, in_channels: int = 1) -> UNetConfig:
         """The architecture this training config describes."""
         return UNetConfig(in_channels=in_channels, num_classes=num_classes,
-                          base_channels=self.base_channels, depth=self.depth, norm=self.norm)
+                          base_channels=self.base_channels, depth=self.depth, norm=self.norm,
+                          intensity=self.intensity)
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 1

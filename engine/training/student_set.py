@@ -33,12 +33,13 @@ def shard_lookup(shards: Sequence[str]) -> dict[str, str]:
     return lookup
 
 
-def pseudo_part_arrays(part: str, fs, classes: Sequence[str], image_size: int, shards: Mapping[str, str]) -> dict:
+def pseudo_part_arrays(part: str, fs, classes: Sequence[str], image_size: int, intensity: str,
+                       shards: Mapping[str, str]) -> dict:
     """The trainable rows (status ok or empty) of one table part with their images.
 
     part: a Parquet file of a finished pseudo-label table (in pyarrow filesystem ``fs``, None:
     local). shards: :func:`shard_lookup` of the unlabelled shards the rows may come from.
-    Returns id object (N,), image float32 (N, S, S) (plabel.method.preprocess.to_unet_input),
+    Returns id object (N,), image float32 (N, S, S) (plabel.method.preprocess.to_unet_input with ``intensity``),
     masks uint8 (N, C, S, S) and weight float32 (N, C) (plabel.method.labelling.pseudo_label_targets:
     weight 0 where the gate dropped the class), S = ``image_size``, rows in their shard's order.
     A row whose shard is not among ``shards`` or whose sample its shard lacks raises InputError
@@ -58,7 +59,7 @@ def pseudo_part_arrays(part: str, fs, classes: Sequence[str], image_size: int, s
         if sample is None:
             raise InputError(f"{where}: pseudo-label row {r['id']} has no image: {reason}")
         kept.append(r)
-        images.append(to_unet_input(decode_gray(sample), image_size))
+        images.append(to_unet_input(decode_gray(sample), image_size, intensity))
     masks, weight = pseudo_label_targets(kept, classes, image_size)
     S = image_size
     return {"id": np.array([str(r["id"]) for r in kept], dtype=object),

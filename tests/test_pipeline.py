@@ -136,6 +136,8 @@ def test_ray_job_rows_equal_in_process_method(tiny_run):
         gray = np.round(to_gray_float(decode_image(data, name)) * 255).astype(np.uint8)
         grays.append(gray)
         metas.append(ImageMeta(json.loads(s["json"])["id"], shard, s["__key__"], *gray.shape))
+    assert model.config.intensity == "minmax"  # the default: SAM is given the stretched images
+    grays = teacher_view(model, grays)
     probs = teacher_probs(model, grays, extra["image_size"])
     cleaned = [clean_and_prompt(p, CleaningConfig(threshold=0.3)) for p in probs]
     rows = pseudo_label_rows(refiner, grays, [c[0] for c in cleaned], [c[1] for c in cleaned],

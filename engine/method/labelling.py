@@ -141,7 +141,8 @@ def pseudo_label_rows(
 ) -> list[dict]:
     """Refine with SAM (one batched call per stage), gate each class, build the table rows.
 
-    grays: uint8 (H, W) per image; cleaned: bool (C, H, W); unet_prob: float32 (C,).
+    grays: uint8 (H, W) per image, as the teacher reads them (:func:`teacher_view`: SAM refines the
+    image the teacher segmented); cleaned: bool (C, H, W); unet_prob: float32 (C,).
     refiner: plabel.method.sam.SamRefiner, or None: no SAM. Then a gate that consults SAM for no
     class (GateConfig.consults_sam) applies its drop / unet policies; otherwise the cleaned U-Net
     masks are kept.

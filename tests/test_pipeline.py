@@ -27,7 +27,7 @@ from plabel.method.calibration import load_gate_policy
 from plabel.method.cleaning import CleaningConfig
 from plabel.method.gate import gate_decision
 from plabel.data.table_commit import table_files
-from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs
+from plabel.method.labelling import ImageMeta, clean_and_prompt, pseudo_label_rows, teacher_probs, teacher_view
 from plabel.method.metrics import dice_per_class
 from plabel.method.preprocess import masks_to_grid, to_unet_input
 from plabel.method.sam import SamRefiner, load_sam

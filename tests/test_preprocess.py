@@ -75,6 +75,11 @@ def test_minmax_stretches_a_washed_out_image_onto_0_255():
 def test_minmax_leaves_a_full_range_or_flat_image_alone():
     full = np.array([[0, 17], [200, 255]], np.uint8)
     np.testing.assert_array_equal(normalise_intensity(full, "minmax"), full)
+    # the shortcut for full-range images equals the mapping itself, level by level
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    np.testing.assert_array_equal(normalise_intensity(levels, "minmax"),
+                                  np.round(levels.astype(np.float64) / 255 * 255).astype(np.uint8))
+    np.testing.assert_array_equal(normalise_intensity(levels, "minmax"), levels)
     flat = np.full((3, 3), 240, np.uint8)  # one level: nothing to stretch, not a division by zero
     np.testing.assert_array_equal(normalise_intensity(flat, "minmax"), flat)
 

@@ -33,8 +33,8 @@ def normalise_intensity(gray: np.ndarray, intensity: str) -> np.ndarray:
     if intensity == "fixed" or gray.size == 0:
         return gray
     lo, hi = np.float64(gray.min()), np.float64(gray.max())
-    if hi - lo < 1:
-        return gray
+    if hi - lo < 1 or (lo, hi) == (0, 255):  # flat, or already full range: the mapping is the identity
+        return gray  # (the label job normalises once for SAM, then to_unet_input again: the second pass is free)
     return np.round(np.clip((gray.astype(np.float64) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 

@@ -230,7 +230,7 @@ def _train(console: Console, shards, out, role, pseudo_labels, include_labelled,
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.data.ingest import shard_paths
     from plabel.data.storage import dirname, is_uri, join, redact
-    from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet
+    from plabel.jobs.train_job import labelled_dataset, maybe_materialize, student_dataset, train_unet, worker_path
 
     classes = manifest["classes"]
     C, S, I = len(classes), section.image_size, section.intensity
@@ -246,7 +246,8 @@ def _train(console: Console, shards, out, role, pseudo_labels, include_labelled,
                                          S, expected_rows=n.get("labelled", 0), what="labelled split")
         else:
             labelled = shard_paths(shards, "labelled") if include_labelled else []
-            train_ds = student_dataset(str(pseudo_labels), shard_paths(shards, "unlabelled"), labelled, classes, S, I,
+            # absolute: Ray's tasks may run elsewhere than this working directory (a cluster at --address)
+            train_ds = student_dataset(worker_path(pseudo_labels), shard_paths(shards, "unlabelled"), labelled, classes, S, I,
                                        n.get("unlabelled", 0), n.get("labelled", 0) if labelled else 0,
                                        what=f"{redact(str(pseudo_labels))} with the unlabelled shards of "
                                             f"{redact(str(shards))}")

@@ -48,10 +48,13 @@ def params(path):
     return dict(load_checkpoint(path)[0].named_parameters())
 
 
-def test_init_from_starts_at_the_checkpoints_weights(shards):
+def test_init_from_starts_at_the_checkpoints_weights(shards, monkeypatch):
     root = shards
+    # --init-from relative to the user's working directory, which Ray Train's worker does not share
+    # (it runs in its own directory): train_unet hands the worker an absolute path
+    monkeypatch.chdir(root)
     # a learning rate of 1e-12 leaves the weights where training started (BatchNorm statistics move)
-    r = train(root, "warm.pt", "--epochs", "1", "--lr", "1e-12", "--init-from", str(root / "t.pt"))
+    r = train(root, "warm.pt", "--epochs", "1", "--lr", "1e-12", "--init-from", "t.pt")
     assert r.exit_code == 0, r.output
     assert load_checkpoint(root / "warm.pt")[1].intensity == "fixed"  # t.pt's, not the default minmax
     t, warm = params(root / "t.pt"), params(root / "warm.pt")

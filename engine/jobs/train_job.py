@@ -239,13 +239,17 @@ def _train_loop(config: dict) -> None:
 
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
+    # The batches keep the dataset's dtypes (image float32, masks uint8, weight float32: zero-copy
+    # tensors); train_step casts the masks in this thread. A dtypes= cast would run in Ray Data's
+    # collate threads, each of which then holds its own OpenMP team: with more OpenMP threads than
+    # cores libgomp stops spin-waiting, and this worker's forward and backward passes slowed by
+    # 1.2-1.3x (benchmarks/RESULTS.md, section 1).
     def train_batches(epoch: int):  # this worker's shard, in a seeded local shuffle (loop.shuffle_seed)
         shuffle = dict(local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank))
-        return train_shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes=torch.float32,
-                                              **(shuffle if cfg.shuffle else {}))
+        return train_shard.iter_torch_batches(batch_size=cfg.batch_size, **(shuffle if cfg.shuffle else {}))
 
     def val_batches():
-        return val_shard.iter_torch_batches(batch_size=VAL_BATCH_SIZE, dtypes=torch.float32)
+        return val_shard.iter_torch_batches(batch_size=VAL_BATCH_SIZE)
 
     every_s, last_report = float(config.get("checkpoint_every_s", 0.0)), [None]
     world = ray.train.get_context().get_world_size()
@@ -299,6 +303,12 @@ def checkpoint_due(epoch: int, start_epoch: int, epochs: int, last: float | None
     ``every_s`` seconds have passed since the last report at ``last`` (``now``, ``last``: one clock;
     ``last`` is None only before the first epoch's report)."""
     return epoch in (start_epoch, epochs - 1) or now - last >= every_s
+
+
+def worker_path(location: str | Path) -> str:
+    """A checkpoint's location as a Ray Train worker must be given it: a URI as it is, a local path
+    made absolute (the worker runs in its own working directory, not the user's)."""
+    return str(location) if storage.is_uri(str(location)) else str(Path(location).resolve())
 
 
 def worker_threads(threads: int | None) -> int:
@@ -369,10 +379,10 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": train_cfg.to_dict(), "classes": list(classes), "image_size": section.image_size,
-                           "role": role, "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
+                           "role": role, "init_checkpoint": None if init_checkpoint is None else worker_path(init_checkpoint),
                            "selection": section.selection, "selection_tolerance": section.selection_tolerance,
                            "distill": section.distill if distill_from is not None else 0.0,
-                           "distill_from": None if distill_from is None else str(distill_from),
+                           "distill_from": None if distill_from is None else worker_path(distill_from),
                            "progress_board": board, "threads": section.threads,
                            "checkpoint_every_s": section.checkpoint_every_s},
         scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,

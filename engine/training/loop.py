@@ -143,7 +143,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
                distill_weight: torch.Tensor | None = None, teacher_noise: bool = False) -> float:
     """One optimisation step; returns the loss as a Python float.
 
-    images: float32 (N, 1, H, W) in [0, 1]; masks: float32 (N, C, H, W) in {0, 1};
+    images: float32 (N, 1, H, W) in [0, 1]; masks: (N, C, H, W) in {0, 1}, any dtype (the Ray Train
+    worker's are uint8), cast to float32 here;
     class_weight: float (N, C) (0 = ignore that class of that sample) or None;
     pos_weight: float (C,) or None. Tensors are moved to the model's device.
     generator: CPU torch.Generator driving the augmentation (used only if ``cfg.augment``).
@@ -269,8 +270,8 @@ def positive_fraction(batches: Iterable[Mapping], max_batches: int = POS_WEIGHT_
     for j, b in enumerate(batches):
         if j >= max_batches:
             break
-        m = torch.as_tensor(b["masks"]).to(torch.float64)
-        w = torch.as_tensor(b["weight"]).to(torch.float64)
+        m = torch.as_tensor(b["masks"]).to("cpu", torch.float64)  # a Ray Train GPU worker's batches arrive on the GPU
+        w = torch.as_tensor(b["weight"]).to("cpu", torch.float64)
         p = (m.flatten(2).sum(2) * w).sum(0)
         t = w.sum(0) * (m.shape[2] * m.shape[3])
         pos, tot = (p, t) if pos is None else (pos + p, tot + t)
@@ -292,7 +293,8 @@ class TrainState:
     copy of the kept weights, best_epoch their epoch (-1: the starting weights),
     best_val_dice_per_class their per-class validation Dice ([] without validation data).
     history: one {"epoch", "loss", "val_dice" (None without validation data), "val_dice_per_class",
-    "seconds"} per epoch run by this call. reference_val_dice: the starting weights' per-class
+    "seconds", "step_seconds", "val_seconds"} per epoch run by this call (the epoch's wall time,
+    its optimisation steps', its validation's). reference_val_dice: the starting weights' per-class
     validation Dice (guarded rule) or None. pos_weight: the positive-class weights (C,).
     ema_teacher: the mean teacher (fit's ``ema``) or None.
     """
@@ -439,8 +441,9 @@ def fit(cfg: TrainConfig, num_classes: int, train_batches: Batches, val_batches:
 
     for epoch in range(state.start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        losses = []
+        losses, step_s = [], 0.0
         for b in train_batches(epoch):
+            s0 = time.perf_counter()
             weight = torch.as_tensor(b["weight"], dtype=torch.float32)
             dw = None
             if teacher is not None:
@@ -449,15 +452,21 @@ def fit(cfg: TrainConfig, num_classes: int, train_batches: Batches, val_batches:
                                      weight, state.pos_weight, cfg, gen, teacher, dw, teacher_noise=ema is not None))
             if ema is not None:
                 ema_update(teacher, base, ema)
+            step_s += time.perf_counter() - s0
         sched.step()
+        v0 = time.perf_counter()
         per_class = validate()
+        val_s, seconds = time.perf_counter() - v0, time.perf_counter() - t0
         val_dice = float(per_class.mean()) if len(per_class) else None
         state.epoch = epoch
         state.history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                               "val_dice": val_dice, "val_dice_per_class": per_class.tolist() if len(per_class) else None,
-                              "seconds": round(time.perf_counter() - t0, 3)})
+                              "seconds": round(seconds, 3), "step_seconds": round(step_s, 3),
+                              "val_seconds": round(val_s, 3)})
+        # the epoch's time: its optimisation steps, its validation, and the rest (waiting for batches)
         say(f"epoch {epoch + 1}/{cfg.epochs}: loss {state.history[-1]['loss']:.4f}, "
-            f"val dice {float('nan') if val_dice is None else val_dice:.4f}")
+            f"val dice {float('nan') if val_dice is None else val_dice:.4f}, {seconds:.2f} s "
+            f"(steps {step_s:.2f}, validation {val_s:.2f}, batches {seconds - step_s - val_s:.2f})")
         if state.selector.offer(epoch, per_class) or state.best_state is None:
             state.keep(epoch, per_class)
         if on_epoch_end is not None:

@@ -10,7 +10,7 @@ import torch
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from plabel.jobs.train_job import MODEL_FILE, _data_config, _train_loop
+from plabel.jobs.train_job import MODEL_FILE, _data_config, _train_loop, in_worker_memory
 from plabel.method.unet import load_checkpoint
 from plabel.training.inprocess import fit_unet
 from plabel.training.loop import TrainConfig
@@ -74,6 +74,38 @@ def test_the_ray_worker_and_fit_unet_run_the_same_loop(tmp_path, ray_local):
     # the same loop with its per-epoch shuffle trains otherwise (the comparison above is not vacuous)
     assert [h["loss"] for h in free.history] != [h["loss"] for h in local.history]
     assert not torch.equal(free.model.head.weight, local.model.head.weight)
+
+
+def test_an_in_memory_worker_trains_as_fit_unet_with_its_shuffle(tmp_path, ray_local):
+    """A small materialized training set (in_worker_memory) is read into the worker once and shuffled
+    each epoch as fit_unet shuffles (loop.array_batches): the same losses, validation Dice and kept
+    weights as fit_unet with its per-epoch shuffle on."""
+    images, masks, weight = _data()
+    cfg = TrainConfig(epochs=3, batch_size=2, base_channels=4, depth=1, lr=5e-3, seed=4, shuffle=True)
+    rows = [{"image": images[i], "masks": masks[i], "weight": weight[i]} for i in range(len(images))]
+    train_ds, val_ds = ray.data.from_items(rows[:8]).materialize(), ray.data.from_items(rows[8:]).materialize()
+    assert in_worker_memory(train_ds) and not in_worker_memory(train_ds.map_batches(lambda b: b))  # lazy: streamed
+    result = TorchTrainer(
+        _train_loop, train_loop_config={"train": cfg.to_dict(), "classes": ["a", "b"], "image_size": 16,
+                                        "role": "teacher", "threads": 1, "in_memory": True},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        datasets={"train": train_ds, "val": val_ds}, dataset_config=_data_config(),
+        run_config=RunConfig(name="in-memory", storage_path=str(tmp_path), checkpoint_config=CheckpointConfig())).fit()
+    assert result.error is None
+    reported = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
+    with result.checkpoint.as_directory() as d:
+        kept, _, meta = load_checkpoint(f"{d}/{MODEL_FILE}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the worker (threads 1)
+    try:
+        local = fit_unet(images[:8], masks[:8], cfg, weight=weight[:8], val_images=images[8:], val_masks=masks[8:])
+    finally:
+        torch.set_num_threads(threads)
+    assert [m["loss"] for m in reported] == [h["loss"] for h in local.history]
+    assert [m["val_dice"] for m in reported] == [h["val_dice"] for h in local.history]
+    assert meta["epoch"] == local.best_epoch
+    for k, v in local.model.state_dict().items():
+        assert torch.equal(kept.state_dict()[k], v), k
 
 
 def test_checkpoint_due_first_last_and_every_s():

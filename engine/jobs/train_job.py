@@ -26,6 +26,7 @@ import ray
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data.dataset import MaterializedDataset
 from ray.train.torch import TorchTrainer
 
 from plabel.data import storage
@@ -37,7 +38,7 @@ from plabel.jobs.shard_dataset import read_shards
 from plabel.method.preprocess import masks_to_grid, to_unet_input
 from plabel.errors import InputError
 from plabel.method.unet import CheckpointError, UNet, load_checkpoint, save_checkpoint
-from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, fit, shuffle_seed
+from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, array_batches, fit, shuffle_seed
 from plabel.training.selection import GUARD_TOLERANCE, guard_note
 from plabel.training.student_set import pseudo_part_arrays, shard_lookup
 
@@ -239,17 +240,30 @@ def _train_loop(config: dict) -> None:
 
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
-    # The batches keep the dataset's dtypes (image float32, masks uint8, weight float32: zero-copy
-    # tensors); train_step casts the masks in this thread. A dtypes= cast would run in Ray Data's
-    # collate threads, each of which then holds its own OpenMP team: with more OpenMP threads than
-    # cores libgomp stops spin-waiting, and this worker's forward and backward passes slowed by
-    # 1.2-1.3x (benchmarks/RESULTS.md, section 1).
-    def train_batches(epoch: int):  # this worker's shard, in a seeded local shuffle (loop.shuffle_seed)
-        shuffle = dict(local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank))
-        return train_shard.iter_torch_batches(batch_size=cfg.batch_size, **(shuffle if cfg.shuffle else {}))
+    if config.get("in_memory"):
+        # a small training set (in_worker_memory): this worker's shard read once, then shuffled each
+        # epoch as fit_unet shuffles (loop.array_batches): no Ray Data pipeline thread runs beside the
+        # optimisation steps, which slowed them (benchmarks/RESULTS.md, section 1)
+        train_rows = shard_arrays(train_shard)
+        if not train_rows:
+            raise ValueError(f"the training shard of Ray Train worker {rank} holds no rows")
+        train_batches = array_batches(train_rows, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank)
+        val_rows = shard_arrays(val_shard)
+        val_epoch = array_batches(val_rows, VAL_BATCH_SIZE, shuffle=False) if val_rows else (lambda epoch: iter(()))
 
-    def val_batches():
-        return val_shard.iter_torch_batches(batch_size=VAL_BATCH_SIZE)
+        def val_batches():
+            return val_epoch(0)
+    else:
+        # The batches keep the dataset's dtypes (image float32, masks uint8, weight float32: zero-copy
+        # tensors); train_step casts the masks in this thread. A dtypes= cast would run in Ray Data's
+        # collate threads, each of which then holds its own OpenMP team: with more OpenMP threads than
+        # cores libgomp stops spin-waiting (benchmarks/RESULTS.md, section 1).
+        def train_batches(epoch: int):  # this worker's shard, in a seeded local shuffle (loop.shuffle_seed)
+            shuffle = dict(local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank))
+            return train_shard.iter_torch_batches(batch_size=cfg.batch_size, **(shuffle if cfg.shuffle else {}))
+
+        def val_batches():
+            return val_shard.iter_torch_batches(batch_size=VAL_BATCH_SIZE)
 
     every_s, last_report = float(config.get("checkpoint_every_s", 0.0)), [None]
     world = ray.train.get_context().get_world_size()
@@ -303,6 +317,24 @@ def checkpoint_due(epoch: int, start_epoch: int, epochs: int, last: float | None
     ``every_s`` seconds have passed since the last report at ``last`` (``now``, ``last``: one clock;
     ``last`` is None only before the first epoch's report)."""
     return epoch in (start_epoch, epochs - 1) or now - last >= every_s
+
+
+# a materialized training set of at most this many bytes is read into each Ray Train worker's memory
+IN_MEMORY_BYTES = 512 * 1024**2
+
+
+def in_worker_memory(ds) -> bool:
+    """Whether the Ray Train workers read their training shard into memory once (a materialized
+    dataset of at most IN_MEMORY_BYTES, plabel.jobs.train_job.maybe_materialize's small sets) rather
+    than stream it through Ray Data every epoch."""
+    return isinstance(ds, MaterializedDataset) and ds.size_bytes() <= IN_MEMORY_BYTES
+
+
+def shard_arrays(shard) -> dict[str, torch.Tensor]:
+    """A Ray Data shard read once into tensors, column -> (N, ...) in the shard's row order, the
+    columns' own dtypes ({} for an empty shard)."""
+    parts = [b for b in shard.iter_batches(batch_size=None, batch_format="numpy") if len(next(iter(b.values())))]
+    return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]} if parts else {}
 
 
 def worker_path(location: str | Path) -> str:
@@ -384,7 +416,7 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
                            "distill": section.distill if distill_from is not None else 0.0,
                            "distill_from": None if distill_from is None else worker_path(distill_from),
                            "progress_board": board, "threads": section.threads,
-                           "checkpoint_every_s": section.checkpoint_every_s},
+                           "checkpoint_every_s": section.checkpoint_every_s, "in_memory": in_worker_memory(train_ds)},
         scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
                                      resources_per_worker={"CPU": 1}),
         datasets={"train": train_ds, "val": val_ds},

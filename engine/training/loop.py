@@ -12,8 +12,9 @@ A data source is a callable ``epoch -> iterable of batches``; a batch is a mappi
 image float32 (N, S, S), masks (N, C, S, S) in {0, 1}, weight float (N, C) (0 = ignore that class of
 that sample) and optionally distill_weight float (N, C), as torch tensors or numpy arrays. Each
 call must give that epoch's batches in that epoch's order, and the same batches for the same epoch
-(a seeded shuffle: :func:`array_batches` in memory, Ray Data's seeded local shuffle in the worker,
-both seeded by :func:`shuffle_seed`).
+(a seeded shuffle: :func:`array_batches` in memory, in process and in a Ray Train worker whose
+training set is small; Ray Data's seeded local shuffle in a worker that streams a large one; both
+seeded by :func:`shuffle_seed`).
 """
 from __future__ import annotations
 

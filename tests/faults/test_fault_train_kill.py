@@ -12,7 +12,9 @@ import faultkit
 
 from plabel.method.unet import load_checkpoint
 
-EPOCHS = 4
+# enough epochs that the kill lands mid-training: a small training set is read into the worker once,
+# so these tiny epochs take a few hundredths of a second each
+EPOCHS = 300
 
 
 def test_training_killed_then_rerun_resumes(tmp_path):

@@ -29,22 +29,26 @@ def _data(n=10, size=16, seed=0):
     return images.astype(np.float32), masks, weight
 
 
+def _worker_fit(tmp_path, name: str, cfg: TrainConfig, n_train: int = 8, **config):
+    """_train_loop run by a 1-worker TorchTrainer, as train_unet runs it, on _data()'s first n_train rows
+    (validation: the rest), threads 1 (fit_unet's comparisons run at 1 thread too, for bit-equal sums);
+    ``config``: more train_loop_config entries."""
+    images, masks, weight = _data()
+    rows = [{"image": images[i], "masks": masks[i], "weight": weight[i]} for i in range(len(images))]
+    train_ds, val_ds = ray.data.from_items(rows[:n_train]).materialize(), ray.data.from_items(rows[n_train:]).materialize()
+    return TorchTrainer(
+        _train_loop, train_loop_config={"train": cfg.to_dict(), "classes": ["a", "b"], "image_size": 16,
+                                        "role": "teacher", "threads": 1, **config},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        datasets={"train": train_ds, "val": val_ds}, dataset_config=_data_config(),
+        run_config=RunConfig(name=name, storage_path=str(tmp_path), checkpoint_config=CheckpointConfig())).fit()
+
+
 def test_the_ray_worker_and_fit_unet_run_the_same_loop(tmp_path, ray_local):
     images, masks, weight = _data()
     n_train = 8  # 4 batches of 2; augmentation on: both draw it from the rank-0 generator
     cfg = TrainConfig(epochs=3, batch_size=2, base_channels=4, depth=1, lr=5e-3, seed=4, shuffle=False)
-    rows = [{"image": images[i], "masks": masks[i], "weight": weight[i]} for i in range(len(images))]
-    train_ds = ray.data.from_items(rows[:n_train]).materialize()
-    val_ds = ray.data.from_items(rows[n_train:]).materialize()
-    trainer = TorchTrainer(
-        _train_loop,  # as train_unet runs it
-        # threads 1 (the section's `threads`): the same thread count as fit_unet below, for bit-equal sums
-        train_loop_config={"train": cfg.to_dict(), "classes": ["a", "b"], "image_size": 16, "role": "teacher",
-                           "threads": 1},
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-        datasets={"train": train_ds, "val": val_ds}, dataset_config=_data_config(),
-        run_config=RunConfig(name="same-loop", storage_path=str(tmp_path), checkpoint_config=CheckpointConfig()))
-    result = trainer.fit()
+    result = _worker_fit(tmp_path, "same-loop", cfg, n_train)
     assert result.error is None
     reported = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
     with result.checkpoint.as_directory() as d:
@@ -82,15 +86,10 @@ def test_an_in_memory_worker_trains_as_fit_unet_with_its_shuffle(tmp_path, ray_l
     weights as fit_unet with its per-epoch shuffle on."""
     images, masks, weight = _data()
     cfg = TrainConfig(epochs=3, batch_size=2, base_channels=4, depth=1, lr=5e-3, seed=4, shuffle=True)
-    rows = [{"image": images[i], "masks": masks[i], "weight": weight[i]} for i in range(len(images))]
-    train_ds, val_ds = ray.data.from_items(rows[:8]).materialize(), ray.data.from_items(rows[8:]).materialize()
-    assert in_worker_memory(train_ds) and not in_worker_memory(train_ds.map_batches(lambda b: b))  # lazy: streamed
-    result = TorchTrainer(
-        _train_loop, train_loop_config={"train": cfg.to_dict(), "classes": ["a", "b"], "image_size": 16,
-                                        "role": "teacher", "threads": 1, "in_memory": True},
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-        datasets={"train": train_ds, "val": val_ds}, dataset_config=_data_config(),
-        run_config=RunConfig(name="in-memory", storage_path=str(tmp_path), checkpoint_config=CheckpointConfig())).fit()
+    rows = [{"image": images[i], "masks": masks[i], "weight": weight[i]} for i in range(8)]
+    materialized = ray.data.from_items(rows).materialize()
+    assert in_worker_memory(materialized) and not in_worker_memory(materialized.map_batches(lambda b: b))  # lazy: streamed
+    result = _worker_fit(tmp_path, "in-memory", cfg, in_memory=True)
     assert result.error is None
     reported = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
     with result.checkpoint.as_directory() as d:
@@ -123,19 +122,10 @@ def test_checkpoint_due_first_last_and_every_s():
 def test_sparse_checkpoints_train_the_same_weights(tmp_path, ray_local):
     """checkpoint_every_s far above the run: Ray Train gets the first and the last epoch only, and the
     kept weights are those of the run that reports every epoch (reporting is not training)."""
-    images, masks, weight = _data()
     cfg = TrainConfig(epochs=3, batch_size=2, base_channels=4, depth=1, lr=5e-3, seed=4, shuffle=False)
-    rows = [{"image": images[i], "masks": masks[i], "weight": weight[i]} for i in range(len(images))]
-    train_ds, val_ds = ray.data.from_items(rows[:8]).materialize(), ray.data.from_items(rows[8:]).materialize()
     out = {}
     for every_s in (0.0, 3600.0):
-        result = TorchTrainer(
-            _train_loop, train_loop_config={"train": cfg.to_dict(), "classes": ["a", "b"], "image_size": 16,
-                                            "role": "teacher", "threads": 1, "checkpoint_every_s": every_s},
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            datasets={"train": train_ds, "val": val_ds}, dataset_config=_data_config(),
-            run_config=RunConfig(name=f"every-{every_s}", storage_path=str(tmp_path),
-                                 checkpoint_config=CheckpointConfig())).fit()
+        result = _worker_fit(tmp_path, f"every-{every_s}", cfg, checkpoint_every_s=every_s)
         assert result.error is None
         with result.checkpoint.as_directory() as d:
             kept, _, meta = load_checkpoint(f"{d}/{MODEL_FILE}")

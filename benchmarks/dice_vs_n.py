@@ -8,7 +8,8 @@ changed still count (the tenth session's min-max rounds and full-supervision mod
 
 Draws the teacher, full supervision, the baselines (post-processing = `cleaned`, `mean_teacher`,
 the control `none`) and plabel's `gated_distill` students of round 1 and round --rounds, each started
-from its teacher (the recipe), with the default epochs; error bars: std over the split seeds present.
+from its teacher (the recipe: one student, mean selection; soups, seed offsets and guarded students are
+left out), with the default epochs; error bars: std over the split seeds present.
 Two files for the same model, n, seed and round with different test Dice stop it, naming both.
 """
 from __future__ import annotations
@@ -60,8 +61,9 @@ def collect(work: Path, image_size: int, minmax: bool, rounds: int, teacher_epoc
                     add(("teacher", None, "", n, spec["seed"]), mean, path)
                 continue
             rnd = int(ROUND.search(path.name).group(1)) if ROUND.search(path.name) else 1
+            variant = "soup" in spec or spec.get("train_seed_offset", 0) or spec.get("selection", "mean") != "mean"
             if (spec.get("kind") not in KINDS or spec.get("init") != "teacher" or train["epochs"] != student_epochs
-                    or rnd not in (1, rounds) or "soup" in path.name or "seedoff" in path.name):
+                    or rnd not in (1, rounds) or variant):
                 continue
             backend = spec.get("backend") if spec["kind"] == "gated_distill" else None
             add((spec["kind"], backend, "teacher" + (f"#r{rnd}" if rnd > 1 else ""), n, spec["seed"]), mean, path)

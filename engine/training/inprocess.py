@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from plabel.method.unet import UNet
-from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, array_batches, fit
+from plabel.training.loop import TrainConfig, array_batches, fit, validation_batches
 from plabel.training.selection import GUARD_TOLERANCE
 
 
@@ -100,10 +100,7 @@ def fit_unet(images, masks, cfg: TrainConfig, weight=None, val_images=None, val_
     if distill_weight is not None and ema is None:  # the starting weights, frozen
         teacher = UNet.from_config(cfg.unet_config(C))
         teacher.load_state_dict(init_state)
-    val = None
-    if has_val:
-        val_arrays = array_batches({"image": vx, "masks": vy}, VAL_BATCH_SIZE, shuffle=False)
-        val = lambda: val_arrays(0)  # noqa: E731
+    val = validation_batches({"image": vx, "masks": vy}) if has_val else None
     state = fit(cfg, C, array_batches(arrays, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle), val,
                 init_state=init_state, selection=selection, tolerance=tolerance, teacher=teacher, ema=ema,
                 on_epoch_end=None if progress is None else (lambda s: progress(s.history[-1])))

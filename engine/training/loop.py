@@ -260,6 +260,16 @@ def array_batches(arrays: Mapping[str, torch.Tensor], batch_size: int, seed: int
     return batches
 
 
+def validation_batches(arrays: Mapping[str, torch.Tensor] | None, batch_size: int = VAL_BATCH_SIZE):
+    """The validation source of :func:`fit`: a callable ``() -> batches`` of ``batch_size`` rows of
+    ``arrays`` (image, masks) in row order, the same batches every call; no batches when ``arrays``
+    is None or empty. fit_unet and the Ray Train worker's in-memory path both validate through it."""
+    if not arrays:
+        return lambda: iter(())
+    fixed = array_batches(arrays, batch_size, shuffle=False)
+    return lambda: fixed(0)
+
+
 def positive_fraction(batches: Iterable[Mapping], max_batches: int = POS_WEIGHT_BATCHES) -> np.ndarray:
     """The fraction of positive pixels per class over the first (up to) ``max_batches`` batches,
     each sample's class counted with its weight (a weight-0 class of a sample counts neither way),

@@ -22,7 +22,7 @@ from plabel.data.ingest import load_manifest, shard_paths
 from plabel.data.shards import image_member
 from plabel.jobs.calibrate_job import read_labelled_images
 from plabel.jobs.label_job import run_label_job
-from plabel.jobs.train_job import maybe_materialize, pseudo_labelled_dataset, trainable_rows
+from plabel.jobs.train_job import labelled_dataset, maybe_materialize, pseudo_labelled_dataset, student_dataset, trainable_rows
 from plabel.method.calibration import load_gate_policy
 from plabel.method.cleaning import CleaningConfig
 from plabel.method.gate import gate_decision
@@ -433,6 +433,32 @@ def test_student_training_set_takes_each_parts_images_from_its_shard(tiny_run, t
         message
     assert maybe_materialize(pseudo_labelled_dataset(table, local[:-1] + [shards[-1]], classes, 64, "fixed"), 14,
                              len(classes), 64, expected_rows=rows).count() == rows
+
+
+def test_a_students_training_set_is_the_labelled_images_then_the_tables_rows(tiny_run):
+    """student_dataset's rows, materialized: the labelled split's images first, then the table's
+    pseudo-labelled rows in part order (the order quality.py hands fit_unet, so a one-worker Ray
+    Train student and the benchmark's student shuffle the same rows into the same batches)."""
+    run, _ = tiny_run
+    table, shards_dir = str(run / "pseudo_labels"), str(run / "shards")
+    classes = load_manifest(shards_dir)["classes"]
+    unlabelled, labelled = shard_paths(shards_dir, "unlabelled"), shard_paths(shards_dir, "labelled")
+    rows = trainable_rows(table)
+
+    def images(ds):
+        return [np.asarray(r["image"]) for r in ds.iter_rows()]
+
+    want_labelled = images(labelled_dataset(labelled, len(classes), 64, "minmax").materialize())
+    want_pseudo = images(maybe_materialize(pseudo_labelled_dataset(table, unlabelled, classes, 64, "minmax"), rows,
+                                           len(classes), 64))
+    got = student_dataset(table, unlabelled, labelled, classes, 64, "minmax", rows, len(want_labelled))
+    got_images = images(got)
+    assert len(want_labelled) > 0 and len(got_images) == len(want_labelled) + rows
+    for g, w in zip(got_images, want_labelled + want_pseudo):
+        assert np.array_equal(g, w)
+    # the labelled rows carry weight 1 for every class; the table's rows their gate weights
+    weights = np.stack([np.asarray(r["weight"]) for r in got.iter_rows()])
+    assert np.all(weights[:len(want_labelled)] == 1.0)
 
 
 def test_a_second_self_training_round_takes_the_first_rounds_student_as_its_teacher(tiny_run, tmp_path):

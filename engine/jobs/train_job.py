@@ -38,7 +38,7 @@ from plabel.jobs.shard_dataset import read_shards
 from plabel.method.preprocess import masks_to_grid, to_unet_input
 from plabel.errors import InputError
 from plabel.method.unet import CheckpointError, UNet, load_checkpoint, save_checkpoint
-from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, array_batches, fit, shuffle_seed
+from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, array_batches, fit, shuffle_seed, validation_batches
 from plabel.training.selection import GUARD_TOLERANCE, guard_note
 from plabel.training.student_set import pseudo_part_arrays, shard_lookup
 
@@ -181,14 +181,15 @@ def maybe_materialize(ds, n_images: int, num_classes: int, image_size: int, limi
 def student_dataset(table_dir: str, unlabelled_shards: Sequence[str], labelled_shards: Sequence[str],
                     classes: Sequence[str], image_size: int, intensity: str, n_unlabelled: int, n_labelled: int,
                     what: str = "pseudo-label table with the images of the unlabelled shards"):
-    """A student's training set: the table's pseudo-labelled images, plus the labelled split's
-    ``n_labelled`` images from ``labelled_shards`` (none: pass [] and 0), through :func:`maybe_materialize`.
-    A materialized set keeps the table's part order (reproducible runs) and must hold the table's ok +
-    empty rows plus the labelled images (ValueError naming ``what`` otherwise)."""
+    """A student's training set: the labelled split's ``n_labelled`` images from ``labelled_shards``
+    (none: pass [] and 0), then the table's pseudo-labelled images, through :func:`maybe_materialize`.
+    A materialized set keeps that order (labelled first, then the table's part order: the rows
+    quality.py hands fit_unet, so a one-worker student trains on the same batches) and must hold the
+    labelled images plus the table's ok + empty rows (ValueError naming ``what`` otherwise)."""
     C, n_images = len(classes), n_unlabelled + n_labelled
     ds = pseudo_labelled_dataset(table_dir, unlabelled_shards, classes, image_size, intensity)
     if labelled_shards:
-        ds = ds.union(labelled_dataset(labelled_shards, C, image_size, intensity))
+        ds = labelled_dataset(labelled_shards, C, image_size, intensity).union(ds)
     return maybe_materialize(ds, n_images, C, image_size, expected_rows=trainable_rows(table_dir) + n_labelled,
                              what=what)
 
@@ -248,11 +249,7 @@ def _train_loop(config: dict) -> None:
         if not train_rows:
             raise ValueError(f"the training shard of Ray Train worker {rank} holds no rows")
         train_batches = array_batches(train_rows, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank)
-        val_rows = shard_arrays(val_shard)
-        val_epoch = array_batches(val_rows, VAL_BATCH_SIZE, shuffle=False) if val_rows else (lambda epoch: iter(()))
-
-        def val_batches():
-            return val_epoch(0)
+        val_batches = validation_batches(shard_arrays(val_shard))
     else:
         # The batches keep the dataset's dtypes (image float32, masks uint8, weight float32: zero-copy
         # tensors); train_step casts the masks in this thread. A dtypes= cast would run in Ray Data's

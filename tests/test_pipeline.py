@@ -22,7 +22,8 @@ from plabel.data.ingest import load_manifest, shard_paths
 from plabel.data.shards import image_member
 from plabel.jobs.calibrate_job import read_labelled_images
 from plabel.jobs.label_job import run_label_job
-from plabel.jobs.train_job import labelled_dataset, maybe_materialize, pseudo_labelled_dataset, student_dataset, trainable_rows
+from plabel.jobs.train_job import (labelled_dataset, maybe_materialize, pseudo_labelled_dataset, student_dataset,
+                                   trainable_rows)
 from plabel.method.calibration import load_gate_policy
 from plabel.method.cleaning import CleaningConfig
 from plabel.method.gate import gate_decision
@@ -445,20 +446,24 @@ def test_a_students_training_set_is_the_labelled_images_then_the_tables_rows(tin
     unlabelled, labelled = shard_paths(shards_dir, "unlabelled"), shard_paths(shards_dir, "labelled")
     rows = trainable_rows(table)
 
-    def images(ds):
-        return [np.asarray(r["image"]) for r in ds.iter_rows()]
+    def rows_of(ds):
+        got = list(ds.iter_rows())
+        return [np.asarray(r["image"]) for r in got], [np.asarray(r["weight"]) for r in got]
 
-    want_labelled = images(labelled_dataset(labelled, len(classes), 64, "minmax").materialize())
-    want_pseudo = images(maybe_materialize(pseudo_labelled_dataset(table, unlabelled, classes, 64, "minmax"), rows,
-                                           len(classes), 64))
-    got = student_dataset(table, unlabelled, labelled, classes, 64, "minmax", rows, len(want_labelled))
-    got_images = images(got)
-    assert len(want_labelled) > 0 and len(got_images) == len(want_labelled) + rows
-    for g, w in zip(got_images, want_labelled + want_pseudo):
+    n_labelled = json.loads((run / "results.json").read_text())["stages"]["ingest"]["counts"]["labelled"]
+    # both references through maybe_materialize, which keeps the block order (a plain materialize may not)
+    lab_images, lab_weights = rows_of(maybe_materialize(labelled_dataset(labelled, len(classes), 64, "minmax"),
+                                                        n_labelled, len(classes), 64))
+    pseudo_images, pseudo_weights = rows_of(maybe_materialize(
+        pseudo_labelled_dataset(table, unlabelled, classes, 64, "minmax"), rows, len(classes), 64))
+    got_images, got_weights = rows_of(student_dataset(table, unlabelled, labelled, classes, 64, "minmax", rows,
+                                                      n_labelled))
+    assert n_labelled == len(lab_images) > 0 and len(got_images) == n_labelled + rows
+    for g, w in zip(got_images, lab_images + pseudo_images):
         assert np.array_equal(g, w)
-    # the labelled rows carry weight 1 for every class; the table's rows their gate weights
-    weights = np.stack([np.asarray(r["weight"]) for r in got.iter_rows()])
-    assert np.all(weights[:len(want_labelled)] == 1.0)
+    # the labelled rows weigh every class 1; the table's rows keep their gate weights
+    assert np.array_equal(np.stack(got_weights), np.stack(lab_weights + pseudo_weights))
+    assert np.all(np.stack(lab_weights) == 1.0)
 
 
 def test_a_second_self_training_round_takes_the_first_rounds_student_as_its_teacher(tiny_run, tmp_path):

@@ -35,7 +35,8 @@ def _worker_fit(tmp_path, name: str, cfg: TrainConfig, n_train: int = 8, **confi
     ``config``: more train_loop_config entries."""
     images, masks, weight = _data()
     rows = [{"image": images[i], "masks": masks[i], "weight": weight[i]} for i in range(len(images))]
-    train_ds, val_ds = ray.data.from_items(rows[:n_train]).materialize(), ray.data.from_items(rows[n_train:]).materialize()
+    train_ds = ray.data.from_items(rows[:n_train]).materialize()
+    val_ds = ray.data.from_items(rows[n_train:]).materialize()
     return TorchTrainer(
         _train_loop, train_loop_config={"train": cfg.to_dict(), "classes": ["a", "b"], "image_size": 16,
                                         "role": "teacher", "threads": 1, **config},
@@ -88,7 +89,8 @@ def test_an_in_memory_worker_trains_as_fit_unet_with_its_shuffle(tmp_path, ray_l
     cfg = TrainConfig(epochs=3, batch_size=2, base_channels=4, depth=1, lr=5e-3, seed=4, shuffle=True)
     rows = [{"image": images[i], "masks": masks[i], "weight": weight[i]} for i in range(8)]
     materialized = ray.data.from_items(rows).materialize()
-    assert in_worker_memory(materialized) and not in_worker_memory(materialized.map_batches(lambda b: b))  # lazy: streamed
+    # materialized: read into memory; lazy (one more transform): streamed
+    assert in_worker_memory(materialized) and not in_worker_memory(materialized.map_batches(lambda b: b))
     result = _worker_fit(tmp_path, "in-memory", cfg, in_memory=True)
     assert result.error is None
     reported = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])

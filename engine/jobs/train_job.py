@@ -256,7 +256,8 @@ def _train_loop(config: dict) -> None:
         # collate threads, each of which then holds its own OpenMP team: with more OpenMP threads than
         # cores libgomp stops spin-waiting (benchmarks/RESULTS.md, section 1).
         def train_batches(epoch: int):  # this worker's shard, in a seeded local shuffle (loop.shuffle_seed)
-            shuffle = dict(local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank))
+            shuffle = dict(local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                           local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank))
             return train_shard.iter_torch_batches(batch_size=cfg.batch_size, **(shuffle if cfg.shuffle else {}))
 
         def val_batches():

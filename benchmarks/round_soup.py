@@ -34,6 +34,7 @@ from qualitybench.grid import as_read, load_data, run_config  # noqa: E402  (qua
 
 from plabel.method.labelling import teacher_probs
 from plabel.method.metrics import dice_of_probs
+from plabel.method.preprocess import INTENSITIES
 from plabel.method.unet import load_checkpoint
 from plabel.training.soup import average_weights
 

@@ -6,12 +6,12 @@ stage runs it, with a checkpoint after every epoch (`checkpoint_every_s: 0`) and
 
     .venv/bin/python benchmarks/train_checkpoints.py [runs/<a finished jsrt_n10 run>]
 
-Needs a run directory of benchmarks/jsrt_n10.yaml for its shards (default runs/jsrt-n10-s8).
+Needs a run directory of benchmarks/jsrt_n10.yaml for its shards (default runs/jsrt-n10).
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +35,13 @@ def arrays(shards, size, num_classes, intensity):
     return np.concatenate([b["image"] for b in batches]), np.concatenate([b["masks"] for b in batches])
 
 
-def main() -> None:
-    run = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "runs" / "jsrt-n10-s8")
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", nargs="?", type=Path, default=ROOT / "runs" / "jsrt-n10",
+                    help="a run folder of `plabel run benchmarks/jsrt_n10.yaml` (its shards/ are read)")
+    run = ap.parse_args(argv).run
+    if not (run / "shards" / "manifest.json").is_file():
+        ap.error(f"{run}: no shards/manifest.json; give the folder of a `plabel run benchmarks/jsrt_n10.yaml` run")
     cfg = load_run_config(ROOT / "benchmarks" / "jsrt_n10.yaml")
     section, classes = cfg.teacher, json.loads((run / "shards" / "manifest.json").read_text())["classes"]
     shards = {s: sorted(str(p) for p in (run / "shards" / s).glob("*.tar")) for s in ("labelled", "val")}

@@ -187,7 +187,9 @@ def train(
     """Train a U-Net teacher (labelled shards) or student (pseudo labels) with Ray Train."""
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.data.storage import redact
+    from plabel.method.unet import CheckpointError, check_starting_point
     from plabel.schemas.config import ConfigError, TrainSection, build
+    from plabel.training.loop import TrainConfig
 
     if role not in ("teacher", "student"):
         _fail(f"expected teacher or student, got {role!r} (--role {role})")
@@ -195,13 +197,14 @@ def train(
         _fail("a student trains on pseudo labels: give --pseudo-labels (--role student)")
     manifest = inputs.manifest("--shards", shards)
     classes = manifest["classes"]
-    read_as = {}  # option -> the intensity its checkpoint was trained with
+    starts = {}  # option -> (checkpoint, its UNetConfig)
     for option, ckpt in (("--init-from", init_from), ("--distill-from", distill_from)):
         if ckpt is not None:
             config, _ = inputs.checkpoint(option, ckpt, classes, data_option=f"--shards {redact(shards)}",
                                           with_config=True)
-            read_as[option] = config.intensity
-    given = {} if intensity is None and not read_as else {"intensity": intensity or next(iter(read_as.values()))}
+            starts[option] = (ckpt, config)
+    read_as = [config.intensity for _, config in starts.values()]  # a student reads images as its teacher
+    given = {} if intensity is None and not read_as else {"intensity": intensity or read_as[0]}
     try:
         section = build(TrainSection, dict(epochs=epochs, image_size=image_size, base_channels=base_channels, depth=depth,
                                            batch_size=batch_size, lr=lr, augment=augment, seed=seed, num_workers=workers, use_gpu=gpu,
@@ -210,11 +213,15 @@ def train(
                                            distill=distill if distill_from else 0.0, **given), "train")
     except ConfigError as e:
         raise inputs.config_error(e, _TRAIN_OPTIONS) from None
-    for option, read in read_as.items():
-        if read != section.intensity:
-            _fail(f"{redact(init_from if option == '--init-from' else distill_from)} was trained with intensity "
-                  f"{read}, this U-Net with {section.intensity}; a student must read images as its teacher does "
-                  f"({option}, --intensity {section.intensity})")
+    want = TrainConfig.from_section(section).unet_config(len(classes))
+    for option, (ckpt, config) in starts.items():  # the rule train_unet applies, checked before Ray starts
+        try:
+            check_starting_point(redact(ckpt), config, want, "init" if option == "--init-from" else "distill", role)
+        except CheckpointError as exc:  # name the options that set what differs
+            arch = f", --base-channels {section.base_channels}, --depth {section.depth}"
+            hint = (f", --intensity {section.intensity}" if config.intensity != want.intensity else
+                    arch if option == "--init-from" else "")
+            _fail(f"{exc} ({option}{hint})")
     inputs.address(address)  # a wrong --address fails in seconds, not after Ray's retries
     with _quiet(_command_log("train")) as console:
         console.echo(f"logs: {DEBUG['log_file']}")

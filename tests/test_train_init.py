@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from plabel.cli.main import app
 from plabel.data.ingest import ingest, make_splits
 from plabel.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
-from plabel.method.unet import UNet, UNetConfig, load_checkpoint, save_checkpoint
+from plabel.jobs.train_job import train_unet
+from plabel.method.unet import CheckpointError, UNet, UNetConfig, load_checkpoint, save_checkpoint
+from plabel.schemas.config import TrainSection, build
 from plabel.training.loop import TrainConfig, build_model
 
 ARCH = ["--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "2"]
@@ -152,13 +154,29 @@ def test_a_student_reads_images_as_the_checkpoint_it_starts_from(shards):
 
 
 def test_distill_from_a_teacher_of_other_classes_is_refused_before_training(shards):
+    """The CLI applies train_unet's rule (plabel.method.unet.check_starting_point) before Ray starts."""
     root = shards
     other = UNetConfig(in_channels=1, num_classes=7, base_channels=4, depth=2)
     save_checkpoint(root / "other.pt", UNet.from_config(other), other)
     r = train(root, "d.pt", "--epochs", "1", "--distill-from", str(root / "other.pt"))
     assert r.exit_code != 0
     assert str(root / "other.pt") in r.output and "7 classes" in r.output and "cannot distil" in r.output
-    assert not (root / "d.pt").exists()
+    assert "cannot distil from it (--distill-from)" in r.output  # the CLI's check: before Ray starts
+    assert "logs:" not in r.output and not (root / "d.pt").exists()
+
+
+def test_train_unet_refuses_a_starting_point_that_does_not_fit_before_ray_starts(tmp_path):
+    """`plabel run`'s stages call train_unet without the CLI's check: the same rule, no datasets read."""
+    cfg = UNetConfig(in_channels=1, num_classes=2, base_channels=4, depth=2, intensity="minmax")
+    save_checkpoint(tmp_path / "t.pt", UNet.from_config(cfg), cfg)
+    section = build(TrainSection, {"epochs": 1, "base_channels": 4, "depth": 3}, "student")
+    kw = dict(train_ds=None, val_ds=None, section=section, out_path=tmp_path / "s.pt", storage_dir=tmp_path, name="s",
+              role="student")
+    with pytest.raises(CheckpointError, match=r"t.pt: its U-Net .*depth 2.* does not match the student's .*depth 3"):
+        train_unet(classes=["a", "b"], init_checkpoint=str(tmp_path / "t.pt"), **kw)
+    with pytest.raises(CheckpointError, match=r"t.pt: its U-Net has 2 classes, the student's data 3; cannot distil"):
+        train_unet(classes=["a", "b", "c"], distill_from=str(tmp_path / "t.pt"), **kw)
+    assert not (tmp_path / "s.pt").exists()
 
 
 def test_the_same_training_twice_gives_the_same_weights(tmp_path_factory, ray_local):

@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from plabel.method.unet import UNet, UNetConfig, checkpoint_sha256, load_checkpoint, predict_probs, save_checkpoint
+from plabel.method.unet import (
+    CheckpointError,
+    UNet,
+    UNetConfig,
+    check_starting_point,
+    checkpoint_sha256,
+    load_checkpoint,
+    predict_probs,
+    save_checkpoint,
+)
 
 
 @pytest.mark.parametrize("norm", ["batch", "group"])
@@ -56,6 +65,26 @@ def test_intensity_is_saved_and_old_checkpoints_load_as_fixed(tmp_path):
     assert load_checkpoint(tmp_path / "old.pt")[1].intensity == "fixed"
     with pytest.raises(ValueError, match="UNetConfig.intensity must be one of .*'clahe'"):
         UNetConfig(intensity="clahe")
+
+
+def test_a_starting_point_must_fit_the_unet_that_starts_from_it():
+    """init (its weights) needs every architecture field equal; distil (its probabilities) needs the
+    classes and the intensity; intensity is checked first, with its own message."""
+    want = UNetConfig(num_classes=5, base_channels=8, depth=3, intensity="minmax")
+    check_starting_point("t.pt", want, want, "init")
+    smaller = UNetConfig(num_classes=5, base_channels=4, depth=2, intensity="minmax")
+    check_starting_point("t.pt", smaller, want, "distill")  # another architecture: its probabilities still fit
+    with pytest.raises(CheckpointError, match=r"^t.pt was trained with intensity fixed, this U-Net with minmax; a "):
+        check_starting_point("t.pt", UNetConfig(num_classes=7, base_channels=8, depth=3), want, "distill")
+    with pytest.raises(CheckpointError, match=r"^t.pt: its U-Net has 7 classes, the student's data 5; cannot distil"):
+        check_starting_point("t.pt", UNetConfig(num_classes=7, base_channels=8, depth=3, intensity="minmax"), want,
+                             "distill")
+    with pytest.raises(CheckpointError, match=r"depth 2, 5 classes, norm batch\) does not match the teacher's "
+                                              r"\(base_channels 8, depth 3, .*cannot start from its weights"):
+        check_starting_point("t.pt", UNetConfig(num_classes=5, base_channels=8, depth=2, intensity="minmax"), want,
+                             "init", "teacher")
+    with pytest.raises(ValueError, match="'soup'"):
+        check_starting_point("t.pt", want, want, "soup")
 
 
 def test_extra_must_be_plain(tmp_path):

@@ -37,7 +37,7 @@ from plabel.jobs.resources import train_threads
 from plabel.jobs.shard_dataset import read_shards
 from plabel.method.preprocess import masks_to_grid, to_unet_input
 from plabel.errors import InputError
-from plabel.method.unet import CheckpointError, UNet, load_checkpoint, save_checkpoint
+from plabel.method.unet import UNet, check_starting_point, load_checkpoint, save_checkpoint
 from plabel.training.loop import VAL_BATCH_SIZE, TrainConfig, array_batches, fit, shuffle_seed, validation_batches
 from plabel.training.selection import GUARD_TOLERANCE, guard_note
 from plabel.training.student_set import pseudo_part_arrays, shard_lookup
@@ -384,22 +384,10 @@ def train_unet(train_ds, val_ds, classes: Sequence[str], section, out_path: str 
     t0 = time.time()
     train_cfg = TrainConfig.from_section(section)
 
-    if distill_from is not None:  # fail here, before Ray starts, when the teacher cannot be read or used
-        _, d_cfg, _ = load_checkpoint(distill_from)
-        if d_cfg.num_classes != len(classes):
-            raise CheckpointError(f"{storage.redact(str(distill_from))}: its U-Net has {d_cfg.num_classes} classes, the "
-                             f"{role}'s data {len(classes)}; cannot distil from it")
-        if d_cfg.intensity != train_cfg.intensity:
-            raise CheckpointError(f"{storage.redact(str(distill_from))}: its U-Net reads images with intensity "
-                                  f"{d_cfg.intensity}, the {role} with {train_cfg.intensity}; cannot distil from it")
-    if init_checkpoint is not None:  # fail here, before Ray starts, when the weights cannot fit
-        _, init_cfg, _ = load_checkpoint(init_checkpoint)
-        want = train_cfg.unet_config(len(classes))
-        if init_cfg != want:
-            raise CheckpointError(f"{storage.redact(str(init_checkpoint))}: its U-Net (base_channels {init_cfg.base_channels}, "
-                             f"depth {init_cfg.depth}, {init_cfg.num_classes} classes, intensity {init_cfg.intensity}) "
-                             f"does not match the {role}'s (base_channels {want.base_channels}, depth {want.depth}, "
-                             f"{want.num_classes} classes, intensity {want.intensity}); cannot start from its weights")
+    want = train_cfg.unet_config(len(classes))
+    for use, start in (("distill", distill_from), ("init", init_checkpoint)):  # fail here, before Ray starts
+        if start is not None:
+            check_starting_point(storage.redact(str(start)), load_checkpoint(start)[1], want, use, role)
     if storage.is_uri(storage_dir):  # the resolved filesystem: Ray never sees a URI's credentials
         storage_fs, (storage_path,) = storage.resolve_all([str(storage_dir)])
     else:

@@ -256,6 +256,26 @@ def check_classes(extra: dict, classes: list[str], name: str) -> None:
         raise CheckpointError(f"{name} was trained on classes {list(own)}, the data has {list(classes)}")
 
 
+def check_starting_point(name: str, found: UNetConfig, want: UNetConfig, use: str, role: str = "student") -> None:
+    """A checkpoint ``name`` (architecture ``found``) that a U-Net of architecture ``want`` starts
+    from (``use`` 'init': its weights, so every field must match) or distils from ('distill': its
+    probabilities, so its classes and intensity must match). A student must read images as its
+    teacher does, so intensity is checked first. CheckpointError naming both settings otherwise."""
+    if use not in ("init", "distill"):
+        raise ValueError(f"use must be 'init' or 'distill', got {use!r}")
+    if found.intensity != want.intensity:
+        raise CheckpointError(f"{name} was trained with intensity {found.intensity}, this U-Net with "
+                              f"{want.intensity}; a student must read images as its teacher does")
+    if use == "distill" and found.num_classes != want.num_classes:
+        raise CheckpointError(f"{name}: its U-Net has {found.num_classes} classes, the {role}'s data "
+                              f"{want.num_classes}; cannot distil from it")
+    if use == "init" and found != want:
+        raise CheckpointError(f"{name}: its U-Net (base_channels {found.base_channels}, depth {found.depth}, "
+                              f"{found.num_classes} classes, norm {found.norm}) does not match the {role}'s "
+                              f"(base_channels {want.base_channels}, depth {want.depth}, {want.num_classes} "
+                              f"classes, norm {want.norm}); cannot start from its weights")
+
+
 def checkpoint_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of the checkpoint file's bytes (a URI is hashed from its local cached copy)."""
     return sha256_file(storage.local_copy(os.fspath(path)))

@@ -187,9 +187,7 @@ def train(
     """Train a U-Net teacher (labelled shards) or student (pseudo labels) with Ray Train."""
     # imported on use: `plabel --help` stays free of torch, Ray and pyarrow
     from plabel.data.storage import redact
-    from plabel.method.unet import CheckpointError, check_starting_point
     from plabel.schemas.config import ConfigError, TrainSection, build
-    from plabel.training.loop import TrainConfig
 
     if role not in ("teacher", "student"):
         _fail(f"expected teacher or student, got {role!r} (--role {role})")
@@ -213,15 +211,22 @@ def train(
                                            distill=distill if distill_from else 0.0, **given), "train")
     except ConfigError as e:
         raise inputs.config_error(e, _TRAIN_OPTIONS) from None
-    want = TrainConfig.from_section(section).unet_config(len(classes))
-    for option, (ckpt, config) in starts.items():  # the rule train_unet applies, checked before Ray starts
-        try:
-            check_starting_point(redact(ckpt), config, want, "init" if option == "--init-from" else "distill", role)
-        except CheckpointError as exc:  # name the options that set what differs
-            arch = f", --base-channels {section.base_channels}, --depth {section.depth}"
-            hint = (f", --intensity {section.intensity}" if config.intensity != want.intensity else
-                    arch if option == "--init-from" else "")
-            _fail(f"{exc} ({option}{hint})")
+    if starts:  # train_unet's rule (plabel.method.unet.check_starting_point), checked before Ray starts
+        from plabel.method.unet import CheckpointError, check_starting_point, starting_point_differences
+        from plabel.training.loop import TrainConfig
+
+        want = TrainConfig.from_section(section).unet_config(len(classes))
+        set_by = {"intensity": f"--intensity {section.intensity}",  # field -> the option that sets it
+                  "base_channels": f"--base-channels {section.base_channels}", "depth": f"--depth {section.depth}",
+                  "num_classes": f"--shards {redact(shards)}"}
+        for option, (ckpt, config) in starts.items():
+            use = "init" if option == "--init-from" else "distill"
+            try:
+                check_starting_point(redact(ckpt), config, want, use, role)
+            except CheckpointError as exc:
+                diff = starting_point_differences(config, want, use)
+                hint = [set_by[d] for d in (diff[:1] if "intensity" in diff else diff) if d in set_by]
+                _fail(f"{exc} ({', '.join([option, *hint])})")
     inputs.address(address)  # a wrong --address fails in seconds, not after Ray's retries
     with _quiet(_command_log("train")) as console:
         console.echo(f"logs: {DEBUG['log_file']}")

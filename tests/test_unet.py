@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -9,6 +10,7 @@ from plabel.method.unet import (
     UNet,
     UNetConfig,
     check_starting_point,
+    starting_point_differences,
     checkpoint_sha256,
     load_checkpoint,
     predict_probs,
@@ -69,22 +71,28 @@ def test_intensity_is_saved_and_old_checkpoints_load_as_fixed(tmp_path):
 
 def test_a_starting_point_must_fit_the_unet_that_starts_from_it():
     """init (its weights) needs every architecture field equal; distil (its probabilities) needs the
-    classes and the intensity; intensity is checked first, with its own message."""
+    classes and the intensity; intensity is checked first, with its own message; the others are
+    named with both values."""
     want = UNetConfig(num_classes=5, base_channels=8, depth=3, intensity="minmax")
-    check_starting_point("t.pt", want, want, "init")
-    smaller = UNetConfig(num_classes=5, base_channels=4, depth=2, intensity="minmax")
-    check_starting_point("t.pt", smaller, want, "distill")  # another architecture: its probabilities still fit
-    with pytest.raises(CheckpointError, match=r"^t.pt was trained with intensity fixed, this U-Net with minmax; a "):
-        check_starting_point("t.pt", UNetConfig(num_classes=7, base_channels=8, depth=3), want, "distill")
-    with pytest.raises(CheckpointError, match=r"^t.pt: its U-Net has 7 classes, the student's data 5; cannot distil"):
-        check_starting_point("t.pt", UNetConfig(num_classes=7, base_channels=8, depth=3, intensity="minmax"), want,
-                             "distill")
-    with pytest.raises(CheckpointError, match=r"depth 2, 5 classes, norm batch\) does not match the teacher's "
-                                              r"\(base_channels 8, depth 3, .*cannot start from its weights"):
-        check_starting_point("t.pt", UNetConfig(num_classes=5, base_channels=8, depth=2, intensity="minmax"), want,
-                             "init", "teacher")
+    check_starting_point("t.pt", want, want, "init", "student")
+    smaller = UNetConfig(num_classes=5, base_channels=4, depth=2, norm="group", intensity="minmax")
+    check_starting_point("t.pt", smaller, want, "distill", "student")  # its probabilities still fit
+    assert starting_point_differences(smaller, want, "distill") == []
+    assert starting_point_differences(smaller, want, "init") == ["base_channels", "depth", "norm"]
+    fixed7 = UNetConfig(num_classes=7, base_channels=8, depth=3)
+    assert starting_point_differences(fixed7, want, "init") == ["intensity", "num_classes"]
+    with pytest.raises(CheckpointError, match=r"^t.pt was trained with intensity fixed, this teacher with minmax; .*"
+                                              r"cannot distil from it$"):
+        check_starting_point("t.pt", fixed7, want, "distill", "teacher")
+    with pytest.raises(CheckpointError, match=r"^t.pt: its U-Net differs from the student's in num_classes "
+                                              r"\(7 against 5\); cannot distil from it$"):
+        check_starting_point("t.pt", dataclasses.replace(fixed7, intensity="minmax"), want, "distill", "student")
+    with pytest.raises(CheckpointError, match=r"^t.pt: its U-Net differs from the teacher's in base_channels "
+                                              r"\(4 against 8\), depth \(2 against 3\), norm \(group against "
+                                              r"batch\); cannot start"):
+        check_starting_point("t.pt", smaller, want, "init", "teacher")
     with pytest.raises(ValueError, match="'soup'"):
-        check_starting_point("t.pt", want, want, "soup")
+        check_starting_point("t.pt", want, want, "soup", "student")
 
 
 def test_extra_must_be_plain(tmp_path):

@@ -256,24 +256,32 @@ def check_classes(extra: dict, classes: list[str], name: str) -> None:
         raise CheckpointError(f"{name} was trained on classes {list(own)}, the data has {list(classes)}")
 
 
-def check_starting_point(name: str, found: UNetConfig, want: UNetConfig, use: str, role: str = "student") -> None:
-    """A checkpoint ``name`` (architecture ``found``) that a U-Net of architecture ``want`` starts
-    from (``use`` 'init': its weights, so every field must match) or distils from ('distill': its
-    probabilities, so its classes and intensity must match). A student must read images as its
-    teacher does, so intensity is checked first. CheckpointError naming both settings otherwise."""
+def starting_point_differences(found: UNetConfig, want: UNetConfig, use: str) -> list[str]:
+    """The UNetConfig fields in which a checkpoint (architecture ``found``) does not fit a U-Net of
+    architecture ``want`` that starts from it (``use`` 'init': its weights, so every field counts)
+    or distils from it ('distill': its probabilities, so only num_classes and intensity count);
+    intensity first. [] when it fits."""
     if use not in ("init", "distill"):
         raise ValueError(f"use must be 'init' or 'distill', got {use!r}")
-    if found.intensity != want.intensity:
-        raise CheckpointError(f"{name} was trained with intensity {found.intensity}, this U-Net with "
-                              f"{want.intensity}; a student must read images as its teacher does")
-    if use == "distill" and found.num_classes != want.num_classes:
-        raise CheckpointError(f"{name}: its U-Net has {found.num_classes} classes, the {role}'s data "
-                              f"{want.num_classes}; cannot distil from it")
-    if use == "init" and found != want:
-        raise CheckpointError(f"{name}: its U-Net (base_channels {found.base_channels}, depth {found.depth}, "
-                              f"{found.num_classes} classes, norm {found.norm}) does not match the {role}'s "
-                              f"(base_channels {want.base_channels}, depth {want.depth}, {want.num_classes} "
-                              f"classes, norm {want.norm}); cannot start from its weights")
+    names = ["intensity"] + [f.name for f in fields(UNetConfig) if f.name != "intensity"]
+    if use == "distill":
+        names = ["intensity", "num_classes"]
+    return [n for n in names if getattr(found, n) != getattr(want, n)]
+
+
+def check_starting_point(name: str, found: UNetConfig, want: UNetConfig, use: str, role: str) -> None:
+    """CheckpointError naming the checkpoint ``name`` and each field with both values when it does
+    not fit (:func:`starting_point_differences`); ``role`` ('teacher' or 'student') names the U-Net
+    being trained. A U-Net must read images as the one it starts or learns from, so a different
+    intensity gets its own message."""
+    diff = starting_point_differences(found, want, use)
+    verb = "start from its weights" if use == "init" else "distil from it"
+    if "intensity" in diff:
+        raise CheckpointError(f"{name} was trained with intensity {found.intensity}, this {role} with "
+                              f"{want.intensity}; a U-Net must read images as the one it learns from; cannot {verb}")
+    if diff:
+        told = ", ".join(f"{n} ({getattr(found, n)} against {getattr(want, n)})" for n in diff)
+        raise CheckpointError(f"{name}: its U-Net differs from the {role}'s in {told}; cannot {verb}")
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:

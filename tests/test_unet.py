@@ -10,11 +10,11 @@ from plabel.method.unet import (
     UNet,
     UNetConfig,
     check_starting_point,
-    starting_point_differences,
     checkpoint_sha256,
     load_checkpoint,
     predict_probs,
     save_checkpoint,
+    starting_point_differences,
 )
 
 

@@ -263,9 +263,8 @@ def starting_point_differences(found: UNetConfig, want: UNetConfig, use: str) ->
     intensity first. [] when it fits."""
     if use not in ("init", "distill"):
         raise ValueError(f"use must be 'init' or 'distill', got {use!r}")
-    names = ["intensity"] + [f.name for f in fields(UNetConfig) if f.name != "intensity"]
-    if use == "distill":
-        names = ["intensity", "num_classes"]
+    names = ["intensity", "num_classes"] if use == "distill" else \
+        ["intensity"] + [f.name for f in fields(UNetConfig) if f.name != "intensity"]
     return [n for n in names if getattr(found, n) != getattr(want, n)]
 
 

@@ -44,7 +44,7 @@ Per (n, seed) [and SAM backend], each step cached (the product function it calls
 student (gated_distill from its teacher, the first warm-start --student-init), which labels the
 unlabelled images again (unet, gate, file names -r<r>; sam only when that gate consults SAM for some
 class, as plabel's label stage) for a new default student.
-Per seed: full, a U-Net on all pool images with their truth (--full-epochs, default the teacher's).
+Per seed: full, a U-Net on all pool images with their truth (--full-epochs, default 80).
 U-Nets: TrainConfig.from_section of the config's teacher / student sections, seeded by the split seed
 (+ --student-seed-offset). Test Dice: plabel.method.metrics.dice_of_probs on each image's grid (as
 plabel evaluate). Gap closed = (student - teacher) / (full - teacher) of the mean test Dice.
@@ -112,6 +112,7 @@ from plabel.method.preprocess import INTENSITIES
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "runs" / "quality"
 DEFAULT_DATA = run_config().data.source
+FULL_EPOCHS = 80  # the full-supervision models of RESULTS 2.0 (about 12 minutes each here)
 
 
 def parse(argv=None):
@@ -149,6 +150,10 @@ def parse(argv=None):
     ap.add_argument("--student-augment", choices=("default", "strong"), default="default",
                     help="students' augmentation (EXPERIMENT): the loop's default magnitudes, or Noisy Student's "
                          "noisier student (qualitybench/grid.py STRONG_AUGMENT)")
+    ap.add_argument("--teacher-elastic", type=float, default=teacher.elastic,
+                    help="teachers' elastic warp (plabel's teacher.elastic): largest displacement as a fraction of the "
+                         "image side, before the loop's affine (plabel.method.augment.sample_elastic); 0: none "
+                         "(default: the config's)")
     ap.add_argument("--intensity", choices=INTENSITIES, default=teacher.intensity,
                     help="how the U-Nets read gray levels (plabel's teacher / student intensity, "
                          "plabel.method.preprocess.normalise_intensity); SAM is given the same images, as plabel's "
@@ -172,8 +177,9 @@ def parse(argv=None):
                          "mean (default: plabel's, label.gate.break_even)")
     ap.add_argument("--teacher-epochs", type=int, default=teacher.epochs)
     ap.add_argument("--student-epochs", type=int, default=student.epochs)
-    ap.add_argument("--full-epochs", type=int, default=None,
-                    help="full-supervision model (default: the teacher's epochs, so that it bounds the teacher)")
+    ap.add_argument("--full-epochs", type=int, default=FULL_EPOCHS,
+                    help=f"full-supervision model on the 150 pool images (default {FULL_EPOCHS}: 12,000 image-epochs, "
+                         "more than any few-label teacher's, e.g. 10 images x 640 epochs)")
     ap.add_argument("--image-size", type=int, default=teacher.image_size, help="U-Net input side")
     ap.add_argument("--batch-size", type=int, default=teacher.batch_size)
     ap.add_argument("--lr", type=float, default=teacher.lr, help="teachers, full supervision, students from scratch")
@@ -199,7 +205,6 @@ def parse(argv=None):
         args.kinds = args.kinds or list(KINDS)
     args.kinds = args.kinds or list(DEFAULT_KINDS)
     args.student_init = args.student_init or ["teacher"]
-    args.full_epochs = args.full_epochs or args.teacher_epochs
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if not 0 <= args.ema_decay <= 1:

@@ -113,7 +113,7 @@ def _ray(address: Optional[str], num_cpus: Optional[int]) -> None:
 _TRAIN_OPTIONS = {f"train.{k}": f"--{v}" for k, v in dict(
     epochs="epochs", image_size="image-size", base_channels="base-channels", depth="depth",
     batch_size="batch-size", lr="lr", seed="seed", num_workers="workers", selection="selection",
-    selection_tolerance="selection-tolerance", distill="distill", intensity="intensity").items()}
+    selection_tolerance="selection-tolerance", distill="distill", intensity="intensity", elastic="elastic").items()}
 _LABEL_OPTIONS = {f"label.{k}": f"--{v}" for k, v in {
     "sam.backend": "sam-backend", "sam.checkpoint": "sam-checkpoint", "sam.sha256": "sam-sha256",
     "sam.stages": "stages", "sam.batch_size": "sam-batch-size", "sam.actors": "sam-actors",
@@ -176,6 +176,7 @@ def train(
     batch_size: int = typer.Option(4, help="Images per optimisation step and worker."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate (cosine schedule)."),
     augment: bool = typer.Option(True, help="Random affine and intensity augmentation of every training batch (plabel.training.loop.augment_batch)."),
+    elastic: float = typer.Option(0.0, help="With --augment: the largest displacement of a smooth random elastic warp before the random affine, a fraction of the image side (0.03: about 4 px at 128 px); 0: none."),
     intensity: Optional[str] = typer.Option(None, help="How each image's gray levels reach the U-Net, recorded in the checkpoint: minmax (its darkest level to 0, its brightest to 1) or fixed (gray / 255). Default: that of --init-from / --distill-from when given (a student must read images as its teacher does), else minmax (the run config's default)."),
     seed: int = typer.Option(0, help="Training seed: initial weights, augmentation and the order of the training images (with one worker, the same seed, data and settings give the same weights)."),
     workers: int = typer.Option(1, help="Ray Train workers."),
@@ -205,7 +206,7 @@ def train(
     given = {} if intensity is None and not read_as else {"intensity": intensity or read_as[0]}
     try:
         section = build(TrainSection, dict(epochs=epochs, image_size=image_size, base_channels=base_channels, depth=depth,
-                                           batch_size=batch_size, lr=lr, augment=augment, seed=seed, num_workers=workers, use_gpu=gpu,
+                                           batch_size=batch_size, lr=lr, augment=augment, elastic=elastic, seed=seed, num_workers=workers, use_gpu=gpu,
                                            include_labelled=include_labelled, selection=selection,
                                            selection_tolerance=selection_tolerance,
                                            distill=distill if distill_from else 0.0, **given), "train")

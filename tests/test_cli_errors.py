@@ -133,6 +133,8 @@ def test_unknown_backend_and_option_values(shards, good_ckpt, tmp_path):
                                "--sam-compile", "maybe"), "expected `auto`, true or false, got 'maybe' (--sam-compile)")
     _assert_user_error(_invoke("train", "--shards", shards, "--out", tmp_path / "m.pt", "--epochs", "0"),
                        "(--epochs)")
+    _assert_user_error(_invoke("train", "--shards", shards, "--out", tmp_path / "m.pt", "--elastic", "0.5"),
+                       "expected a number in [0, 0.25), got 0.5 (--elastic)")
     _assert_user_error(_invoke("train", "--shards", shards, "--out", tmp_path / "m.pt", "--role", "pupil"),
                        "expected teacher or student, got 'pupil' (--role pupil)")
 

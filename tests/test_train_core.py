@@ -254,10 +254,10 @@ def test_fit_distils_the_weight_zero_classes_unless_the_batch_says_otherwise(one
 
 def test_config_from_a_run_config_section():
     section = StudentSection(epochs=7, lr=5e-4, weight_decay=0.0, batch_size=2, base_channels=8, depth=3,
-                             augment=False, seed=4, image_size=64, intensity="fixed")
+                             augment=False, elastic=0.04, seed=4, image_size=64, intensity="fixed")
     cfg = TrainConfig.from_section(section)
     assert (cfg.epochs, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.base_channels, cfg.depth, cfg.augment,
-            cfg.seed, cfg.intensity) == (7, 5e-4, 0.0, 2, 8, 3, False, 4, "fixed")
+            cfg.elastic, cfg.seed, cfg.intensity) == (7, 5e-4, 0.0, 2, 8, 3, False, 0.04, 4, "fixed")
     assert cfg.norm == TrainConfig().norm and cfg.pos_weight_max == TrainConfig().pos_weight_max
     assert TrainConfig.from_section(TrainSection(), epochs=3, seed=9) == TrainConfig(
         epochs=3, lr=TrainSection().lr, seed=9, intensity="minmax")  # the run config's default

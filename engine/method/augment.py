@@ -1,4 +1,5 @@
-"""Training augmentation: random affine (image and masks together) and intensity jitter.
+"""Training augmentation: random affine plus elastic warp (image and masks together, one
+resampling) and intensity jitter.
 
 Geometry works in centred pixel coordinates: the origin is the image centre, x grows to the
 right, y grows downwards, one unit is one pixel. A forward matrix ``A`` (2, 3) sends an input
@@ -49,13 +50,16 @@ def _sampling_theta(forward: torch.Tensor, height: int, width: int) -> torch.Ten
     return torch.cat([theta_lin, theta_t], dim=2)
 
 
-def apply_affine(image: torch.Tensor, masks: torch.Tensor, forward: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warp each sample by its forward pixel matrix.
+def apply_affine(image: torch.Tensor, masks: torch.Tensor, forward: torch.Tensor,
+                 displacement: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp each sample by its forward pixel matrix, after an optional elastic displacement.
 
     image: float (N, 1, H, W), bilinear resampling.
     masks: float (N, C, H, W) in {0, 1}, bilinear resampling then ``>= 0.5``.
     forward: (N, 2, 3) forward matrices (see module doc) or (2, 3) shared by all samples.
+    displacement: optional float (N, H, W, 2) in pixels (x, y), on the output grid: output
+        pixel p shows the affine-warped image at p + displacement[p] (:func:`sample_elastic`).
+        Composed with the affine into one sampling grid, so the image is resampled once.
     Returns (image, masks) with the input shapes and dtypes.
     """
     if image.ndim != 4 or masks.ndim != 4 or image.shape[0] != masks.shape[0] \
@@ -71,6 +75,15 @@ def apply_affine(image: torch.Tensor, masks: torch.Tensor, forward: torch.Tensor
                          f"{tuple(forward.shape)}")
     theta = _sampling_theta(forward, h, w).to(device=image.device, dtype=torch.float32)
     grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    if displacement is not None:
+        if displacement.shape != (n, h, w, 2):
+            raise ValueError(f"displacement must be (N, H, W, 2)=({n}, {h}, {w}, 2), got "
+                             f"{tuple(displacement.shape)}")
+        # output pixel p samples the affine's output at q = p + d(p); the affine grid is linear
+        # in q, so its sampling point moves by theta_lin @ d, d in normalised units (2d / side)
+        d = displacement.to(device=image.device, dtype=torch.float32) \
+            / torch.tensor([w / 2.0, h / 2.0], device=image.device)
+        grid = grid + torch.einsum("nij,nhwj->nhwi", theta[:, :, :2], d)
     img = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="zeros",
                         align_corners=False).to(image.dtype)
     msk = F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode="zeros",
@@ -98,22 +111,53 @@ def sample_affine(n: int, height: int, width: int, generator: torch.Generator,
     return torch.stack(mats) if mats else torch.zeros((0, 2, 3), dtype=torch.float64)
 
 
+ELASTIC_CONTROL_POINTS = 5  # per side: a smooth, organ-scale warp (about a quarter of the image per bend)
+
+
+def sample_elastic(n: int, height: int, width: int, generator: torch.Generator,
+                   max_displacement: float, control_points: int = ELASTIC_CONTROL_POINTS
+                   ) -> torch.Tensor:
+    """Draw N smooth random displacement fields, float32 (N, H, W, 2) in pixels (x, y).
+
+    Each component at each of ``control_points`` x ``control_points`` evenly spaced points is
+    uniform in [-max_displacement, max_displacement] x (W for x, H for y); the field between
+    them is their bicubic interpolation, clamped to the same bound. The corners of the field
+    sit on the image's corners.
+    """
+    if control_points < 2:
+        raise ValueError(f"control_points must be >= 2, got {control_points}")
+    u = torch.rand((n, 2, control_points, control_points), generator=generator,
+                   dtype=torch.float64) * 2.0 - 1.0
+    bound = torch.tensor([width, height], dtype=torch.float64).view(1, 2, 1, 1) * max_displacement
+    coarse = (u * bound).float()
+    field = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=True)
+    field = torch.maximum(torch.minimum(field, bound.float()), -bound.float())
+    return field.permute(0, 2, 3, 1).contiguous()
+
+
 def random_affine(image: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
                   max_rotate_deg: float = 10.0, max_scale: float = 0.1,
-                  max_translate: float = 0.05, max_shear_deg: float = 5.0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random affine per sample, applied identically to its image and masks.
+                  max_translate: float = 0.05, max_shear_deg: float = 5.0,
+                  elastic: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random affine per sample (and, with ``elastic`` > 0, one random elastic warp before
+    it), applied identically to its image and masks in one resampling.
 
-    image: float (N, 1, H, W); masks: float (N, C, H, W) in {0, 1}. Returns the warped pair
-    (same shapes and dtypes). Deterministic given ``generator``. With every magnitude 0 the
-    inputs are returned unchanged (as clones) and the generator is not advanced.
+    image: float (N, 1, H, W); masks: float (N, C, H, W) in {0, 1}. elastic: the largest
+    displacement, a fraction of the image side (:func:`sample_elastic`). Returns the warped
+    pair (same shapes and dtypes). Deterministic given ``generator``. With every magnitude 0
+    the inputs are returned unchanged (as clones) and the generator is not advanced; with
+    ``elastic`` 0 the generator draws exactly what it drew before the elastic warp existed.
     """
-    if max_rotate_deg == 0 and max_scale == 0 and max_translate == 0 and max_shear_deg == 0:
+    if max_rotate_deg == 0 and max_scale == 0 and max_translate == 0 and max_shear_deg == 0 \
+            and elastic == 0:
         return image.clone(), masks.clone()
+    if elastic < 0:
+        raise ValueError(f"elastic must be >= 0, got {elastic}")
     n, _, h, w = image.shape
     forward = sample_affine(n, h, w, generator, max_rotate_deg, max_scale, max_translate,
                             max_shear_deg)
-    return apply_affine(image, masks, forward)
+    disp = sample_elastic(n, h, w, generator, elastic) if elastic > 0 else None
+    return apply_affine(image, masks, forward, disp)
 
 
 def random_intensity(image: torch.Tensor, generator: torch.Generator,

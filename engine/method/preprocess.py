@@ -25,7 +25,7 @@ def normalise_intensity(gray: np.ndarray, intensity: str) -> np.ndarray:
     and its brightest to 255, linearly, rounded to the nearest level; an image with fewer than two
     levels is unchanged. minmax is idempotent, so applying it twice is harmless. Why: 5 of JSRT's
     200 radiographs are washed out (levels 239-254) and every U-Net read at gray / 255 predicted
-    nothing on them (benchmarks/RESULTS.md, quality 2.0).
+    nothing on them (benchmarks/RESULTS.md, quality 2.0b).
     """
     if intensity not in INTENSITIES:
         raise ValueError(f"intensity must be one of {INTENSITIES}, got {intensity!r}")

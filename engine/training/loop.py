@@ -66,6 +66,9 @@ class TrainConfig:
     max_scale: float = 0.1
     max_translate: float = 0.05
     max_shear_deg: float = 5.0
+    # elastic warp before the affine: largest displacement as a fraction of the image side (0: none;
+    # plabel.method.augment.sample_elastic)
+    elastic: float = 0.0
     gamma_min: float = 0.8
     gamma_max: float = 1.25
     contrast: float = 0.1
@@ -88,10 +91,10 @@ class TrainConfig:
     @classmethod
     def from_section(cls, section, **overrides) -> "TrainConfig":
         """The training config of a run-config section (plabel.schemas.config.TrainSection or
-        StudentSection): its epochs, lr, weight_decay, batch_size, base_channels, depth, augment and
-        seed, precision, channels_last, intensity; ``overrides`` replace any TrainConfig field (ValueError naming an unknown one). The
+        StudentSection): its epochs, lr, weight_decay, batch_size, base_channels, depth, augment,
+        elastic and seed, precision, channels_last, intensity; ``overrides`` replace any TrainConfig field (ValueError naming an unknown one). The
         other fields (norm, pos_weight_max, augmentation magnitudes) keep their defaults."""
-        keys = ("epochs", "lr", "weight_decay", "batch_size", "base_channels", "depth", "augment", "seed",
+        keys = ("epochs", "lr", "weight_decay", "batch_size", "base_channels", "depth", "augment", "elastic", "seed",
                 "precision", "channels_last", "intensity")
         return cls.from_dict({**{k: getattr(section, k) for k in keys}, **overrides})
 
@@ -132,7 +135,7 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, cfg: TrainConfig,
     images: float (N, 1, H, W) in [0, 1]; masks: float (N, C, H, W) in {0, 1}.
     """
     images, masks = random_affine(images, masks, generator, cfg.max_rotate_deg, cfg.max_scale,
-                                  cfg.max_translate, cfg.max_shear_deg)
+                                  cfg.max_translate, cfg.max_shear_deg, cfg.elastic)
     images = random_intensity(images, generator, (cfg.gamma_min, cfg.gamma_max), cfg.contrast)
     return images, masks
 

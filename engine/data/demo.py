@@ -21,8 +21,7 @@ def demo_config(source: Path, directory: Path, n_images: int = 40, size: int = 2
         "data": {"source": str(Path(source).resolve()), "labelled": labelled, "val": val, "test": test,
                  "shard_size": 16},
         "teacher": {**train, "epochs": 40},
-        # one round, not the default six: the demo shows the machinery in minutes; the later rounds'
-        # gains were measured on real X-rays (benchmarks/RESULTS.md, quality 2.0b)
+        # one round (plabel's default, pinned): the demo shows the machinery in minutes
         "student": {**train, "epochs": 20, "rounds": 1},
         "label": {"sam": {"backend": "lite_medsam", "batch_size": 8}},
     })

@@ -178,8 +178,9 @@ def parse(argv=None):
     ap.add_argument("--teacher-epochs", type=int, default=teacher.epochs)
     ap.add_argument("--student-epochs", type=int, default=student.epochs)
     ap.add_argument("--full-epochs", type=int, default=FULL_EPOCHS,
-                    help=f"full-supervision model on the 150 pool images (default {FULL_EPOCHS}: 12,000 image-epochs, "
-                         "more than any few-label teacher's, e.g. 10 images x 640 epochs)")
+                    help=f"full-supervision model on the 150 pool images, without the teachers' elastic warp (default "
+                         f"{FULL_EPOCHS}: 12,000 image-epochs, more than any few-label teacher's, e.g. 10 images x 640 "
+                         "epochs)")
     ap.add_argument("--image-size", type=int, default=teacher.image_size, help="U-Net input side")
     ap.add_argument("--batch-size", type=int, default=teacher.batch_size)
     ap.add_argument("--lr", type=float, default=teacher.lr, help="teachers, full supervision, students from scratch")

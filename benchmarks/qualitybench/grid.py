@@ -283,8 +283,9 @@ class Bench:
         section = self.sections[role]
         seed = int(spec["seed"]) + int(spec.get("train_seed_offset", 0))  # --student-seed-offset
         noise = STRONG_AUGMENT if role == "student" and self.args.student_augment == "strong" else {}
-        if role == "teacher" and self.args.teacher_elastic:
-            noise = {**noise, "elastic": self.args.teacher_elastic}
+        if role in ("teacher", "full"):  # both read the config's teacher section; its elastic is --teacher-elastic's
+            # default, and full supervision stays without the warp (the bound every RESULTS table compares with)
+            noise = {**noise, "elastic": self.args.teacher_elastic if role == "teacher" else 0.0}
         cfg = TrainConfig.from_section(section, epochs=self.epochs[role], lr=lr or self.args.lr,
                                        batch_size=self.args.batch_size, seed=seed, intensity=self.args.intensity, **noise)
         train = {k: v for k, v in cfg.to_dict().items() if TRAIN_FIELDS_SINCE_V3.get(k, object()) != v}
@@ -710,7 +711,7 @@ def rounds(bench: Bench, cfg: dict, n: int, seed: int, backends) -> None:
         try:
             unet_key, unet_path = bench.unet_labels(n, seed, prev)
             gate_key, policy = bench.gate(n, seed, backend, prev)
-            if policy is not None and not GatePolicy.from_dict(policy).gate.consults_sam(bench.classes):
+            if not needs_sam(("gated_distill",), policy, bench.classes):
                 sam_key, sam_path = NO_SAM_KEY, None  # as plabel's label job: SAM not run on the unlabelled images
                 log(f"n{n}-s{seed}{bench.tag}: the gate consults SAM for no class: no SAM pass on the unlabelled images")
             else:

@@ -280,7 +280,7 @@ class StudentSection(TrainSection):
         "six rounds on JSRT (n = 10, split 0) one student per round was at or above the soup of 3 in every round, "
         "at a third of the cost, and no class of the last round's single students was below its teacher in any "
         "of three splits; a soup of 3 averages out one student's training noise (-0.80 to +1.81 on the heart, "
-        "quality 2.3), which matters most with `rounds: 1`. Students from scratch share no starting weights to "
+        "docs/history.md, quality 2.3), which matters most with `rounds: 1`. Students from scratch share no starting weights to "
         "average around, so `init: scratch` with a soup above 1 is refused")
     rounds: Annotated[int, check(lambda v: v >= 1, "an int >= 1")] = _field(
         1,

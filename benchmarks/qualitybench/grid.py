@@ -640,9 +640,10 @@ def parse_student_key(key: str) -> tuple[str, str | None, str]:
 
 
 def needs_sam(kinds, policy: dict | None, classes) -> bool:
-    """Whether the first round needs SAM's pass over the unlabelled images: a kind that reads SAM's
-    masks directly (raw SAM stages, gated_sam) is asked for, or the calibrated gate consults SAM for
-    a class. A SAM pass cached from an earlier run is loaded either way (its key stays the students')."""
+    """Whether a round needs SAM's pass over the unlabelled images: a kind that reads SAM's masks
+    directly (raw SAM stages, gated_sam) is asked for, or the calibrated gate consults SAM for a class
+    (later rounds ask for gated_distill only). A SAM pass cached from an earlier run is loaded either
+    way in round 1 (its key stays the students')."""
     if any(kind not in BACKEND_FREE and kind not in ("gated", "gated_distill") for kind in kinds):
         return True
     return policy is None or GatePolicy.from_dict(policy).gate.consults_sam(classes)
